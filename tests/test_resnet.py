@@ -1,0 +1,155 @@
+"""ResNet: the reference's parameter counts, endpoints, synchronized BN, freezing, config."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_simclr import resnet
+
+
+def _count(variables):
+  return sum(int(np.prod(v.shape)) for v in variables)
+
+
+# Trainable parameters of the reference's encoders (no heads): pinned so that the reference's
+# released weights can be mapped onto ours.
+REFERENCE_COUNTS = [
+    (dict(depth=18, cifar_stem=True), 32, 11_173_056),
+    (dict(depth=34, cifar_stem=True), 32, 21_281_216),
+    (dict(depth=50), 64, 23_508_032),
+    (dict(depth=50, width_multiplier=2), 64, 93_907_072),
+    (dict(depth=50, sk_ratio=0.0625), 64, 35_215_584),
+    (dict(depth=101), 64, 42_500_160),
+]
+
+
+@pytest.mark.parametrize("kwargs,size,count", REFERENCE_COUNTS,
+                         ids=["r18_cifar", "r34_cifar", "r50", "r50_2x", "r50_sk", "r101"])
+def test_parameter_counts_match_reference(kwargs, size, count):
+  net = resnet.ResNet(**kwargs)
+  out = net(tf.zeros([1, size, size, 3]), training=False)
+  assert _count(net.trainable_variables) == count
+  assert out["final_avg_pool"].shape == (1, net.output_dim)
+
+
+def test_endpoints_shapes():
+  net = resnet.ResNet(depth=50)
+  out = net(tf.zeros([2, 64, 64, 3]), training=False)
+  shapes = {k: tuple(v.shape) for k, v in out.items()}
+  assert shapes == {"initial_conv": (2, 32, 32, 64), "initial_max_pool": (2, 16, 16, 64),
+                    "block_group1": (2, 16, 16, 256), "block_group2": (2, 8, 8, 512),
+                    "block_group3": (2, 4, 4, 1024), "block_group4": (2, 2, 2, 2048),
+                    "final_avg_pool": (2, 2048)}
+  assert set(shapes) == set(resnet.ENDPOINTS)
+  # final_avg_pool is the spatial mean of block_group4.
+  np.testing.assert_allclose(out["final_avg_pool"].numpy(),
+                             out["block_group4"].numpy().mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_se_and_odd_sizes():
+  net = resnet.ResNet(depth=18, cifar_stem=False, se_ratio=0.25)
+  out = net(tf.zeros([1, 45, 45, 3]), training=False)
+  # Fixed padding: each stride-2 stage gives ceil(size / 2).
+  assert out["initial_conv"].shape[1] == 23 and out["block_group4"].shape[1] == 2
+  plain = resnet.ResNet(depth=18, cifar_stem=False)
+  plain(tf.zeros([1, 45, 45, 3]))
+  # SE adds, per block, a reduce conv (C -> C/4, bias) and an expand conv (C/4 -> C, bias).
+  extra = sum(2 * c * (c // 4) + c // 4 + c for c in (64, 64, 128, 128, 256, 256, 512, 512))
+  assert _count(net.trainable_variables) - _count(plain.trainable_variables) == extra
+
+
+def test_residual_branch_starts_at_zero():
+  # gamma = 0 in each branch's last BN: a fresh basic block is relu(shortcut) of its input.
+  block = resnet.ResidualBlock(8, 1, use_projection=False)
+  x = tf.random.stateless_normal([2, 5, 5, 8], seed=[1, 2])
+  np.testing.assert_allclose(block(x, training=True).numpy(), tf.nn.relu(x).numpy())
+
+
+@pytest.mark.parametrize("num_replicas", [2, 4])
+def test_synchronized_bn_equals_bn_on_concatenated_batch(strategies, num_replicas):
+  strategy = strategies[num_replicas]
+  x = tf.random.stateless_normal([8, 3, 3, 5], seed=[3, 4]) * 2.0 + 1.0
+  reference = resnet.BatchNormRelu(relu=True, decay=0.9, synchronized=False)
+  want = reference(x, training=True).numpy()
+  b = 8 // num_replicas
+  with strategy.scope():
+    synced = resnet.BatchNormRelu(relu=True, decay=0.9, synchronized=True)
+    synced(x[:1], training=False)
+  local = strategy.experimental_distribute_values_from_function(
+      lambda ctx: x[ctx.replica_id_in_sync_group * b:(ctx.replica_id_in_sync_group + 1) * b])
+  got = strategy.run(tf.function(lambda v: synced(v, training=True)), args=(local,))
+  got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(got)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  mean = x.numpy().mean(axis=(0, 1, 2))
+  var = x.numpy().var(axis=(0, 1, 2))  # biased, as Keras and the reference use
+  np.testing.assert_allclose(synced.bn.moving_mean.numpy(), 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(synced.bn.moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
+  np.testing.assert_allclose(reference.bn.moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
+  # Without synchronisation replica 0 would have normalised with its own moments.
+  unsynced_first = tf.nn.relu(tf.nn.batch_normalization(
+      x[:b], *tf.nn.moments(x[:b], [0, 1, 2]), None, None, 1e-5)).numpy()
+  assert np.abs(unsynced_first - want[:b]).max() > 1e-2
+
+
+def test_synchronized_resnet_forward_equals_single_device(strategies):
+  strategy = strategies[2]
+  x = tf.random.stateless_uniform([4, 16, 16, 3], seed=[5, 6])
+  tf.keras.utils.set_random_seed(1)
+  single = resnet.ResNet(depth=18, cifar_stem=True, synchronized_bn=False)
+  want = single(x, training=True)["final_avg_pool"].numpy()
+  with strategy.scope():
+    synced = resnet.ResNet(depth=18, cifar_stem=True, synchronized_bn=True)
+    synced(x[:1], training=False)
+  for a, b in zip(synced.weights, single.weights):
+    a.assign(b)
+  local = strategy.experimental_distribute_values_from_function(
+      lambda ctx: x[ctx.replica_id_in_sync_group * 2:(ctx.replica_id_in_sync_group + 1) * 2])
+  got = strategy.run(tf.function(lambda v: synced(v, training=True)["final_avg_pool"]),
+                     args=(local,))
+  got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(got)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tune_after_block_freezes_prefix():
+  full = resnet.ResNet(depth=18, cifar_stem=True)
+  full(tf.zeros([1, 8, 8, 3]))
+  n_full = _count(full.trainable_variables)
+  x = tf.random.stateless_uniform([2, 8, 8, 3], seed=[1, 1])
+
+  def prefix(net, k):
+    return net.stem + [net.stem_bn] + [blk for g in net.groups[:k] for blk in g]
+
+  for k in range(5):
+    net = resnet.ResNet(depth=18, cifar_stem=True, fine_tune_after_block=k)
+    net(tf.zeros([1, 8, 8, 3]))
+    # Counted in the unfrozen twin: the parameters the freeze takes away.
+    frozen_params = sum(_count(layer.trainable_variables) for layer in prefix(full, k))
+    assert frozen_params > 0
+    assert _count(net.trainable_variables) == n_full - frozen_params
+    before = [v.numpy() for layer in prefix(net, k) for v in layer.non_trainable_weights]
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(net(x, training=True)["final_avg_pool"])
+    grads = tape.gradient(loss, net.trainable_variables)
+    assert all(g is not None for g in grads)
+    # Frozen BN runs in inference mode: its moving statistics do not move.
+    after = [v.numpy() for layer in prefix(net, k) for v in layer.non_trainable_weights]
+    assert len(before) > 0
+    for a, b in zip(before, after):
+      np.testing.assert_array_equal(a, b)
+  assert _count(net.trainable_variables) == 0  # k = 4: the whole encoder is frozen
+
+
+def test_config_round_trip():
+  net = resnet.ResNet(depth=34, width_multiplier=2, cifar_stem=True, se_ratio=0.5,
+                      batch_norm_decay=0.99, synchronized_bn=True)
+  clone = resnet.ResNet.from_config(net.get_config())
+  assert clone.get_config() == net.get_config()
+  net(tf.zeros([1, 8, 8, 3]))
+  clone(tf.zeros([1, 8, 8, 3]))
+  assert _count(clone.trainable_variables) == _count(net.trainable_variables)
+
+
+def test_bad_arguments():
+  for kwargs, word in [(dict(depth=19), "resnet_depth"), (dict(width_multiplier=0), "width"),
+                       (dict(fine_tune_after_block=5), "fine_tune_after_block")]:
+    with pytest.raises(ValueError, match=word):
+      resnet.ResNet(**kwargs)
