@@ -1,0 +1,83 @@
+"""Optimizer factory and the explicit L2 term of SimCLR.
+
+Same choices as google-research/simclr `tf2/model.py` (`build_optimizer`,
+`add_weight_decay`), with the flags turned into arguments.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_simclr import lars
+
+OPTIMIZERS = ("momentum", "adam", "lars")
+
+# Regular expressions searched in variable paths: batch norm, biases and the
+# supervised head get no LARS weight decay (and, by LARS' default, no layer
+# adaptation). The supervised head's decay is added to the loss instead, see
+# `supervised_head_l2`.
+LARS_EXCLUDE_FROM_WEIGHT_DECAY = ("batch_normalization", "bias",
+                                  "head_supervised")
+
+
+def build_optimizer(name, learning_rate, momentum=0.9, weight_decay=0.0):
+  """Creates the optimizer called `name`.
+
+  Args:
+    name: 'momentum' (SGD with Nesterov momentum), 'adam' or 'lars'.
+    learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
+    momentum: momentum of 'momentum' and 'lars' (unused by 'adam').
+    weight_decay: L2 coefficient applied by 'lars' itself; the other
+      optimizers get theirs through `supervised_head_l2` in the loss.
+
+  Returns:
+    A `keras.optimizers.Optimizer`.
+
+  Raises:
+    ValueError: for an unknown `name`.
+  """
+  if name == "momentum":
+    # keras SGD insists on a float momentum.
+    return keras.optimizers.SGD(learning_rate, momentum=float(momentum),
+                                nesterov=True)
+  if name == "adam":
+    return keras.optimizers.Adam(learning_rate)
+  if name == "lars":
+    return lars.LARS(
+        learning_rate,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        exclude_from_weight_decay=list(LARS_EXCLUDE_FROM_WEIGHT_DECAY))
+  raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}.")
+
+
+def _path(variable):
+  return getattr(variable, "path", None) or variable.name
+
+
+def supervised_head_l2(variables, weight_decay, optimizer_name):
+  """The weight-decay term to add to the loss (reference `add_weight_decay`).
+
+  Args:
+    variables: the model's trainable variables.
+    weight_decay: float L2 coefficient.
+    optimizer_name: the optimizer's name (see `build_optimizer`).
+
+  Returns:
+    A float32 scalar tensor. If the optimizer is LARS, which decays everything
+    else itself: `weight_decay * sum(l2_loss(v))` over the variables whose
+    path contains 'head_supervised' and not 'bias'. Otherwise the same sum
+    over all trainable variables whose path does not contain
+    'batch_normalization'. `l2_loss(v) = sum(v**2) / 2`. 0.0 if no variable
+    qualifies.
+  """
+  if "lars" in optimizer_name:
+    chosen = [v for v in variables
+              if "head_supervised" in _path(v) and "bias" not in _path(v)]
+  else:
+    chosen = [v for v in variables
+              if getattr(v, "trainable", True)
+              and "batch_normalization" not in _path(v)]
+  if not chosen:
+    return tf.constant(0.0, tf.float32)
+  l2 = tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in chosen])
+  return tf.cast(weight_decay, tf.float32) * l2
