@@ -1,0 +1,503 @@
+"""Tests of tf_simclr.datasets and tf_simclr.shapes10: sources, determinism, sharding, errors.
+
+Nothing here downloads: shapes10 is generated into tmp dirs and image folders are written here.
+"""
+import functools
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tf_simclr import augment
+from tf_simclr import datasets
+from tf_simclr import shapes10
+
+IMAGE_SIZE = 16  # Small views keep the pipeline tests fast; the contract does not depend on it.
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  """A TFDS data dir with shapes10 prepared once for the session."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  started = time.time()
+  datasets.load_source("shapes10", "train", data_dir=data_dir)
+  print(f"shapes10 generated and prepared in {time.time() - started:.1f} s")
+  return data_dir
+
+
+def _records_numpy(source):
+  """All records of a source as {'label': [N], 'id': [N], 'image': list of bytes}."""
+  out = {"label": [], "id": [], "image": []}
+  for batch in source.records.batch(1000):
+    out["label"].append(batch["label"].numpy())
+    out["id"].append(batch["id"].numpy())
+    out["image"] += list(batch["image"].numpy())
+  return {"label": np.concatenate(out["label"]), "id": np.concatenate(out["id"]),
+          "image": out["image"]}
+
+
+def _images_numpy(source, limit=None):
+  ds = source.dataset if limit is None else source.dataset.take(limit)
+  batch = next(iter(ds.batch(100_000)))
+  return batch["image"].numpy(), batch["label"].numpy(), batch["id"].numpy()
+
+
+def _take(ds, n):
+  return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+
+
+def _global_batches(source, steps, global_batch, pipelines, per_replica, **kwargs):
+  """Global batches as tf.distribute assembles them from P pipelines of R replicas each.
+
+  Pipeline p serves replicas p*R .. p*R + R - 1 with its consecutive per-replica batches, so
+  step k is the concatenation over p, then r, of pipeline p's batch k*R + r.
+  """
+  replicas = global_batch // pipelines // per_replica
+  per_pipeline = [
+      _take(datasets.train_dataset(source, global_batch, per_replica, pipelines, p,
+                                   image_size=IMAGE_SIZE, **kwargs), steps * replicas)
+      for p in range(pipelines)]
+  out = []
+  for k in range(steps):
+    parts = [per_pipeline[p][k * replicas + r] for p in range(pipelines) for r in range(replicas)]
+    out.append({key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
+  return out
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["id"], y["id"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+    np.testing.assert_array_equal(x["views"], y["views"])  # Bit for bit.
+
+
+def _bmp(image):
+  """A 24-bit BMP file of uint8 [H, W, 3] (TF can decode BMP but not encode it)."""
+  h, w, _ = image.shape
+  row = (w * 3 + 3) // 4 * 4
+  pixels = b"".join(
+      image[y, :, ::-1].tobytes().ljust(row, b"\0") for y in range(h - 1, -1, -1))
+  header = struct.pack("<2sIHHI", b"BM", 54 + len(pixels), 0, 0, 54)
+  info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, len(pixels), 2835, 2835, 0, 0)
+  return header + info + pixels
+
+
+def _gif(frames, palette):
+  """A GIF of frames uint8 [H, W] (palette indices) with a 256-colour palette uint8 [256, 3].
+
+  LZW with a clear code every 200 codes keeps codes 9 bits wide: valid, just not compressed.
+  """
+  h, w = frames[0].shape
+  out = [b"GIF89a", struct.pack("<HHBBB", w, h, 0xF7, 0, 0), palette.astype(np.uint8).tobytes()]
+  for frame in frames:
+    out.append(b"\x21\xf9\x04\x00\x00\x00\x00\x00")  # Graphic control: no transparency.
+    out.append(b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0))
+    codes = []
+    for i, index in enumerate(frame.reshape(-1).tolist()):
+      if i % 200 == 0:
+        codes.append(256)  # Clear.
+      codes.append(index)
+    codes.append(257)  # End of information.
+    bits = "".join(format(c, "09b")[::-1] for c in codes)  # LSB first.
+    bits += "0" * (-len(bits) % 8)
+    data = bytes(int(bits[i:i + 8][::-1], 2) for i in range(0, len(bits), 8))
+    out.append(b"\x08")  # LZW minimum code size.
+    for i in range(0, len(data), 255):
+      out.append(bytes([len(data[i:i + 255])]) + data[i:i + 255])
+    out.append(b"\x00")
+  out.append(b"\x3b")
+  return b"".join(out)
+
+
+def _write(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def _random_image(seed, h=6, w=5):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes10.
+
+
+def test_shapes10_builds_offline(shapes_dir):
+  builder = tfds.builder("shapes10", data_dir=shapes_dir)
+  assert builder.is_prepared()
+  assert str(builder.info.version) == "1.0.0"
+  assert "shapes" in builder.info.description
+  for split, n in (("train", 5000), ("test", 1000)):
+    source = datasets.load_source("shapes10", split, data_dir=shapes_dir)
+    assert (source.num_examples, source.num_classes) == (n, 10)
+    records = _records_numpy(source)
+    np.testing.assert_array_equal(records["id"], np.arange(n))
+    np.testing.assert_array_equal(np.bincount(records["label"], minlength=10), [n // 10] * 10)
+    images, labels, _ = _images_numpy(source, limit=50)
+    assert images.dtype == np.uint8 and images.shape == (50, 32, 32, 3)
+    # Stored in generation order, losslessly (PNG).
+    generated, generated_labels = shapes10.generate(split)
+    np.testing.assert_array_equal(images, generated[:50])
+    np.testing.assert_array_equal(labels, generated_labels[:50])
+
+
+def test_shapes10_deterministic(shapes_dir, tmp_path):
+  other = datasets.load_source("shapes10", "test", data_dir=str(tmp_path))
+  first = datasets.load_source("shapes10", "test", data_dir=shapes_dir)
+  a, b = _records_numpy(first), _records_numpy(other)
+  assert a["image"][:200] == b["image"][:200]  # The encoded bytes, not just the pixels.
+  np.testing.assert_array_equal(a["label"], b["label"])
+  # The splits are different images.
+  train_images, _ = shapes10.generate("train")
+  test_images, _ = shapes10.generate("test")
+  assert not np.array_equal(train_images[:10], test_images[:10])
+
+
+def _foreground(images):
+  """Boolean [N, 32, 32] masks: pixels far from the background colour (median of the border)."""
+  border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], 1)
+  background = np.median(border.astype(np.float32), axis=1)  # [N, 3]
+  distance = np.linalg.norm(images.astype(np.float32) - background[:, None, None], axis=-1)
+  return distance > 50
+
+
+def _shape_features(masks, size=12):
+  """Masks cropped to their bounding box and resampled to [size, size]: position and scale
+  removed, shape kept. [N, size*size]."""
+  out = np.zeros((len(masks), size * size), np.float32)
+  for i, m in enumerate(masks):
+    ys, xs = np.nonzero(m)
+    if len(ys) == 0:
+      continue
+    crop = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    rows = (np.arange(size) + 0.5) * crop.shape[0] / size
+    cols = (np.arange(size) + 0.5) * crop.shape[1] / size
+    out[i] = crop[rows.astype(int)][:, cols.astype(int)].reshape(-1)
+  return out
+
+
+def test_shapes10_class_is_the_shape_not_the_colour():
+  train_images, train_labels = shapes10.generate("train")
+  test_images, test_labels = shapes10.generate("test")
+  train_x = _shape_features(_foreground(train_images))
+  test_x = _shape_features(_foreground(test_images))
+  means = np.stack([train_x[train_labels == c].mean(0) for c in range(10)])
+  distances = ((test_x[:, None] - means[None]) ** 2).sum(-1)
+  accuracy = np.mean(distances.argmin(1) == test_labels)
+  assert accuracy > 0.6, accuracy  # Chance is 0.1.
+
+  # Colour is a nuisance: the mean shape colour of every class is about the same.
+  masks = _foreground(train_images)
+  weights = masks[..., None].astype(np.float32)
+  colours = (train_images * weights).sum((1, 2)) / np.maximum(weights.sum((1, 2)), 1)  # [N, 3]
+  class_means = np.stack([colours[train_labels == c].mean(0) for c in range(10)])  # [10, 3]
+  assert np.abs(class_means - colours.mean(0)).max() < 15, class_means
+
+
+def test_shapes10_generation_is_fast():
+  started = time.time()
+  shapes10.generate("train")
+  shapes10.generate("test")
+  assert time.time() - started < 10
+
+
+# ----------------------------------------------------------------------------------------------
+# image_folder.
+
+
+def _make_labelled_folder(root):
+  """train/{dog,Cat,bird} with PNG/JPEG/BMP/GIF files; returns {relative path: image}."""
+  expected = {}
+  png = _random_image(1)
+  _write(f"{root}/train/dog/b.PNG", tf.io.encode_png(png).numpy())
+  expected["dog/b.PNG"] = png
+  bmp = _random_image(2)
+  _write(f"{root}/train/dog/a.bmp", _bmp(bmp))
+  expected["dog/a.bmp"] = bmp
+  jpeg = np.full((8, 8, 3), 200, np.uint8)
+  _write(f"{root}/train/Cat/x.JPEG", tf.io.encode_jpeg(jpeg, quality=100).numpy())
+  expected["Cat/x.JPEG"] = jpeg
+  gray = np.random.default_rng(3).integers(0, 256, (4, 7, 1), dtype=np.uint8)
+  _write(f"{root}/train/Cat/deeper/g.png", tf.io.encode_png(gray).numpy())
+  expected["Cat/deeper/g.png"] = np.repeat(gray, 3, axis=-1)
+  palette = np.random.default_rng(4).integers(0, 256, (256, 3), dtype=np.uint8)
+  frames = [np.random.default_rng(5 + i).integers(0, 256, (5, 6), dtype=np.uint8)
+            for i in range(2)]
+  _write(f"{root}/train/bird/anim.gif", _gif(frames, palette))
+  expected["bird/anim.gif"] = palette[frames[0]]  # The first frame.
+  _write(f"{root}/train/bird/notes.txt", b"not an image")
+  return expected
+
+
+def test_image_folder_labelled(tmp_path):
+  root = str(tmp_path)
+  expected = _make_labelled_folder(root)
+  source = datasets.load_source("image_folder", "train", data_dir=root)
+  # Classes are the sorted folder names (byte order): Cat, bird, dog.
+  assert (source.num_examples, source.num_classes) == (5, 3)
+  records = _records_numpy(source)
+  paths = [os.path.relpath(p.decode(), f"{root}/train") for p in records["image"]]
+  assert paths == ["Cat/deeper/g.png", "Cat/x.JPEG", "bird/anim.gif", "dog/a.bmp", "dog/b.PNG"]
+  np.testing.assert_array_equal(records["label"], [0, 0, 1, 2, 2])
+  np.testing.assert_array_equal(records["id"], np.arange(5))
+  for path, example in zip(paths, source.dataset):
+    image = example["image"].numpy()
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+    if path.endswith("JPEG"):
+      np.testing.assert_allclose(image, expected[path], atol=2)
+    else:
+      np.testing.assert_array_equal(image, expected[path])
+
+
+def test_image_folder_unlabelled(tmp_path):
+  for i in range(3):
+    _write(f"{tmp_path}/unlabeled/img{i}.png", tf.io.encode_png(_random_image(i)).numpy())
+  source = datasets.load_source("image_folder", "unlabeled", data_dir=str(tmp_path))
+  assert (source.num_examples, source.num_classes) == (3, 0)
+  records = _records_numpy(source)
+  np.testing.assert_array_equal(records["label"], [-1, -1, -1])
+  batches = _take(datasets.train_dataset(source, 2, 2, 1, 0, seed=0, image_size=8), 3)
+  assert all((b["label"] == -1).all() for b in batches)
+
+
+def test_image_folder_corrupt_files(tmp_path):
+  root = str(tmp_path)
+  for i in range(4):
+    _write(f"{root}/train/a/{i}.png", tf.io.encode_png(_random_image(i)).numpy())
+  # Not an image at all: skipped when listing, so it never gets an id.
+  _write(f"{root}/train/a/0bad.jpg", b"this is not a jpeg")
+  # An image header with a cut body: listed (id 2), then dropped with a warning when decoding.
+  _write(f"{root}/train/a/1truncated.png", tf.io.encode_png(_random_image(9)).numpy()[:40])
+  source = datasets.load_source("image_folder", "train", data_dir=root)
+  assert source.num_examples == 5
+  names = [os.path.basename(p.decode()) for p in _records_numpy(source)["image"]]
+  assert names == ["0.png", "1.png", "1truncated.png", "2.png", "3.png"]
+  ids = [int(ex["id"]) for ex in source.dataset]
+  assert ids == [0, 1, 3, 4]  # Ids stay those of the listing.
+  # Training goes on past it: every step still has a full batch, never the bad id.
+  batches = _take(datasets.train_dataset(source, 2, 2, 1, 0, seed=0, image_size=8), 6)
+  assert all(b["views"].shape == (2, 2, 8, 8, 3) and 2 not in b["id"] for b in batches)
+  # Eval counts the examples it could read, in static batches.
+  eval_batches = _take(datasets.eval_dataset(source, 2, 1, 0, image_size=8), 10)
+  assert len(eval_batches) == 3
+  assert sum(b["mask"].sum() for b in eval_batches) == 4
+
+
+def test_image_folder_errors(tmp_path):
+  root = str(tmp_path)
+  with pytest.raises(datasets.DatasetError, match="needs data_dir"):
+    datasets.load_source("image_folder", "train")
+  with pytest.raises(datasets.DatasetError, match=f"{root}/nowhere does not exist"):
+    datasets.load_source("image_folder", "train", data_dir=f"{root}/nowhere")
+  os.makedirs(f"{root}/train/empty_class")
+  os.makedirs(f"{root}/val")
+  with pytest.raises(datasets.DatasetError, match="has no split 'test'.*train, val"):
+    datasets.load_source("image_folder", "test", data_dir=root)
+  with pytest.raises(datasets.DatasetError, match=f"{root}/train holds no readable images"):
+    datasets.load_source("image_folder", "train", data_dir=root)
+  with pytest.raises(datasets.DatasetError, match=f"{root}/val holds no readable images"):
+    datasets.load_source("image_folder", "val", data_dir=root)
+  _write(f"{root}/val/x.png", b"garbage")
+  with pytest.raises(datasets.DatasetError, match="holds no readable images"):
+    datasets.load_source("image_folder", "val", data_dir=root)
+
+
+# ----------------------------------------------------------------------------------------------
+# train_dataset: the determinism contract.
+
+
+@pytest.fixture(scope="module")
+def small(shapes_dir):
+  """100 shapes10 examples: epochs are a few steps long."""
+  return datasets.load_source("shapes10", "train[:100]", data_dir=shapes_dir)
+
+
+def test_train_dataset_structure_and_repeatability(small):
+  assert small.num_examples == 100
+  a = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE), 4)
+  b = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE), 4)
+  for x, y in zip(a, b):
+    assert x["views"].shape == (8, 2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert x["views"].dtype == np.float32 and x["label"].dtype == x["id"].dtype == np.int64
+    assert 0.0 <= x["views"].min() and x["views"].max() <= 1.0
+    np.testing.assert_array_equal(x["views"], y["views"])
+    np.testing.assert_array_equal(x["id"], y["id"])
+  # Labels are those of the ids.
+  labels = _records_numpy(small)["label"]
+  for x in a:
+    np.testing.assert_array_equal(x["label"], labels[x["id"]])
+  # Another seed: another order.
+  c = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=4, image_size=IMAGE_SIZE), 1)
+  assert not np.array_equal(a[0]["id"], c[0]["id"])
+
+
+@pytest.mark.parametrize("pipelines,per_replica", [(2, 8), (2, 4), (4, 4)])
+def test_pipelines_equal_one_pipeline(small, pipelines, per_replica):
+  # 8 steps of 16 = 128 examples: the batches cross the epoch boundary at 100.
+  one = _global_batches(small, 8, 16, 1, 16, seed=7)
+  many = _global_batches(small, 8, 16, pipelines, per_replica, seed=7)
+  _assert_batches_equal(one, many)
+
+
+def test_strategy_replicas_equal_one_replica(small, strategies):
+  fn = functools.partial(datasets.train_dataset, small, 16, seed=5, image_size=IMAGE_SIZE)
+  results = {}
+  for replicas in (1, 2):
+    iterator = iter(datasets.make_dataset(strategies[replicas], 16, fn))
+    steps = []
+    for _ in range(3):
+      parts = strategies[replicas].experimental_local_results(next(iterator))
+      steps.append({k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]})
+    results[replicas] = steps
+  _assert_batches_equal(results[1], results[2])
+
+
+@pytest.mark.parametrize("start_step,pipelines", [(3, 1), (7, 1), (7, 2)])
+def test_restart_resumes_at_the_same_examples(small, start_step, pipelines):
+  fresh = _global_batches(small, start_step + 3, 16, 1, 16, seed=11)
+  resumed = _global_batches(small, 3, 16, pipelines, 16 // pipelines, seed=11,
+                            start_step=start_step)
+  _assert_batches_equal(fresh[start_step:], resumed)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [None, 32])
+def test_epochs(small, shuffle_buffer):
+  # G = 20 divides 100: steps 0-4 are epoch 0, steps 5-9 epoch 1.
+  batches = _take(datasets.train_dataset(small, 20, 20, 1, 0, seed=2, image_size=IMAGE_SIZE,
+                                         shuffle_buffer=shuffle_buffer), 10)
+  ids = np.concatenate([b["id"] for b in batches])
+  views = np.concatenate([b["views"] for b in batches])
+  epoch0, epoch1 = ids[:100], ids[100:]
+  np.testing.assert_array_equal(np.sort(epoch0), np.arange(100))
+  np.testing.assert_array_equal(np.sort(epoch1), np.arange(100))
+  assert not np.array_equal(epoch0, epoch1)  # Each epoch has its own order...
+  assert np.mean(epoch0 != np.arange(100)) > 0.8  # ...not the file order.
+  # ...and its own views of each example; the two views of an example differ.
+  first = views[:100][np.argsort(epoch0)]
+  second = views[100:][np.argsort(epoch1)]
+  assert all(not np.array_equal(first[i], second[i]) for i in range(100))
+  assert all(not np.array_equal(first[i, 0], first[i, 1]) for i in range(100))
+  if shuffle_buffer:
+    # Blocks of 32: ids 0-31 fill the first 32 positions of an epoch, in a shuffled order.
+    np.testing.assert_array_equal(np.sort(epoch0[:32]), np.arange(32))
+
+
+def test_view_seeds_contract(small):
+  """The views are simclr_augment with the documented seeds."""
+  batch = _take(datasets.train_dataset(small, 4, 4, 1, 0, seed=9, image_size=IMAGE_SIZE), 1)[0]
+  images = {int(ex["id"]): ex["image"] for ex in small.dataset}
+  for i, example_id in enumerate(batch["id"]):
+    for v in range(2):
+      key = tf.constant([9, 1], tf.int64)
+      for data in (0, int(example_id), v):  # epoch 0, id, view
+        key = tf.random.experimental.stateless_fold_in(key, tf.constant(data, tf.int64),
+                                                       alg="philox")
+      view = augment.simclr_augment(images[int(example_id)], key, IMAGE_SIZE, IMAGE_SIZE)
+      np.testing.assert_allclose(batch["views"][i, v], view.numpy(), atol=1e-5)
+
+
+def test_example_views(small):
+  shown = datasets.example_views(small, seed=6, image_size=IMAGE_SIZE)
+  first = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=6, image_size=IMAGE_SIZE), 1)[0]
+  np.testing.assert_array_equal(shown["id"].numpy(), first["id"][:4])
+  np.testing.assert_array_equal(shown["images"].numpy(),
+                                first["views"][:4].reshape(8, IMAGE_SIZE, IMAGE_SIZE, 3))
+
+
+def test_finetune_dataset(small):
+  batch = _take(datasets.finetune_dataset(small, 8, 8, 1, 0, seed=0, image_size=IMAGE_SIZE), 1)[0]
+  assert batch["views"].shape == (8, 1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_train_dataset_validates_batching(small):
+  with pytest.raises(ValueError, match="not divisible by the 3 input pipelines"):
+    datasets.train_dataset(small, 16, 4, 3, 0, seed=0, image_size=8)
+  with pytest.raises(ValueError, match="per-replica batch size 3 does not divide the 8"):
+    datasets.train_dataset(small, 16, 3, 2, 0, seed=0, image_size=8)
+  with pytest.raises(ValueError, match=r"input_pipeline_id must be in \[0, 2\)"):
+    datasets.train_dataset(small, 16, 8, 2, 2, seed=0, image_size=8)
+
+
+def test_cache_gives_the_same_stream(small, tmp_path):
+  a = _take(datasets.train_dataset(small, 16, 16, 1, 0, seed=1, image_size=8), 8)
+  b = _take(datasets.train_dataset(small, 16, 16, 1, 0, seed=1, image_size=8, cache=True), 8)
+  _assert_batches_equal(a, b)
+  for i in range(5):
+    _write(f"{tmp_path}/train/c{i % 2}/{i}.png", tf.io.encode_png(_random_image(i)).numpy())
+  folder = datasets.load_source("image_folder", "train", data_dir=str(tmp_path))
+  a = _take(datasets.train_dataset(folder, 4, 2, 1, 0, seed=1, image_size=8), 6)
+  b = _take(datasets.train_dataset(folder, 4, 2, 1, 0, seed=1, image_size=8, cache=True), 6)
+  _assert_batches_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval_dataset.
+
+
+@pytest.mark.parametrize("pipelines,per_replica,replicas_per_pipeline,cache",
+                         [(1, 8, 1, False), (3, 4, 1, False), (2, 3, 2, True)])
+def test_eval_dataset_covers_each_example_once(shapes_dir, pipelines, per_replica,
+                                               replicas_per_pipeline, cache):
+  source = datasets.load_source("shapes10", "test[:37]", data_dir=shapes_dir)
+  global_batch = per_replica * replicas_per_pipeline * pipelines
+  steps = datasets.eval_steps(37, global_batch, pipelines)
+  ids, mask_total, labels = [], 0.0, _records_numpy(source)["label"]
+  for p in range(pipelines):
+    batches = _take(datasets.eval_dataset(source, per_replica, pipelines, p, IMAGE_SIZE,
+                                          cache=cache, global_batch_size=global_batch), 1000)
+    assert len(batches) == steps * replicas_per_pipeline  # The same on every pipeline.
+    for b in batches:
+      assert b["image"].shape == (per_replica, IMAGE_SIZE, IMAGE_SIZE, 3)
+      assert b["image"].dtype == np.float32 and b["mask"].dtype == np.float32
+      real = b["mask"] == 1
+      ids += list(b["id"][real])
+      mask_total += b["mask"].sum()
+      np.testing.assert_array_equal(b["label"][real], labels[b["id"][real]])
+      assert (b["id"][~real] == -1).all() and (b["image"][~real] == 0).all()
+  assert mask_total == 37
+  np.testing.assert_array_equal(np.sort(ids), np.arange(37))
+
+
+def test_eval_steps():
+  assert datasets.eval_steps(37, 8, 1) == 5
+  assert datasets.eval_steps(37, 12, 3) == 4  # ceil(13 / 4)
+  assert datasets.eval_steps(40, 8, 2) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_unknown_dataset(tmp_path):
+  with pytest.raises(datasets.DatasetError, match="Unknown dataset 'cifar1'.*cifar10.*"
+                     "image_folder.*shapes10") as info:
+    datasets.load_source("cifar1", "train", data_dir=str(tmp_path))
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_split(shapes_dir):
+  with pytest.raises(datasets.DatasetError, match="'shapes10' has no split 'validation'.*"
+                     "test, train"):
+    datasets.load_source("shapes10", "validation", data_dir=shapes_dir)
+
+
+def test_manual_download_detected_before_downloading(tmp_path):
+  started = time.time()
+  manual = os.path.join(str(tmp_path), "downloads", "manual")
+  with pytest.raises(datasets.DatasetError, match="imagenet2012' must be downloaded by hand: "
+                     f"put ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/") as info:
+    datasets.load_source("imagenet2012", "train", data_dir=str(tmp_path))
+  assert "\n" not in str(info.value)
+  assert time.time() - started < 10
+  written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+  assert not written  # Nothing was downloaded.

@@ -1,0 +1,574 @@
+"""Data sources and deterministic, distributable input pipelines.
+
+Sources (`load_source(name, split, data_dir)`):
+  * any tensorflow-datasets name ('cifar10', 'imagenet2012', 'imagenet2012_subset/1pct',
+    'stl10', ...; split slicing such as 'train[:10%]' works). Datasets that can download are
+    downloaded and prepared into `data_dir` (default ~/tensorflow_datasets) the first time.
+    Datasets that need a manual download (ImageNet) are checked before anything is downloaded.
+  * 'image_folder': `data_dir/<split>/<class>/**/<image>` (classes = sorted sub-folder names,
+    label = index), or `data_dir/<split>/<image>` with no class folders (unlabelled: label -1).
+    jpeg/jpg/png/bmp/gif, any case; a gif gives its first frame; grayscale becomes RGB.
+  * 'shapes10': the built-in 10-class dataset that needs no download (`tf_simclr.shapes10`),
+    read through TFDS like any other.
+Every source yields examples in one fixed order, and `id` is the example's index in it.
+
+Corrupt-file policy for 'image_folder' (image files are what users bring, and a long run should
+not die on one bad file):
+  1. When listing, each file with an image extension must start with the magic bytes of JPEG,
+     PNG, GIF or BMP; files that do not are skipped, and their number (with a few names) is logged.
+     Ids are assigned after this check, in listing order, so they never change during a run.
+  2. A file that passes the check but fails to read or decode later is dropped from the stream
+     with a logged warning (`ignore_errors(log_warning=True)` right after the decode).
+     The rest of the run goes on, but bit-for-bit reproducibility across pipeline counts does not
+     hold past such a drop (the affected pipeline's later batches shift by one example), and an
+     eval pass counts one example fewer. Fix or delete the file to get it back.
+  TFDS data was validated when it was prepared; its errors are raised, never skipped.
+
+The determinism contract of `train_dataset` (also a contract for other tools: keep it):
+  Let `key(a, b) = tf.random.experimental.stateless_fold_in(a, b, alg='philox')` with int64
+  data. The global example stream is, epoch after epoch, the source's fixed order cut into blocks
+  of `shuffle_buffer` examples (the last may be shorter), each block permuted by
+  `tf.random.experimental.stateless_shuffle(range(len), key(key([seed, 0], epoch), block),
+  alg='philox')`. Global batch k is stream examples [k*G, (k+1)*G) (batches may span epochs).
+  View v of the example with id i seen in epoch e is
+  `augment.simclr_augment(image, key(key(key([seed, 1], e), i), v), ...)`.
+  So the data, their order and their views depend only on `seed` and the step, not on the number
+  of replicas, hosts or input pipelines, nor on a restart at `start_step`, nor on
+  `tf.random.set_seed`. With a source at most `shuffle_buffer` examples long (the default for
+  anything up to 50,000), every epoch is a uniformly random permutation.
+
+Distribution: input pipeline p of P reads the whole global stream (cheaply: records stay encoded)
+and keeps the contiguous slice [p*G/P, (p+1)*G/P) of each global batch, which it alone decodes and
+augments, in per-replica batches. `tf.distribute` hands a pipeline's consecutive per-replica
+batches to its replicas in order, so the concatenation over replicas of step k's batches is
+global batch k, exactly as with one replica. Every pipeline reads every record: P times the
+read I/O of sharding by file, the price of this exactness; `cache=True` pays it once.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import difflib
+import math
+import os
+import re
+from typing import Callable
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tf_simclr import augment
+# Imported for its side effect: registers the 'shapes10' TFDS builder.
+from tf_simclr import shapes10  # pylint: disable=unused-import
+
+IMAGE_FOLDER = "image_folder"
+SHAPES10 = "shapes10"
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
+DEFAULT_SHUFFLE_BUFFER = 50_000
+# Stream tags of the root keys [seed, tag]: the order and the views never share random numbers.
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+_ALG = "philox"  # Pinned, rather than 'auto_select', so the keys cannot depend on the device.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_MAGIC_LENGTH = max(len(m) for m in _MAGIC)
+
+
+class DatasetError(ValueError):
+  """A data source cannot be used as asked; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A split of a dataset, in a fixed order.
+
+  Attributes:
+    name: the dataset name given to `load_source`.
+    split: the split given to `load_source`.
+    num_examples: number of examples (of records; see the corrupt-file policy).
+    num_classes: number of classes, 0 when unlabelled.
+    records: tf.data.Dataset of {'image': string scalar, 'label': int64 scalar (-1 when
+      unlabelled), 'id': int64 scalar}, where 'image' is the encoded image, or its file path
+      when `reads_files`. Cheap to shuffle and slice: nothing is decoded.
+    reads_files: whether 'image' in `records` is a path to read rather than the encoded bytes.
+  """
+  name: str
+  split: str
+  num_examples: int
+  num_classes: int
+  records: tf.data.Dataset
+  reads_files: bool = False
+
+  @property
+  def dataset(self) -> tf.data.Dataset:
+    """The decoded examples: {'image': uint8 [H, W, 3], 'label': int64 [], 'id': int64 []}."""
+    return _decode(self, self.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources.
+
+
+def load_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  """Returns the split `split` of the dataset `name`.
+
+  Args:
+    name: 'image_folder', 'shapes10' or a tensorflow-datasets name, optionally with a config
+      ('imagenet2012_subset/1pct') or version ('cifar10:3.0.2').
+    split: a split name ('train', 'test', 'validation', ...); TFDS splits may be sliced and
+      combined ('train[:10%]', 'train+test').
+    data_dir: the image folder's root for 'image_folder'; the TFDS data directory otherwise
+      (None: TFDS's default, ~/tensorflow_datasets).
+
+  Raises:
+    DatasetError: unknown dataset or split, missing or empty folder, missing manual download.
+  """
+  if name == IMAGE_FOLDER:
+    return _image_folder_source(split, data_dir)
+  return _tfds_source(name, split, data_dir)
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
+  """A TFDS split: downloads and prepares it first when needed and possible."""
+  base_name = name.split("/")[0].split(":")[0]
+  known = tfds.list_builders(with_community_datasets=False)
+  if base_name not in known:
+    close = difflib.get_close_matches(base_name, known + [IMAGE_FOLDER, SHAPES10], n=5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise DatasetError(
+        f"Unknown dataset '{name}'.{hint} Use a tensorflow-datasets name, '{IMAGE_FOLDER}' "
+        f"(images in data_dir/<split>/<class>/) or '{SHAPES10}' (built in, no download).")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # Unknown config or version: TFDS's message says which exist.
+    raise DatasetError(f"Cannot use dataset '{name}': {_one_line(e)}") from e
+
+  if not builder.is_prepared():
+    _check_manual_download(name, builder)
+    logging.info("Preparing dataset %s in %s", name, builder.data_dir)
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except ModuleNotFoundError as e:  # TFDS imports some dependencies only when preparing.
+      raise DatasetError(f"Preparing dataset '{name}' needs the Python package '{e.name}' "
+                         f"(pip install {e.name}).") from e
+    except Exception as e:
+      raise DatasetError(f"Could not download and prepare dataset '{name}' into "
+                         f"{builder.data_dir_root}: {type(e).__name__}: {_one_line(e)}") from e
+
+  splits = builder.info.splits
+  if any(part.split("[")[0] not in splits for part in split.split("+")):
+    raise DatasetError(f"Dataset '{name}' has no split '{split}'; its splits are: "
+                       f"{', '.join(sorted(splits))}.")
+  num_examples = splits[split].num_examples
+
+  features = dict(builder.info.features.items())
+  if not isinstance(features.get("image"), tfds.features.Image):
+    raise DatasetError(f"Dataset '{name}' has no 'image' feature of type tfds.features.Image; "
+                       f"its features are: {', '.join(features)}.")
+  label = features.get("label")
+  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
+
+  ds = builder.as_dataset(
+      split=split,
+      shuffle_files=False,
+      # Keep images encoded: each pipeline reads every record but decodes only its share.
+      decoders={"image": tfds.decode.SkipDecoding()},
+      # One file at a time, in order, so 'id' is the example's index in the split.
+      read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
+
+  def to_record(i, ex):
+    label = tf.cast(ex["label"], tf.int64) if num_classes else tf.constant(-1, tf.int64)
+    return {"image": ex["image"], "label": label, "id": i}
+
+  records = ds.enumerate().map(to_record)
+  return Source(name=name, split=split, num_examples=num_examples, num_classes=num_classes,
+                records=records)
+
+
+def _check_manual_download(name: str, builder) -> None:
+  """Raises DatasetError, before any download, if files that must be fetched by hand are missing."""
+  instructions = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+  if not instructions:
+    return
+  manual_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+  # The instructions name the archives (e.g. ILSVRC2012_img_train.tar); require those if any.
+  wanted = sorted(set(re.findall(
+      r"[\w.-]+\.(?:tar\.gz|tar|tgz|zip|gz|json|txt|csv|mat)\b", instructions)))
+  present = set(tf.io.gfile.listdir(manual_dir)) if tf.io.gfile.isdir(manual_dir) else set()
+  missing = [f for f in wanted if f not in present]
+  if missing or not present:
+    files = ", ".join(missing) if missing else "its files"
+    raise DatasetError(
+        f"Dataset '{name}' must be downloaded by hand: put {files} in {manual_dir}/ and run "
+        f"again (tensorflow-datasets says: {_one_line(instructions)})")
+
+
+def _has_image_magic(path: str) -> bool:
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      head = f.read(_MAGIC_LENGTH)
+  except (OSError, tf.errors.OpError):
+    return False
+  return any(head.startswith(m) for m in _MAGIC)
+
+
+def _list_images(folder: str) -> tuple[list[str], int]:
+  """Image files under `folder` (recursively), sorted; and how many other files there were."""
+  paths, others = [], 0
+  for root, _, files in tf.io.gfile.walk(folder):
+    for f in files:
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(root, f))
+      else:
+        others += 1
+  return sorted(paths), others
+
+
+def _image_folder_source(split: str, data_dir: str | None) -> Source:
+  """`data_dir/<split>/<class>/...` (labelled) or `data_dir/<split>/<images>` (unlabelled)."""
+  if not data_dir:
+    raise DatasetError(f"Dataset '{IMAGE_FOLDER}' needs data_dir: the folder holding "
+                       "<split>/<class>/<images>.")
+  if not tf.io.gfile.isdir(data_dir):
+    raise DatasetError(f"Image folder {data_dir} does not exist.")
+  root = os.path.join(data_dir, split)
+  if not tf.io.gfile.isdir(root):
+    splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(data_dir)
+                    if tf.io.gfile.isdir(os.path.join(data_dir, d)))
+    raise DatasetError(f"Image folder {data_dir} has no split '{split}' (no folder {root}); "
+                       f"its splits are: {', '.join(splits) or 'none'}.")
+
+  entries = sorted(tf.io.gfile.listdir(root))
+  classes = [d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(root, d))]
+  paths, labels, others = [], [], 0
+  if classes:
+    loose = [e for e in entries if e.rstrip("/") not in classes]
+    if loose:
+      logging.warning("Image folder %s: ignoring %d files beside the class folders", root,
+                      len(loose))
+    for label, name in enumerate(classes):
+      found, other = _list_images(os.path.join(root, name))
+      others += other
+      if not found:
+        logging.warning("Image folder %s: class '%s' has no images", root, name)
+      paths += found
+      labels += [label] * len(found)
+  else:
+    paths, others = _list_images(root)
+    labels = [-1] * len(paths)
+  if others:
+    logging.info("Image folder %s: ignoring %d files without an image extension (%s)", root,
+                 others, ", ".join(IMAGE_EXTENSIONS))
+
+  # Skip files that are not images at all (policy in the module docstring); read headers in
+  # parallel since on network storage each read is a round trip.
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    ok = list(pool.map(_has_image_magic, paths))
+  bad = [p for p, good in zip(paths, ok) if not good]
+  if bad:
+    logging.warning("Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, "
+                    "e.g. %s", root, len(bad), ", ".join(bad[:3]))
+    paths = [p for p, good in zip(paths, ok) if good]
+    labels = [l for l, good in zip(labels, ok) if good]
+  if not paths:
+    raise DatasetError(f"Image folder {root} holds no readable images ("
+                       f"{', '.join(IMAGE_EXTENSIONS)}).")
+
+  records = tf.data.Dataset.from_tensor_slices({
+      "image": tf.constant(paths, tf.string),
+      "label": tf.constant(labels, tf.int64),
+      "id": tf.range(len(paths), dtype=tf.int64),  # Assigned after skipping: stable ids.
+  })
+  logging.info("Image folder %s: %d images, %d classes", root, len(paths), len(classes))
+  return Source(name=IMAGE_FOLDER, split=split, num_examples=len(paths),
+                num_classes=len(classes), records=records, reads_files=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def _read(record):
+  return dict(record, image=tf.io.read_file(record["image"]))
+
+
+def _decode_image(encoded):
+  """uint8 [H, W, 3] from JPEG/PNG/GIF (first frame)/BMP bytes; grayscale becomes RGB."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _decode(source: Source, records: tf.data.Dataset, read: bool | None = None):
+  """Reads (if `read`, default `source.reads_files`) and decodes the 'image' of `records`."""
+  read = source.reads_files if read is None else read
+
+  def decode(record):
+    if read:
+      record = _read(record)
+    return dict(record, image=_decode_image(record["image"]))
+
+  ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if source.reads_files:
+    # Only user files may be corrupt; see the module docstring's corrupt-file policy.
+    ds = ds.ignore_errors(log_warning=True)
+  return ds
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps keep their order: part of the contract.
+  options.autotune.enabled = True
+  # One thread per op inside the pipeline: parallelism comes from the parallel maps.
+  options.threading.max_intra_op_parallelism = 1
+  # The pipelines shard themselves; a strategy must not shard them again.
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  return options
+
+
+def _root_key(seed: int, stream: int) -> tf.Tensor:
+  return tf.constant([seed, stream], tf.int64)
+
+
+def _fold_in(key, data):
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=_ALG)
+
+
+def view_seeds(seed: int, epoch, example_id, num_views: int = 2) -> tf.Tensor:
+  """The stateless seeds of an example's views: int64 [num_views, 2] (the contract above)."""
+  key = _fold_in(_fold_in(_root_key(seed, _AUGMENT_STREAM), epoch), example_id)
+  return tf.stack([_fold_in(key, v) for v in range(num_views)])
+
+
+def _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
+                    input_pipeline_id):
+  if global_batch_size <= 0 or per_replica_batch_size <= 0:
+    raise ValueError(f"batch sizes must be positive, got global {global_batch_size} and "
+                     f"per replica {per_replica_batch_size}")
+  if num_input_pipelines <= 0 or not 0 <= input_pipeline_id < num_input_pipelines:
+    raise ValueError(f"input_pipeline_id must be in [0, {num_input_pipelines}), got "
+                     f"{input_pipeline_id}")
+  if global_batch_size % num_input_pipelines:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"{num_input_pipelines} input pipelines")
+  share = global_batch_size // num_input_pipelines
+  if share % per_replica_batch_size:
+    raise ValueError(f"per-replica batch size {per_replica_batch_size} does not divide the "
+                     f"{share} examples of each global batch that an input pipeline serves "
+                     f"(global batch {global_batch_size} / {num_input_pipelines} pipelines)")
+  return share
+
+
+def _global_stream(source: Source, seed: int, start_example: int, shuffle_buffer: int,
+                   cache: bool) -> tf.data.Dataset:
+  """The infinite shuffled example stream from example `start_example` on.
+
+  Elements: the records plus 'epoch' (int64), still encoded (or paths, unless cached).
+  """
+  n = source.num_examples
+  block = min(n, shuffle_buffer)
+  blocks_per_epoch = math.ceil(n / block)
+  # Start at example `start_example` of the stream without reading the epochs before it.
+  start_epoch, offset = divmod(start_example, n)
+  start_block, offset = divmod(offset, block)
+
+  records = source.records
+  if cache:
+    if source.reads_files:
+      records = records.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    records = records.cache()
+  root = _root_key(seed, _SHUFFLE_STREAM)
+
+  def shuffle_block(counter, blk):
+    epoch, index = counter // blocks_per_epoch, counter % blocks_per_epoch
+    size = tf.shape(blk["id"])[0]
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(size), _fold_in(_fold_in(root, epoch), index), alg=_ALG)
+    blk = {k: tf.gather(v, order) for k, v in blk.items()}
+    blk["epoch"] = tf.fill([size], epoch)
+    return blk
+
+  ds = records.batch(block).repeat().skip(start_block)
+  ds = ds.enumerate(start=start_epoch * blocks_per_epoch + start_block)
+  ds = ds.map(shuffle_block).unbatch()
+  return ds.skip(offset)
+
+
+def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size: int,
+                  num_input_pipelines: int, input_pipeline_id: int, seed: int, image_size: int,
+                  num_views: int = 2, start_step: int = 0, color_jitter_strength: float = 1.0,
+                  use_blur: bool = True, cache: bool = False,
+                  shuffle_buffer: int | None = None) -> tf.data.Dataset:
+  """The pretraining input of one input pipeline: infinite, in per-replica batches.
+
+  Follows the determinism contract of the module docstring: the concatenation, over the
+  replicas of all pipelines, of their k-th step batches is global batch k, the same for any
+  number of pipelines and replicas and after a restart at `start_step`.
+
+  Args:
+    source: from `load_source`.
+    global_batch_size: G, examples per step over all replicas.
+    per_replica_batch_size: b, examples per batch of this dataset; must divide G / P.
+    num_input_pipelines: P, e.g. `input_context.num_input_pipelines`; must divide G.
+    input_pipeline_id: this pipeline, in [0, P).
+    seed: the run's seed (`--seed`).
+    image_size: s, side of the square views.
+    num_views: V, augmented views per example.
+    start_step: the first step to produce (a restart resumes at the same example and views).
+    color_jitter_strength, use_blur: passed to `augment.simclr_augment`.
+    cache: keep the (encoded) records in memory after the first epoch.
+    shuffle_buffer: examples per shuffle block; None: min(num_examples, 50,000).
+
+  Returns:
+    tf.data.Dataset of {'views': float32 [b, V, s, s, 3] in [0, 1], 'label': int64 [b],
+    'id': int64 [b]}.
+  """
+  share = _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
+                          input_pipeline_id)
+  if num_views < 1 or image_size < 1 or start_step < 0:
+    raise ValueError(f"need num_views >= 1, image_size >= 1 and start_step >= 0, got "
+                     f"{num_views}, {image_size}, {start_step}")
+  if shuffle_buffer is None:
+    shuffle_buffer = min(source.num_examples, DEFAULT_SHUFFLE_BUFFER)
+  if shuffle_buffer < 1:
+    raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
+
+  ds = _global_stream(source, seed, start_step * global_batch_size, shuffle_buffer, cache)
+  # Keep this pipeline's contiguous slice of each global batch, before any decoding.
+  begin = input_pipeline_id * share
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  ds = ds.map(lambda batch: {k: v[begin:begin + share] for k, v in batch.items()})
+  ds = ds.unbatch()
+  ds = _decode(source, ds, read=source.reads_files and not cache)
+
+  def make_views(ex):
+    seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
+    views = [augment.simclr_augment(ex["image"], seeds[v], image_size, image_size,
+                                    color_jitter_strength=color_jitter_strength,
+                                    use_blur=use_blur) for v in range(num_views)]
+    return {"views": tf.stack(views), "label": ex["label"], "id": ex["id"]}
+
+  ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def finetune_dataset(source: Source, global_batch_size: int, per_replica_batch_size: int,
+                     num_input_pipelines: int, input_pipeline_id: int, seed: int,
+                     image_size: int, start_step: int = 0, cache: bool = False,
+                     shuffle_buffer: int | None = None) -> tf.data.Dataset:
+  """The fine-tuning input: `train_dataset` with one view and crop + flip only.
+
+  As the reference's `preprocess_for_train(color_distort=False)`: colour jitter strength 0 (no
+  jitter, no grayscale) and no blur. Same determinism contract and batching.
+
+  Returns:
+    tf.data.Dataset of {'views': float32 [b, 1, s, s, 3], 'label': int64 [b], 'id': int64 [b]}.
+  """
+  return train_dataset(source, global_batch_size, per_replica_batch_size, num_input_pipelines,
+                       input_pipeline_id, seed, image_size, num_views=1, start_step=start_step,
+                       color_jitter_strength=0.0, use_blur=False, cache=cache,
+                       shuffle_buffer=shuffle_buffer)
+
+
+def eval_steps(num_examples: int, global_batch_size: int, num_input_pipelines: int) -> int:
+  """Steps that cover a split exactly once, the same number on every pipeline.
+
+  Pipeline p holds examples p, p + P, ...: at most ceil(N / P), served G / P per step.
+  """
+  share = global_batch_size // num_input_pipelines
+  return math.ceil(math.ceil(num_examples / num_input_pipelines) / share)
+
+
+def eval_dataset(source: Source, per_replica_batch_size: int, num_input_pipelines: int,
+                 input_pipeline_id: int, image_size: int, cache: bool = False,
+                 global_batch_size: int | None = None) -> tf.data.Dataset:
+  """The evaluation input of one input pipeline: each example once, padded to static batches.
+
+  Pipeline p takes the examples with id = p mod P, in order. Each pipeline's dataset is padded
+  with mask-0 examples (zero image, label 0, id -1) to exactly `eval_steps(...)` steps of
+  G / P examples, so all pipelines run the same number of full, static-shape batches.
+
+  Args:
+    source: from `load_source`.
+    per_replica_batch_size: b.
+    num_input_pipelines, input_pipeline_id: P and p.
+    image_size: s; images go through `augment.preprocess_eval`.
+    cache: keep this pipeline's (encoded) records in memory after the first pass.
+    global_batch_size: G; None means b * P (one replica per pipeline).
+
+  Returns:
+    A finite tf.data.Dataset of eval_steps * G / (P b) batches {'image': float32 [b, s, s, 3],
+    'label': int64 [b], 'mask': float32 [b] (1 real, 0 padding), 'id': int64 [b]}.
+  """
+  global_batch_size = global_batch_size or per_replica_batch_size * num_input_pipelines
+  share = _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
+                          input_pipeline_id)
+  total = eval_steps(source.num_examples, global_batch_size, num_input_pipelines) * share
+
+  ds = source.records.shard(num_input_pipelines, input_pipeline_id)
+  if cache:
+    if source.reads_files:
+      ds = ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.cache()
+  ds = _decode(source, ds, read=source.reads_files and not cache)
+
+  def preprocess(ex):
+    return {"image": augment.preprocess_eval(ex["image"], image_size, image_size),
+            "label": ex["label"], "mask": tf.constant(1.0), "id": ex["id"]}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([image_size, image_size, 3]), "label": tf.constant(0, tf.int64),
+      "mask": tf.constant(0.0), "id": tf.constant(-1, tf.int64)}).repeat()
+  # take() rather than an exact pad count: stays exact if a corrupt file was dropped.
+  ds = ds.concatenate(padding).take(total)
+  ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def make_dataset(strategy: tf.distribute.Strategy, global_batch_size: int,
+                 dataset_fn: Callable[..., tf.data.Dataset]):
+  """Distributes a pipeline builder over `strategy`'s input pipelines.
+
+  Args:
+    strategy: the tf.distribute strategy.
+    global_batch_size: G.
+    dataset_fn: e.g. `functools.partial(train_dataset, source, G, seed=..., image_size=...)`;
+      called with keyword arguments `per_replica_batch_size`, `num_input_pipelines`,
+      `input_pipeline_id` from each pipeline's `tf.distribute.InputContext`.
+
+  Returns:
+    The `tf.distribute.DistributedDataset`: step k's per-replica batches together are global
+    batch k.
+  """
+  def fn(context: tf.distribute.InputContext):
+    return dataset_fn(per_replica_batch_size=context.get_per_replica_batch_size(global_batch_size),
+                      num_input_pipelines=context.num_input_pipelines,
+                      input_pipeline_id=context.input_pipeline_id)
+
+  return strategy.distribute_datasets_from_function(fn)
+
+
+def example_views(source: Source, seed: int, image_size: int, color_jitter_strength: float = 1.0,
+                  use_blur: bool = True, num_examples: int = 4) -> dict:
+  """The first examples of the run's first step with their two views, to look at (TensorBoard).
+
+  The global stream does not depend on the batch size, so these are exactly the views that
+  step 0 trains on.
+
+  Returns:
+    {'images': float32 [2k, s, s, 3] (example i's views at rows 2i and 2i + 1),
+     'id': int64 [k]}, k = min(num_examples, source.num_examples).
+  """
+  k = min(num_examples, source.num_examples)
+  batch = next(iter(train_dataset(source, k, k, 1, 0, seed, image_size,
+                                  color_jitter_strength=color_jitter_strength,
+                                  use_blur=use_blur)))
+  return {"images": tf.reshape(batch["views"], [2 * k, image_size, image_size, 3]),
+          "id": batch["id"]}

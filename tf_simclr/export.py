@@ -1,0 +1,213 @@
+"""Exports a SimCLRModel as a TF-Hub-style reusable SavedModel, and prunes old exports.
+
+The SavedModel (`model_dir/saved_model/<step>/`) is loadable with `tf.saved_model.load` in a
+process that cannot import `tf_simclr`, and implements TF Hub's reusable SavedModel interface:
+
+  * `obj(images, training=False)`: images float32 `[B, H, W, 3]` in [0, 1] (any B, H, W) -> dict
+    of float32 endpoints `model.OUTPUTS` (`logits_sup` only with a supervised head). Traced for
+    `training=False` (moving BN statistics) and `training=True` (batch statistics; the call
+    updates the moving statistics, as Keras does).
+  * `obj.variables`, `obj.trainable_variables`: lists of the model's `tf.Variable`s.
+  * `obj.regularization_losses`: list of argument-free tf.functions returning float32 scalars,
+    the L2 term to add to a fine-tuning loss (see `export_saved_model`).
+  * `obj.signatures["serving_default"]`: `images` -> the endpoints dict with `training=False`.
+
+What is saved is a twin of the model, not the model itself: a model built with
+`global_bn=True` has synchronized batch norm whose cross-replica reductions mean nothing outside
+the strategy that trained it (the reference's export was not differentiable because of them),
+and a model created under a strategy holds distributed variables. The twin is a fresh
+single-device model with plain batch norm and the same weights, so the export is a plain graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import uuid
+
+import keras
+import tensorflow as tf
+
+from tf_simclr import model as model_lib
+from tf_simclr import optimizers
+
+# Variable shapes do not depend on the image size (the stem is chosen by config.image_size), so
+# the twin is built with a small dummy batch to keep building cheap for big models.
+_BUILD_SIZE = 32
+_NUMERIC = re.compile(r"[0-9]+")
+
+
+def make_export_twin(model: model_lib.SimCLRModel) -> model_lib.SimCLRModel:
+  """Returns a single-device copy of `model` with plain batch norm and the same weights.
+
+  The twin is built from `dataclasses.replace(model.config, global_bn=False,
+  train_mode="finetune")` outside any strategy, in the model's dtype policy, and gets a copy of
+  every weight (trainable or not, moving BN statistics included). `train_mode="finetune"` only
+  drops the pretraining `stop_gradient` in front of the supervised head (which keeps the linear
+  evaluation trained alongside pretraining from shaping the representation): forward values are
+  identical, and a consumer fine-tuning on `logits_sup` gets gradients in the encoder.
+
+  Args:
+    model: a built `SimCLRModel`, possibly created under a `tf.distribute` strategy.
+
+  Returns:
+    A built `SimCLRModel` whose call gives the same outputs as `model`'s.
+
+  Raises:
+    ValueError: when called inside a strategy scope or replica context, or when the twin's
+      weights do not line up with the model's (path, shape, dtype or trainability).
+  """
+  if tf.distribute.has_strategy():
+    raise ValueError("Export outside `strategy.scope()` (and outside `strategy.run`): the "
+                     "exported twin must be a plain single-device model.")
+  if not model.built or not model.weights:
+    raise ValueError("The model has no weights yet; build it (model_lib.build_model) first.")
+  config = dataclasses.replace(model.config, global_bn=False, train_mode="finetune")
+  # Building draws initializer seeds from Python's `random`; restore its state so that
+  # exporting mid-training leaves the rest of the run's randomness unchanged.
+  random_state = random.getstate()
+  global_policy = keras.config.dtype_policy()
+  try:
+    # Sub-layers take the global policy at construction: build in the model's so that the twin
+    # computes in the same precision as the model it reproduces.
+    keras.config.set_dtype_policy(model.dtype_policy)
+    twin = model_lib.SimCLRModel(config, name=model.name)
+    twin(tf.zeros([1, _BUILD_SIZE, _BUILD_SIZE, 3]), training=False)
+  finally:
+    keras.config.set_dtype_policy(global_policy)
+    random.setstate(random_state)
+  _copy_weights(model.weights, twin.weights)
+  return twin
+
+
+def _copy_weights(source, target):
+  """Assigns `source[i]` to `target[i]` after checking that the two lists describe one model."""
+  if len(source) != len(target):
+    raise ValueError(f"Export twin has {len(target)} weights, the model {len(source)}: the "
+                     "two models differ in structure.")
+  for src, dst in zip(source, target):
+    if (src.path, tuple(src.shape), src.dtype, src.trainable) != (
+        dst.path, tuple(dst.shape), dst.dtype, dst.trainable):
+      raise ValueError(
+          "Export twin does not line up with the model: "
+          f"model {src.path} {tuple(src.shape)} {src.dtype} trainable={src.trainable} vs twin "
+          f"{dst.path} {tuple(dst.shape)} {dst.dtype} trainable={dst.trainable}.")
+  for src, dst in zip(source, target):
+    # `numpy()` reads a distributed (e.g. mirrored) variable's value in cross-replica context.
+    dst.assign(src.numpy())
+
+
+def _regularization_losses(twin, weight_decay, optimizer_name):
+  """Argument-free tf.functions returning the fine-tuning L2 term (none if weight_decay == 0)."""
+  if weight_decay == 0:
+    return []
+  variables = list(twin.trainable_variables)
+
+  @tf.function(input_signature=[])
+  def l2_term():
+    return optimizers.supervised_head_l2(variables, weight_decay, optimizer_name)
+
+  return [l2_term]
+
+
+def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_decay: float = 0.0,
+                       optimizer_name: str = "lars") -> str:
+  """Writes `model` as a reusable SavedModel to the new directory `export_dir`.
+
+  The SavedModel is written to a temporary sibling directory and renamed into place, so a
+  reader never sees a partial export (the rename is atomic on local file systems; on object
+  stores such as gs:// it is a copy). An existing export is never touched.
+
+  `regularization_losses` holds one function when `weight_decay > 0`, returning exactly the L2
+  term training adds to its loss (`optimizers.supervised_head_l2`, the reference's
+  `add_weight_decay`), with `l2_loss(v) = sum(v**2) / 2`:
+    * `optimizer_name="lars"`: `weight_decay * l2_loss` of the supervised head's kernel (LARS
+      decays every other non-BN, non-bias weight itself, inside the update);
+    * otherwise: `weight_decay * sum(l2_loss)` over all trainable weights except batch norm's
+      (biases included, as in the reference).
+  It is empty when `weight_decay == 0`.
+
+  Args:
+    model: a built `SimCLRModel` (see `make_export_twin` for what is exported; strategies and
+      synchronized batch norm are fine). Must be called outside any strategy scope.
+    export_dir: directory to create (local path or gs://...); must not exist. Its parent is
+      created if needed.
+    weight_decay: L2 coefficient of the run (`--weight_decay`), >= 0.
+    optimizer_name: optimizer of the run (`--optimizer`), one of `optimizers.OPTIMIZERS`.
+
+  Returns:
+    `export_dir`.
+
+  Raises:
+    FileExistsError: `export_dir` already exists (the caller decides whether that is an error).
+    ValueError: bad arguments, or see `make_export_twin`.
+  """
+  export_dir = os.fspath(export_dir).rstrip("/")
+  if weight_decay < 0:
+    raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+  if optimizer_name not in optimizers.OPTIMIZERS:
+    raise ValueError(f"optimizer_name must be one of {optimizers.OPTIMIZERS}, "
+                     f"got {optimizer_name!r}")
+  if tf.io.gfile.exists(export_dir):
+    raise FileExistsError(f"Export directory {export_dir} already exists; not overwriting it.")
+
+  twin = make_export_twin(model)
+
+  def call(images, training=False):
+    return twin(images, training=training)
+
+  # A tf.train.Checkpoint is a plain trackable container: unlike tf.Module, whose `variables`
+  # and `trainable_variables` are read-only properties, it can store them as saved attributes.
+  root = tf.train.Checkpoint()
+  root.variables = [v.value for v in twin.variables]
+  root.trainable_variables = [v.value for v in twin.trainable_variables]
+  root.regularization_losses = _regularization_losses(twin, weight_decay, optimizer_name)
+  root.__call__ = tf.function(call)
+  images = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+  # `training` is a Python bool, as Hub expects: one concrete function per value.
+  serving = root.__call__.get_concrete_function(images, training=False)
+  root.__call__.get_concrete_function(images, training=True)
+
+  parent = os.path.dirname(export_dir)
+  if parent:
+    tf.io.gfile.makedirs(parent)
+  tmp_dir = f"{export_dir}.tmp-{uuid.uuid4().hex}"
+  try:
+    tf.saved_model.save(root, tmp_dir, signatures={"serving_default": serving})
+    tf.io.gfile.rename(tmp_dir, export_dir, overwrite=False)
+  except tf.errors.AlreadyExistsError as e:
+    raise FileExistsError(f"Export directory {export_dir} appeared while exporting; not "
+                          "overwriting it.") from e
+  finally:
+    if tf.io.gfile.exists(tmp_dir):
+      tf.io.gfile.rmtree(tmp_dir)
+  return export_dir
+
+
+def prune_exports(parent_dir: str, keep_max: int) -> list[str]:
+  """Deletes all but the `keep_max` newest exports `parent_dir/<step>/` (by step number).
+
+  Only subdirectories whose name is a step number count; other names, temporary export
+  directories (`<step>.tmp-*`) and files are left alone. `keep_max <= 0` keeps everything.
+
+  Args:
+    parent_dir: directory holding the exports (e.g. `model_dir/saved_model`); may not exist.
+    keep_max: how many exports to keep.
+
+  Returns:
+    The deleted directories, oldest first.
+  """
+  parent_dir = os.fspath(parent_dir)
+  if keep_max <= 0 or not tf.io.gfile.isdir(parent_dir):
+    return []
+  steps = []
+  for name in tf.io.gfile.listdir(parent_dir):
+    name = name.rstrip("/")  # object stores list directories with a trailing slash.
+    path = os.path.join(parent_dir, name)
+    if _NUMERIC.fullmatch(name) and tf.io.gfile.isdir(path):
+      steps.append((int(name), name, path))
+  doomed = [path for _, _, path in sorted(steps)[:-keep_max]]
+  for path in doomed:
+    tf.io.gfile.rmtree(path)
+  return doomed
