@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tf_simclr import model as model_lib
+from tf_simclr import resnet
 from tf_simclr.config import ModelConfig
 
 
@@ -110,7 +111,7 @@ def test_variable_paths_select_what_lars_excludes(pretrain_model):
               if any(re.search(p, v.path) for p in ("batch_normalization", "bias",
                                                      "head_supervised"))]
   bn = [w for layer in pretrain_model._flatten_layers()
-        if isinstance(layer, tf.keras.layers.BatchNormalization) for w in layer.trainable_weights]
+        if isinstance(layer, resnet.BatchNorm) for w in layer.trainable_weights]
   head = pretrain_model.supervised_head.trainable_weights
   biases = [w for layer in pretrain_model._flatten_layers()
             if isinstance(layer, tf.keras.layers.Dense) and layer.use_bias
@@ -132,3 +133,22 @@ def test_no_supervised_head_without_classes():
                                         proj_head_mode="linear"))
   out = m(tf.zeros([2, 16, 16, 3]))
   assert "logits_sup" not in out and out["proj_head_output"].shape == (2, 128)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(sk_ratio=0.0625, se_ratio=0.25, image_size=64)],
+                         ids=["r18_cifar", "r18_sk_se"])
+def test_checkpoint_holds_every_weight(tmp_path, kwargs):
+  # tf.train.Checkpoint follows attributes, not Keras 3's tracked lists: a layer kept only in a
+  # list would lose its BN moving statistics in every checkpoint.
+  config = ModelConfig(**{**SMALL, **kwargs})
+  tf.keras.utils.set_random_seed(2)
+  m = model_lib.build_model(config)
+  for v in m.weights:
+    v.assign(tf.random.stateless_uniform(v.shape, seed=[3, len(v.path)]))
+  path = tf.train.Checkpoint(model=m).write(str(tmp_path / "ckpt"))
+  saved = [k for k in tf.train.list_variables(path) if k[0].startswith("model/")]
+  assert len(saved) == len(m.weights)
+  fresh = model_lib.build_model(config)
+  tf.train.Checkpoint(model=fresh).read(path).assert_existing_objects_matched()
+  for a, b in zip(m.weights, fresh.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)

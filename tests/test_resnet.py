@@ -57,6 +57,43 @@ def test_se_and_odd_sizes():
   assert _count(net.trainable_variables) - _count(plain.trainable_variables) == extra
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 5, 7), (12, 7)], ids=["conv_fused", "dense"])
+@pytest.mark.parametrize("center,scale", [(True, True), (False, True)])
+def test_batch_norm_matches_keras(shape, center, scale):
+  # Our BN (fused kernel where it can) against Keras 3's own layer: outputs, moving statistics
+  # and gradients, in training and inference mode.
+  x = tf.random.stateless_normal(shape, seed=[9, 9]) * 3.0 + 2.0
+  ours = resnet.BatchNorm(momentum=0.9, epsilon=1e-5, center=center, scale=scale)
+  ref = tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, center=center,
+                                           scale=scale)
+  ours.build(x.shape)
+  ref.build(x.shape)
+  for a, b in zip(ours.weights, ref.weights):
+    a.assign(tf.random.stateless_uniform(a.shape, seed=[len(a.shape), a.shape[0]]) + 0.5)
+    b.assign(a)
+  initial_mean = ours.moving_mean.numpy()
+  for training in (True, False):
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(x)
+      y_ours = ours(x, training=training)
+      y_ref = ref(x, training=training)
+      w = tf.random.stateless_normal(shape, seed=[1, 3])
+      l_ours, l_ref = tf.reduce_sum(y_ours * w), tf.reduce_sum(y_ref * w)
+    np.testing.assert_allclose(y_ours.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(l_ours, x).numpy(), tape.gradient(l_ref, x).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    for a, b in zip(ours.trainable_weights, ref.trainable_weights):
+      np.testing.assert_allclose(tape.gradient(l_ours, a).numpy(),
+                                 tape.gradient(l_ref, b).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), ref.moving_variance.numpy(),
+                               rtol=1e-5)
+  # Training mode moved the statistics (the comparison above is not between two no-ops).
+  want = initial_mean * 0.9 + 0.1 * x.numpy().reshape(-1, shape[-1]).mean(0)
+  np.testing.assert_allclose(ours.moving_mean.numpy(), want, rtol=1e-5)
+  assert np.abs(want - initial_mean).min() > 1e-3
+
+
 def test_residual_branch_starts_at_zero():
   # gamma = 0 in each branch's last BN: a fresh basic block is relu(shortcut) of its input.
   block = resnet.ResidualBlock(8, 1, use_projection=False)

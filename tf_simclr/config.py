@@ -41,3 +41,76 @@ class ModelConfig:
     if self.train_mode == "pretrain" and self.fine_tune_after_block != -1:
       raise ValueError("fine_tune_after_block must be -1 when pretraining (layer freezing is "
                        f"for fine-tuning), got {self.fine_tune_after_block}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to read and how to augment it."""
+  dataset: str = "imagenet2012"
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+  image_size: int = 224
+  color_jitter_strength: float = 1.0
+  use_blur: bool = True
+  cache_dataset: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and learning-rate schedule (`learning_rate` is per 256 examples)."""
+  optimizer: str = "lars"
+  learning_rate: float = 0.3
+  learning_rate_scaling: str = "linear"
+  warmup_epochs: float = 10
+  weight_decay: float = 1e-6
+  momentum: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The run: objective, length, checkpoints, evaluation, export."""
+  model_dir: str = ""
+  mode: str = "train"
+  train_mode: str = "pretrain"
+  lineareval_while_pretraining: bool = True
+  temperature: float = 0.1
+  hidden_norm: bool = True
+  train_batch_size: int = 512
+  train_epochs: int = 100
+  train_steps: int = 0
+  eval_batch_size: int = 256
+  eval_steps: int = 0
+  checkpoint_epochs: int = 1
+  checkpoint_steps: int = 0
+  keep_checkpoint_max: int = 5
+  keep_hub_module_max: int = 1
+  checkpoint: str | None = None
+  zero_init_logits_layer: bool = False
+  eval_name: str | None = None
+  seed: int = 0
+  deterministic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  """Where and how it runs."""
+  strategy: str = "auto"
+  cpu_replicas: int = 0
+  use_tpu: bool = True
+  tpu_name: str | None = None
+  tpu_zone: str | None = None
+  gcp_project: str | None = None
+  master: str | None = None
+  mixed_precision: str = "none"
+  jit_compile: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything a run needs; `model.num_classes` is filled in once the dataset is known."""
+  data: DataConfig
+  model: ModelConfig
+  optim: OptimConfig
+  train: TrainConfig
+  runtime: RuntimeConfig

@@ -67,15 +67,24 @@ class ProjectionHead(keras.layers.Layer):
     self.ft_proj_selector = ft_proj_selector
     bn = dict(bn_decay=bn_decay, synchronized_bn=synchronized_bn)
     if mode == "linear":
-      self.layers_ = [LinearLayer(out_dim, use_bias=False, use_bn=True, **bn, name="l_0")]
+      layers = [LinearLayer(out_dim, use_bias=False, use_bn=True, **bn, name="l_0")]
     elif mode == "nonlinear":
-      self.layers_ = [
+      layers = [
           LinearLayer(input_dim, use_bias=True, use_bn=True, **bn, name=f"nl_{j}")
           if j != num_layers - 1 else
           LinearLayer(out_dim, use_bias=False, use_bn=True, **bn, name=f"nl_{j}")
           for j in range(num_layers)]
     else:
-      self.layers_ = []
+      layers = []
+    # Attributes, not a list: tf.train.Checkpoint does not follow Keras 3's tracked lists.
+    for layer in layers:
+      setattr(self, layer.name, layer)
+    self._layer_names = [layer.name for layer in layers]
+
+  @property
+  def layers_(self):
+    """The head's LinearLayers in order."""
+    return [getattr(self, n) for n in self._layer_names]
 
   def call(self, inputs, training=None):
     hiddens = [inputs]

@@ -1,0 +1,137 @@
+"""Every flag of the reference `tf2/run.py` (same name, default, meaning), then ours.
+
+Only this module and run.py read flags; `to_config` turns them into tf_simclr's dataclasses.
+"""
+from __future__ import annotations
+
+from absl import flags
+
+from tf_simclr import config as config_lib
+
+# --- The reference's flags (google-research/simclr tf2/run.py), unchanged. ---
+flags.DEFINE_float("learning_rate", 0.3, "Initial learning rate per batch size of 256.")
+flags.DEFINE_enum("learning_rate_scaling", "linear", ["linear", "sqrt"],
+                  "How to scale the learning rate as a function of batch size.")
+flags.DEFINE_float("warmup_epochs", 10, "Number of epochs of warmup.")
+flags.DEFINE_float("weight_decay", 1e-6, "Amount of weight decay to use.")
+flags.DEFINE_float("batch_norm_decay", 0.9, "Batch norm decay parameter.")
+flags.DEFINE_integer("train_batch_size", 512, "Batch size for training.")
+flags.DEFINE_string("train_split", "train", "Split for training.")
+flags.DEFINE_integer("train_epochs", 100, "Number of epochs to train for.")
+flags.DEFINE_integer("train_steps", 0,
+                     "Number of steps to train for. If provided, overrides train_epochs.")
+flags.DEFINE_integer("eval_steps", 0,
+                     "Number of steps to eval for. If not provided, evals over entire dataset.")
+flags.DEFINE_integer("eval_batch_size", 256, "Batch size for eval.")
+flags.DEFINE_integer("checkpoint_epochs", 1, "Number of epochs between checkpoints/summaries.")
+flags.DEFINE_integer("checkpoint_steps", 0, "Number of steps between checkpoints/summaries. If "
+                     "provided, overrides checkpoint_epochs.")
+flags.DEFINE_string("eval_split", "validation", "Split for evaluation.")
+flags.DEFINE_string("dataset", "imagenet2012", "Name of a dataset: any tensorflow-datasets name, "
+                    "'image_folder' (images under data_dir/<split>/<class>/), or the built-in "
+                    "'shapes10'.")
+flags.DEFINE_bool("cache_dataset", False, "Whether to cache the entire dataset in memory. If the "
+                  "dataset is ImageNet, this is a very bad idea, but for smaller datasets it can "
+                  "improve performance.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "train_then_eval"],
+                  "Whether to perform training or evaluation.")
+flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune"],
+                  "The train mode controls different objectives and trainable components.")
+flags.DEFINE_bool("lineareval_while_pretraining", True,
+                  "Whether to finetune supervised head while pretraining.")
+flags.DEFINE_string("checkpoint", None, "Loading from the given checkpoint for fine-tuning if a "
+                    "finetuning checkpoint does not already exist in model_dir.")
+flags.DEFINE_bool("zero_init_logits_layer", False,
+                  "If True, zero initialize layers after avg_pool for supervised learning.")
+flags.DEFINE_integer("fine_tune_after_block", -1, "The layers after which block that we will "
+                     "fine-tune. -1 means fine-tuning everything. 0 means fine-tuning after stem "
+                     "block. 4 means fine-tuning just the linear head.")
+flags.DEFINE_string("master", None, "Address/name of the TensorFlow master to use. By default, "
+                    "use an in-process master.")
+flags.DEFINE_string("model_dir", None, "Model directory for training.")
+flags.DEFINE_string("data_dir", None, "Directory where dataset is stored.")
+flags.DEFINE_bool("use_tpu", True, "Whether to run on TPU (with --strategy=auto: used when a TPU "
+                  "is named with --tpu_name/--master or attached to this host).")
+flags.DEFINE_string("tpu_name", None, "The Cloud TPU to use for training. This should be either "
+                    "the name used when creating the Cloud TPU, or a grpc://ip.address.of.tpu:8470 "
+                    "url.")
+flags.DEFINE_string("tpu_zone", None, "[Optional] GCE zone where the Cloud TPU is located in.")
+flags.DEFINE_string("gcp_project", None,
+                    "[Optional] Project name for the Cloud TPU-enabled project.")
+flags.DEFINE_enum("optimizer", "lars", ["momentum", "adam", "lars"], "Optimizer to use.")
+flags.DEFINE_float("momentum", 0.9, "Momentum parameter.")
+flags.DEFINE_string("eval_name", None, "Name for eval.")
+flags.DEFINE_integer("keep_checkpoint_max", 5, "Maximum number of checkpoints to keep.")
+flags.DEFINE_integer("keep_hub_module_max", 1, "Maximum number of Hub modules to keep.")
+flags.DEFINE_float("temperature", 0.1, "Temperature parameter for contrastive loss.")
+flags.DEFINE_boolean("hidden_norm", True,
+                     "Whether to L2-normalise the hidden vectors in the contrastive loss.")
+flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"],
+                  "How the head projection is done.")
+flags.DEFINE_integer("proj_out_dim", 128, "Number of head projection dimension.")
+flags.DEFINE_integer("num_proj_layers", 3, "Number of non-linear head layers.")
+flags.DEFINE_integer("ft_proj_selector", 0, "Which layer of the projection head to use during "
+                     "fine-tuning. 0 means no projection head.")
+flags.DEFINE_boolean("global_bn", True,
+                     "Whether to aggregate BN statistics across distributed cores.")
+flags.DEFINE_integer("width_multiplier", 1, "Multiplier to change width of network.")
+flags.DEFINE_integer("resnet_depth", 50, "Depth of ResNet.")
+flags.DEFINE_float("sk_ratio", 0., "If it is bigger than 0, it will enable SK. "
+                   "Recommendation: 0.0625.")
+flags.DEFINE_float("se_ratio", 0., "If it is bigger than 0, it will enable SE.")
+flags.DEFINE_integer("image_size", 224, "Input image size.")
+flags.DEFINE_float("color_jitter_strength", 1.0, "The strength of color jittering.")
+flags.DEFINE_boolean("use_blur", True,
+                     "Whether or not to use Gaussian blur for augmentation during pretraining.")
+
+# --- tf_simclr's own flags. ---
+flags.DEFINE_enum("strategy", "auto", ["auto", "tpu", "multi_worker", "mirrored", "one_device"],
+                  "tf.distribute strategy. auto: a TPU if one is named or attached (and "
+                  "--use_tpu), else all GPUs, else the CPU.")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the host CPU into N logical devices and mirror "
+                     "over them: the whole distributed path on one machine.")
+flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentations.")
+flags.DEFINE_bool("deterministic", False, "Bit-for-bit repeatable run (deterministic ops).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_bfloat16", "mixed_float16"],
+                  "Keras dtype policy; BN statistics, losses and the optimizer stay float32.")
+flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+
+FLAGS = flags.FLAGS
+
+_MODEL_FIELDS = {f.name for f in config_lib.dataclasses.fields(config_lib.ModelConfig)}
+
+
+def _pick(cls, values):
+  names = {f.name for f in config_lib.dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def validate(values: dict) -> None:
+  """Checks values that would otherwise fail deep inside TensorFlow; ValueError names the flag."""
+  if values["temperature"] <= 0:
+    raise ValueError(f"--temperature must be > 0, got {values['temperature']}")
+  for name in ("train_batch_size", "eval_batch_size", "image_size", "width_multiplier",
+               "proj_out_dim"):
+    if values[name] <= 0:
+      raise ValueError(f"--{name} must be > 0, got {values[name]}")
+  for name in ("train_steps", "train_epochs", "eval_steps", "checkpoint_steps",
+               "checkpoint_epochs", "cpu_replicas", "warmup_epochs", "weight_decay"):
+    if values[name] < 0:
+      raise ValueError(f"--{name} must be >= 0, got {values[name]}")
+  if not values["model_dir"]:
+    raise ValueError("--model_dir is required (where checkpoints, results and exports go)")
+  if values["train_steps"] == 0 and values["train_epochs"] == 0:
+    raise ValueError("one of --train_steps or --train_epochs must be > 0")
+
+
+def to_config(values: dict) -> config_lib.RunConfig:
+  """absl flag values (`FLAGS.flag_values_dict()`) -> RunConfig. Raises ValueError."""
+  validate(values)
+  model_values = {k: v for k, v in values.items() if k in _MODEL_FIELDS}
+  model_values["global_bn"] = values["global_bn"]
+  return config_lib.RunConfig(
+      data=_pick(config_lib.DataConfig, values),
+      model=config_lib.ModelConfig(**model_values),
+      optim=_pick(config_lib.OptimConfig, values),
+      train=_pick(config_lib.TrainConfig, values),
+      runtime=_pick(config_lib.RuntimeConfig, values))

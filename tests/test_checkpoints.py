@@ -1,0 +1,95 @@
+"""Checkpoint restore: newest readable wins, damaged ones are kept aside, mismatches stop."""
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_simclr import checkpoints
+
+
+def _model(width=4):
+  m = keras.Sequential([keras.layers.Dense(width, name="d1"), keras.layers.Dense(2, name="d2")])
+  m.build((None, 3))
+  return m
+
+
+def _manager(model, directory, step=None):
+  step = step if step is not None else tf.Variable(0, dtype=tf.int64)
+  ckpt = tf.train.Checkpoint(model=model, step=step)
+  return ckpt, tf.train.CheckpointManager(ckpt, directory, max_to_keep=5,
+                                          checkpoint_name="ckpt"), step
+
+
+def _save_three(directory):
+  model = _model()
+  ckpt, manager, step = _manager(model, directory)
+  values = []
+  for s in (1, 2, 3):
+    for v in model.weights:
+      v.assign(tf.fill(v.shape, float(s)))
+    step.assign(s)
+    checkpoints.save(manager, s)
+    values.append(s)
+  return values
+
+
+def test_restores_newest(tmp_path):
+  _save_three(str(tmp_path))
+  model = _model()
+  ckpt, manager, step = _manager(model, str(tmp_path))
+  assert checkpoints.restore_latest(ckpt, manager, str(tmp_path))
+  assert int(step.numpy()) == 3
+  np.testing.assert_array_equal(model.weights[0].numpy(), 3.0)
+
+
+def test_corrupt_latest_falls_back_and_keeps_files(tmp_path):
+  d = str(tmp_path)
+  _save_three(d)
+  data = [f for f in os.listdir(d) if f.startswith("ckpt-3.data")][0]
+  with open(os.path.join(d, data), "r+b") as f:  # a write cut short
+    f.truncate(10)
+  before = sorted(os.listdir(d))
+  model = _model()
+  ckpt, manager, step = _manager(model, d)
+  assert checkpoints.restore_latest(ckpt, manager, d)
+  assert int(step.numpy()) == 2
+  np.testing.assert_array_equal(model.weights[0].numpy(), 2.0)
+  after = os.listdir(d)
+  # Nothing deleted: the damaged files are still there under a new name.
+  assert len(after) == len(before)
+  assert any(f.startswith(data + ".corrupt-") for f in after)
+  # The next save at step 3 does not collide with the damaged checkpoint's bytes.
+  checkpoints.save(manager, 3)
+  assert tf.train.latest_checkpoint(d).endswith("ckpt-3")
+
+
+def test_mismatched_model_is_refused(tmp_path):
+  d = str(tmp_path)
+  _save_three(d)
+  model = _model(width=5)  # another experiment's shapes
+  ckpt, manager, _ = _manager(model, d)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="does not match"):
+    checkpoints.restore_latest(ckpt, manager, d)
+  assert sorted(os.listdir(d)) == sorted(os.listdir(d))  # untouched
+  assert not any(".corrupt" in f for f in os.listdir(d))
+
+
+def test_empty_dir_restores_nothing(tmp_path):
+  ckpt, manager, _ = _manager(_model(), str(tmp_path))
+  assert not checkpoints.restore_latest(ckpt, manager, str(tmp_path))
+
+
+def test_restore_weights_from_dir_and_prefix(tmp_path):
+  d = str(tmp_path)
+  _save_three(d)
+  for path in (d, os.path.join(d, "ckpt-2")):
+    model = _model()
+    checkpoints.restore_weights(model, path)
+    want = 3.0 if path == d else 2.0
+    np.testing.assert_array_equal(model.weights[0].numpy(), want)
+  with pytest.raises(ValueError, match="does not exist"):
+    checkpoints.restore_weights(_model(), os.path.join(d, "ckpt-9"))
+  with pytest.raises(checkpoints.CheckpointMismatchError):
+    checkpoints.restore_weights(_model(width=6), d)

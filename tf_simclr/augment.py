@@ -1,0 +1,709 @@
+"""Stateless, seeded SimCLR augmentations.
+
+One pretraining view is the composition of google-research/simclr
+`tf2/data_util.py` (`preprocess_for_train`, then the blur that the reference
+applies to the batch inside the model):
+
+  random resized crop (bicubic) -> horizontal flip (p=0.5) -> colour jitter
+  (p=0.8; brightness, contrast, saturation, hue in random order, clipping after
+  each) -> grayscale (p=0.2) -> Gaussian blur (p=0.5) -> clip to [0, 1].
+
+Randomness. Every random choice comes from stateless ops keyed by the `seed`
+argument, so a seed gives the same view bit for bit, eagerly, inside
+`tf.function` and inside `tf.data.Dataset.map` (tested). The seed is split once
+into a sub-seed for the crop sampler and a sub-seed for one Philox draw of
+`_NUM_UNIFORMS` numbers; every other decision owns a fixed slot of that draw.
+Philox is counter based, so slot k is a fixed function of (seed, k): the
+decisions are independent, and a decision appended at a new slot leaves the
+existing ones unchanged (what one `fold_in` per decision gives, with 2 random
+ops per view instead of 11; graph nodes are what costs on small images). The
+ops use TF's default algorithm selection, Philox on CPU and GPU (the same
+numbers; an explicit alg='philox' adds ~40 graph nodes per view). The crop
+sampler has a CPU kernel only, so the draws run on the host (or a GPU), never
+under XLA on a TPU, where the default generator would differ (ThreeFry).
+
+Layout. Large views (> 96x96) run the colour ops and the blur on planar
+[..., 3, H, W] images: each op is then a few vectorized element-wise ops over
+whole planes, 3-10x faster on CPU than TF's fused interleaved kernels
+(`adjust_saturation`, `adjust_hue`, `rgb_to_grayscale`), and usable with
+per-example factors in a batch. They compute the same functions as those
+kernels (equal up to float rounding, < 2e-6, tested). Small views use the fused
+kernels: there the number of graph nodes, not arithmetic, sets the cost.
+
+Two forms compute the same view:
+  * `simclr_augment`: one image of any size (for `tf.data` on the host).
+  * `simclr_augment_batch`: a batch of same-size images with batched ops (for
+    the model graph on an accelerator). Row i equals the per-image view of
+    seed i up to float rounding (< 1e-4; ~1e-6 measured). Its resize is a
+    gather-based re-implementation of TF's bicubic kernel (`tf.image.resize`,
+    `method='bicubic'`, `antialias=False`: Keys cubic a = -0.5, half-pixel
+    centres, the 1024-entry coefficient table, taps outside the crop dropped
+    and the rest renormalized), bit-identical to it, since
+    `tf.image.crop_and_resize` is bilinear only.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+CROP_PROPORTION = 0.875  # Eval centre crop, standard for ImageNet.
+
+# Random resized crop (Inception-style), as the reference.
+_MIN_OBJECT_COVERED = 0.1
+_AREA_RANGE = (0.08, 1.0)
+_ASPECT_RANGE = (3. / 4., 4. / 3.)
+_MAX_ATTEMPTS = 100
+
+_P_FLIP = 0.5
+_P_JITTER = 0.8
+_P_GRAY = 0.2
+_P_BLUR = 0.5
+_SIGMA_RANGE = (0.1, 2.0)
+
+# The per-view uniform draw: slots 0-3 decide flip, jitter, grayscale, blur
+# (against _P_*); 4-7 are the brightness, contrast, saturation and hue
+# factors; 8-11 sort keys giving the jitter order; 12 the blur sigma. Append
+# new decisions at the end.
+_NUM_UNIFORMS = 13
+
+# Jitter op indices, as used by `order`.
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+
+# Luma weights of tf.image.rgb_to_grayscale.
+_LUMA = (0.2989, 0.5870, 0.1140)
+
+
+# Blur kernels up to this radius are applied as shifted sums, larger ones with
+# depthwise convolutions: graph nodes vs. arithmetic, measured in tf.data on a
+# 2-core CPU (shifts 2.5x faster at 32 px, equal at 128 px, slower above).
+_MAX_SHIFT_BLUR_RADIUS = 4
+
+# `simclr_augment` runs the colour ops with TF's fused kernels up to this many
+# output pixels, planar above (see there).
+_MAX_FUSED_PIXELS = 96 * 96
+
+
+def _bicubic_table():
+  """TF's Keys-cubic (a = -0.5) coefficient table, float32 [2, 1025].
+
+  Row 0 is the weight of an inner tap at distance x = i / 1024, row 1 that of
+  an outer tap at distance 1 + x; computed in double from float x and stored
+  in float as `resize_bicubic_op.cc` does, so the weights are bit-identical.
+  """
+  a = -0.5
+  table_size = 1024
+  x = (np.arange(table_size + 1, dtype=np.float64) / table_size).astype(
+      np.float32).astype(np.float64)
+  inner = ((a + 2) * x - (a + 3)) * x * x + 1
+  x1 = (x + 1.0).astype(np.float32).astype(np.float64)
+  outer = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
+  return np.stack([inner, outer]).astype(np.float32)
+
+
+_BICUBIC_TABLE = _bicubic_table()
+_BICUBIC_TABLE_SIZE = 1024
+
+
+# ----------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_size(height, width):
+  for name, value in (('height', height), ('width', width)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise TypeError(f'{name} must be a Python int, got {value!r}.')
+    if value <= 0:
+      raise ValueError(f'{name} must be positive, got {value}.')
+  return int(height), int(width)
+
+
+def _check_strength(color_jitter_strength):
+  try:
+    strength = float(color_jitter_strength)
+  except TypeError as e:
+    raise TypeError('color_jitter_strength must be a Python number, got '
+                    f'{color_jitter_strength!r}.') from e
+  if not strength >= 0:
+    raise ValueError(
+        f'color_jitter_strength must be >= 0, got {color_jitter_strength}.')
+  return strength
+
+
+def _check_image(image, rank, name='image'):
+  image = tf.convert_to_tensor(image)
+  if not (image.dtype == tf.uint8 or image.dtype.is_floating):
+    raise TypeError(f'{name} must be uint8 or float, got {image.dtype.name}.')
+  if image.shape.rank is not None and image.shape.rank != rank:
+    raise ValueError(f'{name} must have rank {rank}, got shape {image.shape}.')
+  if image.shape.rank is not None and image.shape[-1] not in (None, 3):
+    raise ValueError(f'{name} must have 3 channels, got shape {image.shape}.')
+  return image
+
+
+def _check_seed(seed, rank):
+  seed = tf.convert_to_tensor(seed)
+  if seed.dtype not in (tf.int32, tf.int64):
+    raise TypeError(f'seed must be int32 or int64, got {seed.dtype.name}.')
+  want = '[2]' if rank == 1 else '[B, 2]'
+  if seed.shape.rank is not None and (seed.shape.rank != rank or
+                                      seed.shape[-1] not in (None, 2)):
+    raise ValueError(f'seed must have shape {want}, got {seed.shape}.')
+  # One dtype for the derived seeds: int32 and int64 seeds of equal value are
+  # the same seed.
+  return tf.cast(seed, tf.int64)
+
+
+def _select(condition, x, y):
+  """x where condition else y; condition has x's shape, or is [B] for [B, ...].
+
+  The v1 `Select` kernel: `tf.where` (SelectV2) takes a broadcasting path on
+  CPU that is 10x slower even when the shapes are equal.
+  """
+  return tf.raw_ops.Select(condition=condition, x=x, y=y)
+
+
+def _to_float(image):
+  """uint8 [0, 255] -> float32 [0, 1], as `convert_image_dtype`; floats cast."""
+  if image.dtype == tf.uint8:
+    return tf.cast(image, tf.float32) * (1. / 255.)
+  return tf.cast(image, tf.float32)
+
+
+# ----------------------------------------------------------------------------
+# Random parameters of one view.
+
+
+def _sample_box(box_seed, image_size, height, width):
+  """(begin, size), int32 [3] each, of one random resized crop."""
+  aspect = width / height
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_size,
+      bounding_boxes=tf.constant([[[0., 0., 1., 1.]]], tf.float32),
+      seed=box_seed,
+      min_object_covered=_MIN_OBJECT_COVERED,
+      # The reference scales the range by the target aspect width / height.
+      aspect_ratio_range=(_ASPECT_RANGE[0] * aspect, _ASPECT_RANGE[1] * aspect),
+      area_range=_AREA_RANGE,
+      max_attempts=_MAX_ATTEMPTS,
+      use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def _draw(seed, image_size, height, width, strength):
+  """Every random decision of one view.
+
+  Args:
+    seed: int32/int64 [2].
+    image_size: int32 [3], the source image's shape.
+    height: output height (Python int).
+    width: output width (Python int).
+    strength: colour jitter strength s (Python float).
+
+  Returns:
+    dict: 'begin', 'size' int32 [3] (crop, `tf.slice` style); 'flip',
+    'jitter', 'gray', 'blur' bool []; 'factors' float32 [4] (brightness,
+    contrast and saturation factors, hue delta); 'order' int32 [4] (jitter op
+    applied at each step); 'sigma' float32 [].
+  """
+  box_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(seed))
+  begin, size = _sample_box(box_seed, image_size, height, width)
+  u = tf.random.stateless_uniform([_NUM_UNIFORMS], draw_seed)
+  coins, factors, keys, sigma = tf.split(u, [4, 4, 4, 1])
+  flip, jitter, gray, blur = tf.unstack(
+      coins < tf.constant([_P_FLIP, _P_JITTER, _P_GRAY, _P_BLUR]))
+  b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
+  # SimCLRv2 multiplicative brightness: factor ~ U[max(0, 1 - b), 1 + b];
+  # contrast, saturation ~ U[1 - c, 1 + c]; hue delta ~ U[-h, h].
+  low = np.array([max(0., 1. - b), 1. - c, 1. - s, -h], np.float32)
+  high = np.array([1. + b, 1. + c, 1. + s, h], np.float32)
+  sigma_low, sigma_high = _SIGMA_RANGE
+  return {
+      'begin': begin,
+      'size': size,
+      'flip': flip,
+      'jitter': jitter,
+      'gray': gray,
+      'blur': blur,
+      'factors': low + factors * (high - low),
+      # The argsort of 4 i.i.d. uniforms is a uniform random permutation.
+      'order': tf.argsort(keys, stable=True),
+      'sigma': sigma_low + sigma[0] * (sigma_high - sigma_low),
+  }
+
+
+def _crop_box(seed, image_shape, height, width):
+  """The random resized crop box of the view `simclr_augment` makes for seed.
+
+  Args:
+    seed: int32/int64 [2], the view's seed.
+    image_shape: int [3], the source image's shape.
+    height: output height (Python int).
+    width: output width (Python int).
+
+  Returns:
+    int32 [4]: (offset_y, offset_x, crop_height, crop_width) in pixels.
+  """
+  box_seed = tf.random.experimental.stateless_split(_check_seed(seed, 1))[0]
+  begin, size = _sample_box(box_seed, tf.cast(image_shape, tf.int32), height,
+                            width)
+  return tf.concat([begin[:2], size[:2]], 0)
+
+
+# ----------------------------------------------------------------------------
+# Planar colour ops: x is float32 [..., 3, H, W]; factors broadcast against
+# [..., 1, 1, 1] (a scalar for one image, [B, 1, 1, 1] for a batch).
+
+
+def _brightness(x, factor):
+  return x * factor
+
+
+def _contrast(x, factor):
+  """tf.image.adjust_contrast: (x - mean) * factor + mean, mean per channel."""
+  mean = tf.reduce_mean(x, axis=[-2, -1], keepdims=True)
+  return (x - mean) * factor + mean
+
+
+def _saturation(x, factor):
+  """tf.image.adjust_saturation (HSV: S *= factor, clipped to 1).
+
+  In HSV a channel is V - V * S * g(H), g in [0, 1] depending on the hue only,
+  so scaling S moves every channel towards V by the same ratio:
+  c' = V - (V - c) * min(factor, V / (V - min)), without the HSV round trip.
+  """
+  r, g, b = tf.split(x, 3, axis=-3)
+  value = tf.maximum(tf.maximum(r, g), b)
+  low = tf.minimum(tf.minimum(r, g), b)
+  scale = tf.minimum(factor, tf.math.divide_no_nan(value, value - low))
+  return value - (value - x) * scale
+
+
+def _hue(x, delta):
+  """tf.image.adjust_hue (HSV: H += delta, wrapped), on planes.
+
+  Keeps each pixel's max and min channel and moves its hue on the colour
+  hexagon, h in [0, 6): the hue sector picks which channel is max / min and
+  the middle channel is interpolated, as TF's kernel does.
+  """
+  r, g, b = tf.split(x, 3, axis=-3)  # [..., 1, H, W] each.
+  high = tf.maximum(tf.maximum(r, g), b)
+  low = tf.minimum(tf.minimum(r, g), b)
+  chroma = high - low
+  inv = tf.math.divide_no_nan(tf.ones_like(chroma), chroma)
+  hue = _select(
+      tf.equal(high, r), (g - b) * inv,
+      _select(tf.equal(high, g), (b - r) * inv + 2., (r - g) * inv + 4.))
+  hue += 6. * delta
+  # Wrap to [0, 6) (give or take an ulp: the shares below are continuous
+  # across the wrap); 15x faster than floormod on CPU.
+  hue -= 6. * tf.floor(hue * (1. / 6.))
+  # Each channel's share of the chroma is a trapezoid of the hue:
+  # r = clip(|h - 3| - 1), g = clip(2 - |h - 2|), b = clip(2 - |h - 4|).
+  centre = tf.constant([3., 2., 4.])[:, None, None]
+  sign = tf.constant([1., -1., -1.])[:, None, None]
+  shift = tf.constant([-1., 2., 2.])[:, None, None]
+  share = tf.clip_by_value(tf.abs(hue - centre) * sign + shift, 0., 1.)
+  return low + chroma * share
+
+
+def _grayscale(x):
+  """tf.image.rgb_to_grayscale, tiled to three planes."""
+  r, g, b = tf.split(x, 3, axis=-3)
+  gray = r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2]
+  return tf.concat([gray, gray, gray], axis=-3)
+
+
+_JITTER_OPS = {
+    _BRIGHTNESS: _brightness,
+    _CONTRAST: _contrast,
+    _SATURATION: _saturation,
+    _HUE: _hue,
+}
+
+# The same ops on one interleaved [H, W, 3] image with TF's fused kernels:
+# one graph node each instead of up to ~50, which is what costs on small views.
+_FUSED_JITTER_OPS = {
+    _BRIGHTNESS: _brightness,
+    _CONTRAST: tf.image.adjust_contrast,
+    _SATURATION: tf.image.adjust_saturation,
+    _HUE: tf.image.adjust_hue,
+}
+
+
+def _fused_grayscale(x):
+  """tf.image.rgb_to_grayscale of one interleaved image, tiled to 3 channels."""
+  gray = tf.image.rgb_to_grayscale(x)
+  return tf.concat([gray, gray, gray], axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Blur.
+
+
+def _blur_radius(height):
+  # Reference: kernel_size = height // 10, radius = kernel_size // 2, and the
+  # kernel has 2 * radius + 1 taps (for both axes).
+  return (height // 10) // 2
+
+
+def _conv_along(x, kernels, axis):
+  """Zero-padded 'SAME' convolution of x [N, 3, H, W] along axis 2 or 3.
+
+  Image n uses kernels[n] ([N, K], K odd). The convolved axis becomes the
+  depthwise convolution's spatial axis and every other one goes to channels:
+  hundreds of channels fill the SIMD lanes (3 interleaved channels do not:
+  2x slower at 224 px).
+  """
+  taps = kernels.shape[1]
+  if x.shape[0] == 1:
+    # One kernel: the planes can stay in the batch dimension.
+    t = x[0] if axis == 2 else tf.transpose(x[0], [0, 2, 1])  # [3, L, M]
+    shape = tf.shape(t)
+    t = tf.reshape(t, [shape[0], shape[1], 1, shape[2]])
+    filters = tf.tile(tf.reshape(kernels, [taps, 1, 1, 1]), [1, 1, shape[2], 1])
+    t = tf.reshape(
+        tf.nn.depthwise_conv2d(t, filters, [1, 1, 1, 1], 'SAME'), shape)
+    return (t if axis == 2 else tf.transpose(t, [0, 2, 1]))[None]
+  perm = [2, 0, 1, 3] if axis == 2 else [3, 0, 1, 2]
+  t = tf.transpose(x, perm)  # [L, N, 3, M]
+  shape = tf.shape(t)
+  t = tf.reshape(t, [1, shape[0], 1, -1])
+  # Channel (n, c, m) gets image n's kernel.
+  filters = tf.repeat(tf.transpose(kernels), shape[2] * shape[3], axis=1)
+  t = tf.nn.depthwise_conv2d(t, tf.reshape(filters, [taps, 1, -1, 1]),
+                             [1, 1, 1, 1], 'SAME')
+  return tf.transpose(tf.reshape(t, shape), np.argsort(perm))
+
+
+def _blur(x, sigma, radius, planar=True):
+  """Separable Gaussian blur with zero 'SAME' padding, one sigma per image.
+
+  Args:
+    x: float32 [N, 3, H, W] if planar, else [N, H, W, 3].
+    sigma: float32 [N].
+    radius: Python int; kernels have 2 * radius + 1 taps.
+    planar: the layout of x.
+
+  Returns:
+    float32, x's shape: horizontal then vertical pass, as the reference.
+  """
+  taps = 2 * radius + 1
+  t = tf.range(-radius, radius + 1, dtype=tf.float32)
+  sigma = sigma[:, None]
+  kernels = tf.exp(-(t * t) / (2. * sigma * sigma))
+  kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)  # [N, taps]
+  if planar and radius > _MAX_SHIFT_BLUR_RADIUS:
+    return _conv_along(_conv_along(x, kernels, 3), kernels, 2)
+  # Few taps (or small interleaved images): shifted, weighted sums; fewer
+  # graph nodes than the convolution with its reshapes and transposes, which
+  # is what costs on small images.
+  k = tf.unstack(tf.reshape(kernels, [-1, taps, 1, 1, 1]), axis=1)
+  for axis in ((3, 2) if planar else (2, 1)):
+    size = [-1] * 4
+    size[axis] = x.shape[axis] or tf.shape(x)[axis]
+    pad = [[0, 0]] * 4
+    pad[axis] = [radius, radius]
+    padded = tf.pad(x, pad)
+    total = None
+    for i in range(taps):
+      begin = [0] * 4
+      begin[axis] = i
+      term = tf.slice(padded, begin, size) * k[i]
+      total = term if total is None else total + term
+    x = total
+  return x
+
+
+# ----------------------------------------------------------------------------
+# Per-image form.
+
+
+def _jitter_one(x, factors, order, ops):
+  """Colour jitter of one image in the given op order, with `ops`."""
+  factors = tf.unstack(factors)
+  for step in range(4):
+    # Bind the current image: branches must not see later reassignments.
+    branches = [lambda x=x, op=op: ops[op](x, factors[op]) for op in range(4)]
+    # The reference clips after every op.
+    x = tf.clip_by_value(tf.switch_case(order[step], branches), 0., 1.)
+  return x
+
+
+def simclr_augment(image,
+                   seed,
+                   height,
+                   width,
+                   color_jitter_strength=1.0,
+                   use_blur=True):
+  """One SimCLR pretraining view of one image.
+
+  Args:
+    image: uint8 [H, W, 3] in [0, 255] or float [H, W, 3] in [0, 1], any size.
+    seed: int32/int64 [2], stateless seed; same seed -> same view, bit for bit.
+    height: output height (Python int).
+    width: output width (Python int).
+    color_jitter_strength: s >= 0 (Python number): brightness, contrast and
+      saturation 0.8 s, hue 0.2 s. 0 turns jitter and grayscale off.
+    use_blur: whether to apply the Gaussian blur (p = 0.5).
+
+  Returns:
+    float32 [height, width, 3] in [0, 1].
+  """
+  height, width = _check_size(height, width)
+  strength = _check_strength(color_jitter_strength)
+  image = _check_image(image, rank=3)
+  seed = _check_seed(seed, rank=1)
+
+  p = _draw(seed, tf.shape(image), height, width, strength)
+  # Crop before the dtype conversion: less data to convert.
+  crop = _to_float(tf.slice(image, p['begin'], p['size']))
+  crop = tf.ensure_shape(crop, [None, None, 3])
+  view = tf.image.resize(crop[None], [height, width], method='bicubic')[0]
+  # Bicubic overshoots.
+  view = tf.clip_by_value(view, 0., 1.)
+  # Small views: TF's fused interleaved kernels (few graph nodes; per-node
+  # cost dominates). Large views: planar ops (less arithmetic, see the module
+  # docstring). Both compute the same view up to float rounding (~1e-6).
+  planar = height * width > _MAX_FUSED_PIXELS
+  x = tf.transpose(view, [2, 0, 1]) if planar else view
+  # tf.cond, not tf.where: a scalar-predicate select is slow on CPU, and the
+  # skipped branch is not computed.
+  x = tf.cond(p['flip'], lambda: tf.reverse(x, axis=[2 if planar else 1]),
+              lambda: x)
+  if strength > 0:
+    ops = _JITTER_OPS if planar else _FUSED_JITTER_OPS
+    x = tf.cond(p['jitter'],
+                lambda: _jitter_one(x, p['factors'], p['order'], ops),
+                lambda: x)
+    gray = _grayscale if planar else _fused_grayscale
+    x = tf.cond(p['gray'], lambda: gray(x), lambda: x)
+
+  radius = _blur_radius(height)
+  if use_blur and radius > 0:
+    x = tf.cond(p['blur'],
+                lambda: _blur(x[None], p['sigma'][None], radius, planar)[0],
+                lambda: x)
+  view = tf.transpose(x, [1, 2, 0]) if planar else x
+  view = tf.clip_by_value(view, 0., 1.)
+  return tf.ensure_shape(view, [height, width, 3])
+
+
+# ----------------------------------------------------------------------------
+# Batched form.
+
+
+def _bicubic_taps(offset, size, out_size):
+  """Source indices and weights of TF's bicubic resize of crops, one axis.
+
+  Mirrors `GetWeightsAndIndices<HalfPixelScaler, use_keys_cubic=true>` of
+  `resize_bicubic_op.cc`, in float32, for crops [offset, offset + size).
+
+  Args:
+    offset: int32 [B], crop start.
+    size: int32 [B], crop length (>= 1).
+    out_size: Python int, output length.
+
+  Returns:
+    (indices int32 [B, out_size, 4] into the full axis,
+     weights float32 [B, out_size, 4]).
+  """
+  scale = tf.cast(size, tf.float32) / float(out_size)
+  # Half-pixel centres: in = (out + 0.5) * scale - 0.5.
+  loc = (tf.range(out_size, dtype=tf.float32) + 0.5) * scale[:, None] - 0.5
+  base = tf.floor(loc)
+  # TF quantizes the fractional position to the 1024-entry table.
+  entry = tf.cast(tf.math.rint((loc - base) * _BICUBIC_TABLE_SIZE), tf.int32)
+  mirror = _BICUBIC_TABLE_SIZE - entry
+  weights = tf.stack([
+      tf.gather(_BICUBIC_TABLE[1], entry),
+      tf.gather(_BICUBIC_TABLE[0], entry),
+      tf.gather(_BICUBIC_TABLE[0], mirror),
+      tf.gather(_BICUBIC_TABLE[1], mirror),
+  ], axis=-1)
+  raw = tf.cast(base, tf.int32)[..., None] + tf.constant([-1, 0, 1, 2])
+  bounded = tf.clip_by_value(raw, 0, size[:, None, None] - 1)
+  # Taps outside the crop get weight 0; the others are renormalized.
+  weights = tf.where(tf.equal(bounded, raw), weights, 0.)
+  w0, w1, w2, w3 = tf.unstack(weights, axis=-1)
+  total = ((w0 + w1) + w2) + w3
+  inv = tf.where(
+      tf.abs(total) >= 1000. * np.finfo(np.float32).tiny, 1. / total, 1.)
+  return bounded + offset[:, None, None], weights * inv[..., None]
+
+
+def _crop_resize(images, boxes, flip, height, width):
+  """Bicubic resize of per-example crops, bit-identical to TF's kernel.
+
+  Args:
+    images: float32 [B, H, W, C].
+    boxes: int32 [B, 4] (offset_y, offset_x, crop_h, crop_w).
+    flip: bool [B]; flipped outputs take their columns' taps in reverse order,
+      which is exactly a left-right flip of the resized crop.
+    height: output height (Python int).
+    width: output width (Python int).
+
+  Returns:
+    float32 [B, C, height, width], planar.
+  """
+  y_index, y_weight = _bicubic_taps(boxes[:, 0], boxes[:, 2], height)
+  x_index, x_weight = _bicubic_taps(boxes[:, 1], boxes[:, 3], width)
+  x_index = _select(flip, tf.reverse(x_index, axis=[1]), x_index)
+  x_weight = _select(flip, tf.reverse(x_weight, axis=[1]), x_weight)
+  # Vertical pass first and taps summed left to right, as the TF kernel does;
+  # one gather per tap keeps the intermediate at one [B, height, W, C]. Each
+  # gather moves whole rows: the gathered axis is never the innermost one
+  # (3x faster on CPU than gathering single elements).
+  rows = None
+  for t in range(4):
+    term = tf.gather(images, y_index[:, :, t], axis=1, batch_dims=1)
+    term *= y_weight[:, :, t, None, None]
+    rows = term if rows is None else rows + term
+  rows = tf.transpose(rows, [0, 2, 3, 1])  # [B, W, C, height]
+  out = None
+  for t in range(4):
+    term = tf.gather(rows, x_index[:, :, t], axis=1, batch_dims=1)
+    term *= x_weight[:, :, t, None, None]
+    out = term if out is None else out + term
+  return tf.transpose(out, [0, 2, 3, 1])  # [B, C, height, width]
+
+
+def _jitter_batch(x, factors, order):
+  """Colour jitter with per-example factors and op order.
+
+  Each step computes the four ops on the whole batch and keeps, per example,
+  the one its order asks for: static shapes and no per-example control flow
+  (XLA friendly), at four times the arithmetic.
+
+  Args:
+    x: float32 [B, 3, H, W].
+    factors: float32 [B, 4] (brightness, contrast, saturation, hue delta).
+    order: int32 [B, 4].
+
+  Returns:
+    float32 [B, 3, H, W].
+  """
+  factors = tf.unstack(factors[:, :, None, None, None], axis=1)
+  for step in range(4):
+    op = order[:, step]
+    out = _brightness(x, factors[_BRIGHTNESS])
+    for k in (_CONTRAST, _SATURATION, _HUE):
+      out = _select(tf.equal(op, k), _JITTER_OPS[k](x, factors[k]), out)
+    x = tf.clip_by_value(out, 0., 1.)
+  return x
+
+
+def simclr_augment_batch(images,
+                         seeds,
+                         height,
+                         width,
+                         color_jitter_strength=1.0,
+                         use_blur=True):
+  """SimCLR views of a batch with batched ops; equals `simclr_augment`.
+
+  Row i equals `simclr_augment(images[i], seeds[i], ...)` up to float
+  rounding (< 1e-4). The per-example random decisions come from the same
+  sampler (a `tf.map_fn` over the seeds of a few scalar ops: the crop sampler
+  and the Philox draw take one seed each; the sampler has a CPU kernel only,
+  so under XLA / on a TPU this part must stay on the host). All pixel work is
+  batched, with per-example crops, factors and blur kernels, and static
+  shapes: the jitter computes the four ops at each step and selects.
+
+  Args:
+    images: uint8 [B, H, W, 3] in [0, 255] or float [B, H, W, 3] in [0, 1].
+    seeds: int32/int64 [B, 2], one stateless seed per example.
+    height: output height (Python int).
+    width: output width (Python int).
+    color_jitter_strength: as in `simclr_augment`.
+    use_blur: as in `simclr_augment`.
+
+  Returns:
+    float32 [B, height, width, 3] in [0, 1].
+  """
+  height, width = _check_size(height, width)
+  strength = _check_strength(color_jitter_strength)
+  images = _check_image(images, rank=4, name='images')
+  seeds = _check_seed(seeds, rank=2)
+
+  image_size = tf.shape(images)[1:]
+
+  def draw(seed):
+    p = _draw(seed, image_size, height, width, strength)
+    p['box'] = tf.concat([p.pop('begin')[:2], p.pop('size')[:2]], 0)
+    return p
+
+  signature = {
+      'box': tf.TensorSpec([4], tf.int32),
+      'flip': tf.TensorSpec([], tf.bool),
+      'jitter': tf.TensorSpec([], tf.bool),
+      'gray': tf.TensorSpec([], tf.bool),
+      'blur': tf.TensorSpec([], tf.bool),
+      'factors': tf.TensorSpec([4], tf.float32),
+      'order': tf.TensorSpec([4], tf.int32),
+      'sigma': tf.TensorSpec([], tf.float32),
+  }
+  p = tf.map_fn(draw, seeds, fn_output_signature=signature)
+
+  x = _crop_resize(_to_float(images), p['box'], p['flip'], height, width)
+  x = tf.clip_by_value(x, 0., 1.)
+  if strength > 0:
+    x = _select(p['jitter'], _jitter_batch(x, p['factors'], p['order']), x)
+    x = _select(p['gray'], _grayscale(x), x)
+  radius = _blur_radius(height)
+  if use_blur and radius > 0:
+    x = _select(p['blur'], _blur(x, p['sigma'], radius), x)
+  views = tf.transpose(x, [0, 2, 3, 1])
+  views = tf.clip_by_value(views, 0., 1.)
+  return tf.ensure_shape(views, [None, height, width, 3])
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+def _center_crop_shape(image_height, image_width, aspect, crop_proportion):
+  """Reference `_compute_crop_shape`: int32 (crop_height, crop_width)."""
+  image_height = tf.cast(image_height, tf.float32)
+  image_width = tf.cast(image_width, tf.float32)
+  wider = aspect > image_width / image_height
+  # Keep `crop_proportion` of the side that limits the requested aspect.
+  crop_height = tf.where(wider, crop_proportion / aspect * image_width,
+                         crop_proportion * image_height)
+  crop_width = tf.where(wider, crop_proportion * image_width,
+                        crop_proportion * aspect * image_height)
+  return (tf.cast(tf.math.rint(crop_height), tf.int32),
+          tf.cast(tf.math.rint(crop_width), tf.int32))
+
+
+def preprocess_eval(image, height, width):
+  """Evaluation preprocessing of one image (no randomness).
+
+  Above 32 px: the reference centre crop (keep 0.875 of the side limiting the
+  output aspect) then a bicubic resize. At or below 32 px (CIFAR-style): a
+  bicubic resize to (height, width), the identity when already that size.
+
+  Args:
+    image: uint8 [H, W, 3] in [0, 255] or float [H, W, 3] in [0, 1].
+    height: output height (Python int).
+    width: output width (Python int).
+
+  Returns:
+    float32 [height, width, 3] in [0, 1].
+  """
+  height, width = _check_size(height, width)
+  image = _check_image(image, rank=3)
+  shape = tf.shape(image)
+  if height > 32:
+    crop_height, crop_width = _center_crop_shape(shape[0], shape[1],
+                                                 width / height,
+                                                 CROP_PROPORTION)
+    offset_y = (shape[0] - crop_height + 1) // 2
+    offset_x = (shape[1] - crop_width + 1) // 2
+    image = tf.slice(image, tf.stack([offset_y, offset_x, 0]),
+                     tf.stack([crop_height, crop_width, -1]))
+  image = _to_float(image)
+  same = tf.logical_and(
+      tf.equal(tf.shape(image)[0], height), tf.equal(tf.shape(image)[1], width))
+  image = tf.cond(
+      same, lambda: image,
+      lambda: tf.image.resize(image[None], [height, width], 'bicubic')[0])
+  image = tf.clip_by_value(image, 0., 1.)
+  return tf.ensure_shape(image, [height, width, 3])

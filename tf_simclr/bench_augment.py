@@ -1,0 +1,244 @@
+"""Host augmentation throughput: `python -m tf_simclr.bench_augment`.
+
+Synthetic uint8 images go through a tf.data pipeline shaped like training:
+two `simclr_augment` views per source image in a parallel map (AUTOTUNE),
+batch, prefetch. After a warm-up, a fixed number of batches is timed and one
+JSON line per config is printed, with images/s counting source images (each
+giving two views). Configs:
+  * 32 px views from 32x32 sources (CIFAR-10);
+  * 224 px views from 256x320 sources (a common pre-resized ImageNet size;
+    ImageNet's JPEGs are mostly 375x500, which changes only the cost of the
+    crop slice, not of the resize and the colour ops on the 224 px view).
+Also timed, in the same run: a reference-like pipeline (the reference's ops,
+stateful, no blur, as its host pipeline), and the views of
+`simclr_augment_batch` (a) mapped over batches in tf.data and (b) in a
+`tf.function` on a fixed batch, as in the model graph. Absolute figures are
+noisy when other processes share the cores; compare ratios of one run.
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_simclr import augment  # noqa: E402
+
+_NUM_SOURCES = 64  # Distinct synthetic images, cycled.
+
+
+def _sources(source_hw):
+  rng = np.random.default_rng(0)
+  return tf.constant(
+      rng.integers(0, 256, (_NUM_SOURCES,) + source_hw + (3,), np.uint8))
+
+
+def _seed(index, view):
+  # Same scheme as training: the seed derives from (example index, view).
+  return tf.stack([tf.cast(index, tf.int64), tf.cast(view, tf.int64)])
+
+
+def _batch_seeds(indices, view):
+  """int64 [B, 2] seeds (index, view) for int64 [B] indices."""
+  return tf.stack(
+      [indices, tf.fill(tf.shape(indices), tf.constant(view, tf.int64))],
+      axis=1)
+
+
+def reference_like_view(image, size):
+  """A baseline: the reference's host pipeline rebuilt with stateful ops.
+
+  Mirrors `preprocess_for_train` of google-research/simclr tf2/data_util.py
+  (random resized crop, flip, colour jitter in random order via nested
+  tf.cond, grayscale; no blur, which the reference applies in the model), so
+  that the speed of `simclr_augment` can be compared in the same run.
+  """
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+      tf.shape(image), tf.constant([[[0., 0., 1., 1.]]]),
+      min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0), max_attempts=100,
+      use_image_if_no_bounding_boxes=True)
+  image = tf.slice(image, begin, crop_size)
+  image = tf.image.resize([image], [size, size], method='bicubic')[0]
+  image = tf.image.random_flip_left_right(image)
+
+  def jitter(x):
+    def apply(i, x):
+      def brightness():
+        return x * tf.random.uniform([], 0.2, 1.8)
+
+      def contrast():
+        return tf.image.random_contrast(x, 0.2, 1.8)
+
+      def saturation():
+        return tf.image.random_saturation(x, 0.2, 1.8)
+
+      def hue():
+        return tf.image.random_hue(x, 0.2)
+
+      return tf.cond(i < 2, lambda: tf.cond(i < 1, brightness, contrast),
+                     lambda: tf.cond(i < 3, saturation, hue))
+
+    perm = tf.random.shuffle(tf.range(4))
+    for i in range(4):
+      x = tf.clip_by_value(apply(perm[i], x), 0., 1.)
+    return x
+
+  image = tf.cond(tf.random.uniform([]) < 0.8, lambda: jitter(image),
+                  lambda: image)
+  image = tf.cond(tf.random.uniform([]) < 0.2,
+                  lambda: tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3]),
+                  lambda: image)
+  return tf.clip_by_value(tf.reshape(image, [size, size, 3]), 0., 1.)
+
+
+def reference_dataset(source_hw, size, batch_size):
+  """The baseline pipeline: two reference-like views per source image."""
+  images = _sources(source_hw)
+
+  def two_views(index):
+    image = images[index % _NUM_SOURCES]
+    return reference_like_view(image, size), reference_like_view(image, size)
+
+  return (tf.data.Dataset.range(1 << 62)
+          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
+               deterministic=False)
+          .batch(batch_size, drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def per_image_dataset(source_hw, size, batch_size, use_blur):
+  """Two per-image views per source, parallel map, batch, prefetch."""
+  images = _sources(source_hw)
+
+  def two_views(index):
+    image = images[index % _NUM_SOURCES]
+    return tuple(
+        augment.simclr_augment(image, _seed(index, v), size, size,
+                               use_blur=use_blur) for v in range(2))
+
+  return (tf.data.Dataset.range(1 << 62)
+          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
+               deterministic=False)
+          .batch(batch_size, drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def batched_dataset(source_hw, size, batch_size, use_blur):
+  """Batch the raw sources first, then two `simclr_augment_batch` views."""
+  images = _sources(source_hw)
+
+  def two_views(index):
+    batch = tf.gather(images, index % _NUM_SOURCES)
+    return tuple(
+        augment.simclr_augment_batch(batch, _batch_seeds(index, v), size, size,
+                                     use_blur=use_blur) for v in range(2))
+
+  return (tf.data.Dataset.range(1 << 62)
+          .batch(batch_size, drop_remainder=True)
+          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
+               deterministic=False)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def time_dataset(dataset, batch_size, warmup, steps):
+  """(wall, cpu) source images per second over `steps` batches after warm-up.
+
+  cpu is images per process CPU second times the number of cores: an estimate
+  of the idle machine's figure when other processes share the cores (the
+  wall figure then drops; idle threads spinning make cpu an underestimate).
+  """
+  iterator = iter(dataset)
+  for _ in range(warmup):
+    next(iterator)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    views = next(iterator)
+  views[0].numpy()
+  images = steps * batch_size
+  return (images / (time.perf_counter() - start),
+          images * os.cpu_count() / (time.process_time() - cpu_start))
+
+
+def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
+  """Source images per second of two batched views in one tf.function."""
+  images = tf.gather(_sources(source_hw), tf.range(batch_size) % _NUM_SOURCES)
+
+  @tf.function
+  def two_views(step):
+    index = step * batch_size + tf.range(batch_size, dtype=tf.int64)
+    return [
+        augment.simclr_augment_batch(images, _batch_seeds(index, v), size,
+                                     size, use_blur=use_blur)
+        for v in range(2)
+    ]
+
+  for step in range(warmup):
+    two_views(tf.constant(step, tf.int64))
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for step in range(steps):
+    out = two_views(tf.constant(warmup + step, tf.int64))
+  out[0].numpy()
+  images = steps * batch_size
+  return (images / (time.perf_counter() - start),
+          images * os.cpu_count() / (time.process_time() - cpu_start))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch_size', type=int, default=256)
+  parser.add_argument('--steps', type=int, default=0,
+                      help='timed batches (default: 20 at 32 px, 4 at 224 px)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--sizes', default='32,224')
+  parser.add_argument('--skip_batched', action='store_true')
+  args = parser.parse_args()
+
+  configs = {32: (32, 32), 224: (256, 320)}
+  for size in [int(s) for s in args.sizes.split(',')]:
+    source_hw = configs.get(size, (size, size))
+    steps = args.steps or (20 if size <= 32 else 4)
+    runs = [('reference-like per-image map', False),
+            ('tf.data per-image map', True), ('tf.data per-image map', False)]
+    if not args.skip_batched:
+      runs += [('tf.data batched map', True), ('tf.function batched', True)]
+    baseline = None
+    for form, use_blur in runs:
+      if form == 'reference-like per-image map':
+        wall, cpu = time_dataset(
+            reference_dataset(source_hw, size, args.batch_size),
+            args.batch_size, args.warmup, steps)
+        baseline = wall
+      elif form == 'tf.data per-image map':
+        wall, cpu = time_dataset(
+            per_image_dataset(source_hw, size, args.batch_size, use_blur),
+            args.batch_size, args.warmup, steps)
+      elif form == 'tf.data batched map':
+        wall, cpu = time_dataset(
+            batched_dataset(source_hw, size, args.batch_size, use_blur),
+            args.batch_size, args.warmup, steps)
+      else:
+        wall, cpu = time_function(source_hw, size, args.batch_size, use_blur,
+                                  args.warmup, steps)
+      print(json.dumps({
+          'form': form,
+          'size': size,
+          'source': f'{source_hw[0]}x{source_hw[1]} uint8',
+          'use_blur': use_blur,
+          'views_per_image': 2,
+          'batch_size': args.batch_size,
+          'timed_batches': steps,
+          'images_per_s': round(wall, 1),
+          'images_per_cpu_s_x_cores': round(cpu, 1),
+          'vs_reference_like': round(wall / baseline, 2),
+          'cpus': os.cpu_count(),
+      }), flush=True)
+
+
+if __name__ == '__main__':
+  main()

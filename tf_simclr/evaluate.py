@@ -1,0 +1,88 @@
+"""Top-1/top-5 evaluation of the supervised head over a whole split, and result files.
+
+Eval batches are padded to a static shape with mask-0 examples (`datasets.eval_dataset`), so
+every replica runs the same number of steps and the counts are exact on any strategy.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+import tensorflow as tf
+
+from tf_simclr import datasets
+from tf_simclr import optimizers
+
+
+def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
+             eval_batch_size: int, image_size: int, eval_steps: int = 0,
+             weight_decay: float = 0.0, optimizer_name: str = "lars") -> dict:
+  """Runs the supervised head over `source`; returns the reference's metric names.
+
+  Args:
+    model: a built SimCLRModel with a supervised head.
+    eval_batch_size: global batch size (a multiple of the number of replicas).
+    eval_steps: stop after this many global batches (0: the whole split).
+  Returns:
+    {'eval/label_top_1_accuracy', 'eval/label_top_5_accuracy', 'eval/regularization_loss',
+     'eval/num_examples'}: Python floats.
+  """
+  num_classes = model.config.num_classes
+  top_k = min(5, num_classes)
+
+  def input_fn(ctx):
+    return datasets.eval_dataset(
+        source, per_replica_batch_size=ctx.get_per_replica_batch_size(eval_batch_size),
+        num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
+        image_size=image_size, global_batch_size=eval_batch_size)
+
+  dist = strategy.distribute_datasets_from_function(input_fn)
+
+  def replica_step(batch):
+    logits = model(batch["image"], training=False)["logits_sup"]
+    labels = tf.cast(batch["label"], tf.int32)
+    mask = batch["mask"]
+    top1 = tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32)
+    top5 = tf.cast(tf.nn.in_top_k(labels, logits, top_k), tf.float32)
+    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask),
+                     tf.reduce_sum(mask)])
+
+  @tf.function
+  def step(batch):
+    return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                           strategy.run(replica_step, args=(batch,)), axis=None)
+
+  totals = tf.zeros([3])
+  for i, batch in enumerate(dist):
+    if eval_steps and i >= eval_steps:
+      break
+    totals += step(batch)
+  top1, top5, count = (float(v) for v in totals.numpy())
+  reg = float(optimizers.supervised_head_l2(model.trainable_variables, weight_decay,
+                                            optimizer_name))
+  if count == 0:
+    raise ValueError(f"the eval split {source.split!r} of {source.name} has no examples")
+  return {"eval/label_top_1_accuracy": top1 / count, "eval/label_top_5_accuracy": top5 / count,
+          "eval/regularization_loss": reg, "eval/num_examples": count}
+
+
+def write_results(model_dir: str, result: dict, step: int, writer=None) -> str:
+  """Writes `result.json` and `result_<step>.json` (and summaries); returns the first path."""
+  payload = {k: float(v) for k, v in result.items()}
+  payload["global_step"] = int(step)
+  tf.io.gfile.makedirs(model_dir)
+  paths = [os.path.join(model_dir, "result.json"),
+           os.path.join(model_dir, f"result_{int(step)}.json")]
+  for path in paths:
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      json.dump(payload, f, indent=1, sort_keys=True)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  if writer is not None:
+    with writer.as_default(step=int(step)):
+      for k, v in result.items():
+        tf.summary.scalar(k, v)
+    writer.flush()
+  logging.info("Eval at step %d: %s", step, json.dumps(payload, sort_keys=True))
+  return paths[0]
