@@ -54,7 +54,6 @@ def run(cfg, flag_values):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
-  from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
   t = cfg.train

@@ -4,6 +4,8 @@ Only this module and run.py read flags; `to_config` turns them into tf_simclr's 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from tf_simclr import config as config_lib
@@ -98,11 +100,11 @@ flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
 
 FLAGS = flags.FLAGS
 
-_MODEL_FIELDS = {f.name for f in config_lib.dataclasses.fields(config_lib.ModelConfig)}
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
 
 
 def _pick(cls, values):
-  names = {f.name for f in config_lib.dataclasses.fields(cls)}
+  names = {f.name for f in dataclasses.fields(cls)}
   return cls(**{k: v for k, v in values.items() if k in names})
 
 

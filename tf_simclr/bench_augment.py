@@ -97,6 +97,15 @@ def reference_like_view(image, size):
   return tf.clip_by_value(tf.reshape(image, [size, size, 3]), 0., 1.)
 
 
+def _per_index_pipeline(two_views, batch_size):
+  """Endless indices -> parallel `two_views(index)` map -> batch -> prefetch."""
+  return (tf.data.Dataset.range(1 << 62)
+          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
+               deterministic=False)
+          .batch(batch_size, drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+
+
 def reference_dataset(source_hw, size, batch_size):
   """The baseline pipeline: two reference-like views per source image."""
   images = _sources(source_hw)
@@ -105,11 +114,7 @@ def reference_dataset(source_hw, size, batch_size):
     image = images[index % _NUM_SOURCES]
     return reference_like_view(image, size), reference_like_view(image, size)
 
-  return (tf.data.Dataset.range(1 << 62)
-          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
-               deterministic=False)
-          .batch(batch_size, drop_remainder=True)
-          .prefetch(tf.data.AUTOTUNE))
+  return _per_index_pipeline(two_views, batch_size)
 
 
 def per_image_dataset(source_hw, size, batch_size, use_blur):
@@ -122,11 +127,7 @@ def per_image_dataset(source_hw, size, batch_size, use_blur):
         augment.simclr_augment(image, _seed(index, v), size, size,
                                use_blur=use_blur) for v in range(2))
 
-  return (tf.data.Dataset.range(1 << 62)
-          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
-               deterministic=False)
-          .batch(batch_size, drop_remainder=True)
-          .prefetch(tf.data.AUTOTUNE))
+  return _per_index_pipeline(two_views, batch_size)
 
 
 def batched_dataset(source_hw, size, batch_size, use_blur):
