@@ -45,15 +45,19 @@ def _set_aside(path):
     tf.io.gfile.rename(name, f"{name}.corrupt-{suffix}")
 
 
-def _restore(checkpoint, path, partial):
-  status = checkpoint.restore(path)
+def _restore(checkpoint, path):
+  """Restores `path` into `checkpoint`, ignoring extra saved values (e.g. optimizer slots).
+
+  Raises:
+    CheckpointMismatchError: a variable of `checkpoint` is missing from `path` or has another
+      shape (TF reports the latter as a ValueError during restore).
+    _CORRUPT_ERRORS: the files cannot be read.
+  """
   try:
-    if partial:
-      status.expect_partial()
-      status.assert_existing_objects_matched()
-    else:
-      status.assert_existing_objects_matched()
-  except AssertionError as err:
+    status = checkpoint.restore(path)
+    status.expect_partial()
+    status.assert_existing_objects_matched()
+  except (AssertionError, ValueError) as err:
     raise _mismatch(path, err) from None
   return status
 
@@ -68,11 +72,7 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
   candidates = list(reversed(manager.checkpoints))
   for i, path in enumerate(candidates):
     try:
-      _restore(checkpoint, path, partial=True)
-    except CheckpointMismatchError:
-      raise
-    except ValueError as err:  # shape mismatches surface as ValueError during restore
-      raise _mismatch(path, err) from None
+      _restore(checkpoint, path)
     except _CORRUPT_ERRORS as err:
       logging.warning("Checkpoint %s is unreadable (%s); trying the previous one. Its files are "
                       "kept as *.corrupt-N.", path, type(err).__name__)
@@ -106,11 +106,7 @@ def restore_weights(model, path: str) -> None:
     raise ValueError(f"--checkpoint={path} does not exist (expected a checkpoint prefix such "
                      "as model_dir/ckpt-1000, or a directory holding checkpoints)")
   try:
-    _restore(tf.train.Checkpoint(model=model), path, partial=True)
-  except ValueError as err:
-    if isinstance(err, CheckpointMismatchError):
-      raise
-    raise _mismatch(path, err) from None
+    _restore(tf.train.Checkpoint(model=model), path)
   except _CORRUPT_ERRORS as err:
     raise ValueError(f"--checkpoint={path} is unreadable ({type(err).__name__})") from None
   logging.info("Initialised weights from %s", path)
