@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import re
 import sys
 import time
 
@@ -51,9 +52,10 @@ def _export(cfg, model, step):
 def run(cfg, flag_values):
   """Trains and/or evaluates as `cfg.train.mode` says. Returns the final result dict or None."""
   _setup_runtime(cfg)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr import distill  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
+  from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
   t = cfg.train
@@ -65,74 +67,120 @@ def run(cfg, flag_values):
   logging.info("Strategy %s with %d replicas", type(strategy).__name__, replicas)
   train_lib.validate_batch(t.train_batch_size, replicas, "train_batch_size")
   train_lib.validate_batch(t.eval_batch_size, replicas, "eval_batch_size")
-  is_chief = _is_chief(strategy)
+  is_chief = distribute.is_chief(strategy)
 
   train_source = datasets.load_source(cfg.data.dataset, cfg.data.train_split, cfg.data.data_dir)
-  wants_head = t.train_mode == "finetune" or t.lineareval_while_pretraining
-  if wants_head and train_source.num_classes == 0:
+  split = f"{cfg.data.dataset} split {cfg.data.train_split!r}"
+  num_classes = train_source.num_classes  # 0: unlabeled
+  wants_head = t.train_mode != "pretrain" or t.lineareval_while_pretraining
+  if t.train_mode == "distill":
+    # The teacher's classes are the student's; checked before anything is built.
+    teacher = distill.teacher_config(t.teacher_checkpoint)
+    if num_classes:
+      distill.check_classes(teacher, num_classes, t.teacher_checkpoint)
+    elif t.distill_label_weight > 0:
+      raise ValueError(f"--distill_label_weight={t.distill_label_weight} needs labels, but "
+                       f"{split} is unlabeled")
+    num_classes = teacher.num_classes
+  elif wants_head and num_classes == 0:
     if t.train_mode == "finetune":
-      raise ValueError(f"train_mode=finetune needs labels, but {cfg.data.dataset} split "
-                       f"{cfg.data.train_split!r} is unlabeled")
+      raise ValueError(f"train_mode=finetune needs labels, but {split} is unlabeled")
     logging.info("Unlabeled data: pretraining without the linear-evaluation head")
     wants_head = False
+  if t.knn_eval_every_n_steps and train_source.num_classes == 0:
+    raise ValueError(f"--knn_eval_every_n_steps needs labels, but {split} is unlabeled")
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, num_classes=train_source.num_classes if wants_head else 0))
-  eval_source = (datasets.load_source(cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir)
-                 if wants_head and t.mode != "train" else None)
+      cfg.model, num_classes=num_classes if wants_head else 0))
+  eval_source = None
+  if (wants_head and t.mode != "train") or t.knn_eval_every_n_steps:
+    eval_source = datasets.load_source(cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir)
+    if t.knn_eval_every_n_steps and eval_source.num_classes == 0:
+      raise ValueError(f"--knn_eval_every_n_steps needs labels, but {cfg.data.dataset} split "
+                       f"{cfg.data.eval_split!r} is unlabeled")
+    if eval_source.num_classes == 0:  # Distilling on unlabeled images: nothing to score.
+      logging.info("Unlabeled eval split %r: no evaluation", cfg.data.eval_split)
+      eval_source = None
+
+  # Few labels: fine-tuning trains on the subset; distillation on every image, with labels
+  # (for --distill_label_weight) only on the subset. Not needed to evaluate, unless by kNN.
+  ids, knn_bank = None, train_source
+  if t.train_mode != "pretrain" and (t.mode != "eval" or t.knn_eval_every_n_steps):
+    ids = datasets.label_subset(train_source, cfg.data.train_label_fraction,
+                                cfg.data.train_label_file, seed=t.seed)
+    if ids is not None:
+      knn_bank = datasets.subset_source(train_source, ids)
+      train_source = (knn_bank if t.train_mode == "finetune"
+                      else distill.labels_only_for(train_source, ids))
 
   state = train_lib.build_state(cfg, strategy, train_source.num_examples, is_chief)
   if is_chief:
+    if t.train_mode != "pretrain" and t.mode != "eval":
+      datasets.write_label_subset(t.model_dir, ids)  # Refuses another subset in model_dir.
     train_lib.write_flags_json(t.model_dir, flag_values)
+  knn_sources = (knn_bank, eval_source) if t.knn_eval_every_n_steps else None
 
   if t.mode in ("train", "train_then_eval"):
     views = datasets.example_views(train_source, t.seed, cfg.data.image_size,
                                    cfg.data.color_jitter_strength, cfg.data.use_blur)
-    step = train_lib.train(cfg, strategy, train_source, state, is_chief, views)
+    step = train_lib.train(cfg, strategy, train_source, state, is_chief, views,
+                           knn_sources=knn_sources)
+    if step < state.total_steps:
+      print(f"Preempted: SIGTERM stopped training at step {step} of {state.total_steps}, "
+            f"checkpoint saved in {t.model_dir}. Run the same command to resume.")
+      return None
     if t.mode == "train":
       print(f"Trained to step {step}. Checkpoints in {t.model_dir}")
       return None
-    return _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief)
+    return _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources)
 
-  # mode=eval: evaluate each new checkpoint until the last step.
+  # mode=eval, beside a training job: each new checkpoint once, until the last step.
   result = None
-  for path in tf.train.checkpoints_iterator(t.model_dir, min_interval_secs=5, timeout=None):
-    state.checkpoint.restore(path).expect_partial()
-    step = int(state.optimizer.iterations.numpy())
-    result = _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief)
-    if step >= state.total_steps:
-      break
+  for step, _ in evaluate.restored_checkpoints(
+      state.checkpoint, t.model_dir, state.total_steps,
+      step_of=lambda: state.optimizer.iterations.numpy()):
+    result = _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources)
   return result
 
 
-def _is_chief(strategy):
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not getattr(resolver, "task_type", None):
-    return True
-  return resolver.task_type == "chief" or (resolver.task_type == "worker"
-                                           and resolver.task_id == 0)
-
-
-def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief):
+def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources=None):
+  """Top-1/top-5 of the supervised head (and the kNN monitor's figure), then the export."""
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
+  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  result = None
-  if eval_source is not None:
+  result = {}
+  if eval_source is not None and state.model.supervised_head is not None:
     result = evaluate.evaluate(state.model, strategy, eval_source, cfg.train.eval_batch_size,
                                cfg.data.image_size, cfg.train.eval_steps,
                                cfg.optim.weight_decay, cfg.optim.optimizer)
-    if is_chief:
-      writer = tf.summary.create_file_writer(cfg.train.model_dir)
-      evaluate.write_results(cfg.train.model_dir, result, step, writer)
-      print(f"Step {step}: top-1 {result['eval/label_top_1_accuracy']:.4f}, top-5 "
-            f"{result['eval/label_top_5_accuracy']:.4f} on {eval_source.name}/"
-            f"{eval_source.split} ({int(result['eval/num_examples'])} examples). Results: "
-            f"{os.path.join(cfg.train.model_dir, 'result.json')}")
   else:
     logging.info("No linear-evaluation head: skipping eval")
+  if knn_sources is not None:
+    # Computed once per step (the monitor may have run at this step); written below.
+    result.update(train_lib.knn_monitor(cfg, strategy, state, knn_sources, step, is_chief))
+  if is_chief and result:
+    writer = tf.summary.create_file_writer(cfg.train.model_dir)
+    evaluate.write_results(cfg.train.model_dir, result, step, writer)
+    figures = [f"{name} {result[key]:.4f}" for name, key in (
+        ("top-1", "eval/label_top_1_accuracy"), ("top-5", "eval/label_top_5_accuracy"),
+        ("kNN top-1", "knn/top_1_accuracy")) if key in result]
+    print(f"Step {step}: {', '.join(figures)} on {eval_source.name}/{eval_source.split}. "
+          f"Results: {os.path.join(cfg.train.model_dir, 'result.json')}")
   if is_chief:
-    target = _export(cfg, state.model, step)
+    try:
+      target = _export(cfg, state.model, step)
+    except FileExistsError:  # Written meanwhile by a job beside this one (train / eval).
+      target = os.path.join(cfg.train.model_dir, "saved_model", str(step))
     print(f"SavedModel: {target}")
-  return result
+  return result or None
+
+
+def _first_line(text):
+  """The first informative line of a TensorFlow error message (not where the graph failed)."""
+  for line in text.splitlines():
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line.strip())
+    if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
+      return line
+  return ""
 
 
 def main(argv):
@@ -152,7 +200,15 @@ def main(argv):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     if not isinstance(err, tf.errors.OpError) or os.environ.get("TF_SIMCLR_TRACEBACK"):
       raise
-    message = f"error: {type(err).__name__}: {err.message.splitlines()[0]}"
+    message = f"error: {type(err).__name__}: {_first_line(err.message)}"
+    lost_peer = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                 tf.errors.DeadlineExceededError, tf.errors.CancelledError)
+    if FLAGS.strategy == "multi_worker" and isinstance(err, lost_peer):
+      # What the other workers see when one dies: its connections reset, or the coordination
+      # service misses its heartbeats (10 s) and aborts every collective.
+      message = (f"error: lost contact with another worker of the cluster ({message[7:]}); "
+                 "restart every worker with the same command to resume from the last "
+                 "checkpoint")
   if message is not None:
     # Leaving the except block freed the traceback; half-restored checkpoint objects it held
     # log warnings when collected. Let that happen first, so the error is the last line.

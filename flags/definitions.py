@@ -37,7 +37,7 @@ flags.DEFINE_bool("cache_dataset", False, "Whether to cache the entire dataset i
                   "improve performance.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "train_then_eval"],
                   "Whether to perform training or evaluation.")
-flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune"],
+flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
                   "The train mode controls different objectives and trainable components.")
 flags.DEFINE_bool("lineareval_while_pretraining", True,
                   "Whether to finetune supervised head while pretraining.")
@@ -94,9 +94,29 @@ flags.DEFINE_integer("cpu_replicas", 0, "Split the host CPU into N logical devic
                      "over them: the whole distributed path on one machine.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentations.")
 flags.DEFINE_bool("deterministic", False, "Bit-for-bit repeatable run (deterministic ops).")
+flags.DEFINE_float("train_label_fraction", 1.0, "Fine-tune on this class-balanced fraction of "
+                   "the training labels, in (0, 1] (per class round(fraction * count), at least "
+                   "1), chosen by --seed; saved as model_dir/label_subset.txt. 1: all.")
+flags.DEFINE_string("train_label_file", None, "Fine-tune on the training examples listed in this "
+                    "text file, one example id (index in the split) per line.")
+flags.DEFINE_integer("knn_eval_every_n_steps", 0, "Every N training steps, kNN top-1 of the eval "
+                     "split against the train split's final_avg_pool features. 0: off.")
+flags.DEFINE_integer("knn_k", 200, "Neighbours of the kNN monitor (fewer if the bank is smaller).")
+flags.DEFINE_float("knn_temperature", 0.07,
+                   "Temperature T of the kNN monitor's vote weights exp(similarity / T).")
+flags.DEFINE_string("teacher_checkpoint", None, "--train_mode=distill: the fine-tuned teacher, a "
+                    "tf_simclr checkpoint (prefix or model_dir, with its flags.json) or an "
+                    "exported SavedModel (model_dir/saved_model/<step>).")
+flags.DEFINE_float("distill_temperature", 1.0, "Temperature of the teacher's and the student's "
+                   "softmax in the distillation loss.")
+flags.DEFINE_float("distill_label_weight", 0.0, "Distillation loss = (1 - w) * distillation + "
+                   "w * cross-entropy on the labelled examples (the label subset), w in [0, 1].")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_bfloat16", "mixed_float16"],
                   "Keras dtype policy; BN statistics, losses and the optimizer stay float32.")
-flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+flags.DEFINE_bool("jit_compile", False, "Compile the per-replica forward and backward pass with "
+                  "XLA (one replica per process; TPUs always compile). Slower on CPU: see README.")
+flags.DEFINE_bool("augment_on_device", False, "Crop on the host, flip/colour/blur the batch in "
+                  "the training step, on the accelerator: for hosts that cannot keep up.")
 
 FLAGS = flags.FLAGS
 
@@ -124,6 +144,30 @@ def validate(values: dict) -> None:
     raise ValueError("--model_dir is required (where checkpoints, results and exports go)")
   if values["train_steps"] == 0 and values["train_epochs"] == 0:
     raise ValueError("one of --train_steps or --train_epochs must be > 0")
+  if not 0 < values["train_label_fraction"] <= 1:  # Also rejects NaN.
+    raise ValueError(f"--train_label_fraction must be in (0, 1], got "
+                     f"{values['train_label_fraction']}")
+  if values["train_label_file"] and values["train_label_fraction"] != 1:
+    raise ValueError("give --train_label_fraction or --train_label_file, not both")
+  if values["knn_eval_every_n_steps"] < 0:
+    raise ValueError(f"--knn_eval_every_n_steps must be >= 0, got "
+                     f"{values['knn_eval_every_n_steps']}")
+  if values["knn_k"] < 1:
+    raise ValueError(f"--knn_k must be >= 1, got {values['knn_k']}")
+  if not values["knn_temperature"] > 0:
+    raise ValueError(f"--knn_temperature must be > 0, got {values['knn_temperature']}")
+  few_labels = values["train_label_fraction"] != 1 or values["train_label_file"]
+  if few_labels and values["train_mode"] == "pretrain":
+    raise ValueError("--train_label_fraction and --train_label_file choose the labels of "
+                     "--train_mode=finetune or distill, not of pretraining")
+  if not values["distill_temperature"] > 0:
+    raise ValueError(f"--distill_temperature must be > 0, got {values['distill_temperature']}")
+  if not 0 <= values["distill_label_weight"] <= 1:
+    raise ValueError(f"--distill_label_weight must be in [0, 1], got "
+                     f"{values['distill_label_weight']}")
+  if values["train_mode"] == "distill" and not values["teacher_checkpoint"]:
+    raise ValueError("--train_mode=distill needs --teacher_checkpoint (a fine-tuned tf_simclr "
+                     "checkpoint or exported SavedModel)")
 
 
 def to_config(values: dict) -> config_lib.RunConfig:

@@ -32,3 +32,10 @@ def mirrored(num_replicas):
 def strategies():
   """{1: OneDeviceStrategy, 2: Mirrored(2), 4: Mirrored(4)} on logical CPUs."""
   return {1: tf.distribute.OneDeviceStrategy("/cpu:0"), 2: mirrored(2), 4: mirrored(4)}
+
+
+@pytest.fixture(scope="session")
+def replica_runs(tmp_path_factory):
+  """test_run_e2e's 1/2/4-replica runs, made once for test_run_e2e and test_multiworker."""
+  import test_run_e2e  # pylint: disable=g-import-not-at-top
+  return test_run_e2e.make_replica_runs(tmp_path_factory)

@@ -414,6 +414,28 @@ def test_batched_form_equals_per_image_form(source, size, batch):
     assert np.abs(batched - per_image).max() < 1e-4
 
 
+@pytest.mark.parametrize('source,size', [((32, 32), 16), ((32, 32), 32),
+                                         ((150, 130), 112)])
+def test_split_form_equals_per_image_form(source, size):
+  # Host crop in tf.data, distortion of the batch in a tf.function: the
+  # --augment_on_device path must produce the views of the host path.
+  batch = 24
+  images = tf.constant(_random_image((batch,) + source + (3,), seed=10))
+  seeds = _seeds(batch, stream=18)
+  for kwargs in ({}, {'color_jitter_strength': 0.5, 'use_blur': False}):
+    strength = kwargs.get('color_jitter_strength', 1.0)
+    ds = tf.data.Dataset.range(batch).map(
+        lambda i: augment.crop_view(images[i], seeds[i], size, size, strength))
+    crops, params = next(iter(ds.batch(batch)))
+    assert not params['flip'].numpy().all() and params['flip'].numpy().any()
+    split = tf.function(augment.distort_batch)(crops, params, **kwargs).numpy()
+    per_image = _map(
+        lambda i: augment.simclr_augment(images[i], seeds[i], size, size, **kwargs),
+        tf.range(batch))
+    assert split.shape == (batch, size, size, 3)
+    assert np.abs(split - per_image).max() < 1e-4
+
+
 def test_per_image_fused_and_planar_paths_agree(monkeypatch):
   image = _random_image((72, 90, 3), seed=9)
   seeds = _seeds(16, stream=17)

@@ -93,3 +93,75 @@ def test_restore_weights_from_dir_and_prefix(tmp_path):
     checkpoints.restore_weights(_model(), os.path.join(d, "ckpt-9"))
   with pytest.raises(checkpoints.CheckpointMismatchError):
     checkpoints.restore_weights(_model(width=6), d)
+
+
+def test_set_aside_checkpoint_stays_aside_on_the_next_restore(tmp_path):
+  # A run that set a damaged checkpoint aside and stopped before its next save leaves it in
+  # the index: the next restore falls back again, without renaming the kept files twice.
+  d = str(tmp_path)
+  _save_three(d)
+  with open(os.path.join(d, "ckpt-3.index"), "r+b") as f:
+    f.truncate(5)
+  for _ in range(2):
+    model = _model()
+    ckpt, manager, step = _manager(model, d)
+    assert checkpoints.restore_latest(ckpt, manager, d)
+    assert int(step.numpy()) == 2
+  aside = sorted(f for f in os.listdir(d) if ".corrupt-" in f)
+  assert aside == ["ckpt-3.data-00000-of-00001.corrupt-0", "ckpt-3.index.corrupt-0"]
+
+
+def test_other_worker_restores_from_model_dir_and_leaves_files(tmp_path):
+  d = str(tmp_path / "model")
+  _save_three(d)
+  with open(os.path.join(d, "ckpt-3.index"), "r+b") as f:
+    f.truncate(5)
+  before = sorted(os.listdir(d))
+  model = _model()
+  step = tf.Variable(0, dtype=tf.int64)
+  ckpt = tf.train.Checkpoint(model=model, step=step)
+  manager = tf.train.CheckpointManager(ckpt, str(tmp_path / "model" / "workertemp_1"),
+                                       max_to_keep=5, checkpoint_name="ckpt")
+  assert checkpoints.restore_latest(ckpt, manager, d)
+  assert int(step.numpy()) == 2  # the chief's newest readable checkpoint
+  assert sorted(os.listdir(d)) == before  # setting aside is the chief's job
+
+
+def test_temporary_save_leaves_nothing(tmp_path):
+  d = tmp_path / "model" / "workertemp_1"
+  ckpt, manager, _ = _manager(_model(), str(d))
+  for s in (1, 2):
+    assert checkpoints.save(manager, s, temporary=True).endswith(f"ckpt-{s}")
+    assert not d.exists()
+
+
+def test_save_replaces_debris_of_an_interrupted_write(tmp_path):
+  d = str(tmp_path)
+  ckpt, manager, _ = _manager(_model(), d)
+  os.makedirs(os.path.join(d, "ckpt-1_temp"))  # as a process killed mid-write leaves it
+  open(os.path.join(d, "ckpt-1_temp", "part-00000-of-00001.data-00000-of-00001.tempstate1"),
+       "w").close()
+  checkpoints.save(manager, 1)
+  assert sorted(os.listdir(d)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
+
+
+def test_failed_save_is_one_line_and_keeps_the_index(tmp_path):
+  # A directory under a regular file cannot be written, whoever runs the test.
+  (tmp_path / "a_file").write_text("")
+  ckpt, manager, _ = _manager(_model(), str(tmp_path / "a_file" / "model"))
+  with pytest.raises(checkpoints.CheckpointWriteError) as info:
+    checkpoints.save(manager, 7)
+  message = str(info.value)
+  assert "ckpt-7" in message and "earlier checkpoints are intact" in message
+  assert "\n" not in message and "function_node" not in message
+  assert isinstance(info.value, OSError)  # run.py reports OSErrors as one line
+
+
+def test_unlisted_checkpoint_is_not_restored(tmp_path):
+  # Killed after writing its first checkpoint's files but before the index: start afresh.
+  d = str(tmp_path)
+  _save_three(d)
+  os.remove(os.path.join(d, "checkpoint"))
+  ckpt, manager, step = _manager(_model(), d)
+  assert not checkpoints.restore_latest(ckpt, manager, d)
+  assert int(step.numpy()) == 0

@@ -51,7 +51,7 @@ def _images_numpy(source, limit=None):
 
 
 def _take(ds, n):
-  return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+  return [tf.nest.map_structure(lambda v: v.numpy(), b) for b in ds.take(n)]
 
 
 def _global_batches(source, steps, global_batch, pipelines, per_replica, **kwargs):
@@ -341,6 +341,26 @@ def test_train_dataset_structure_and_repeatability(small):
   assert not np.array_equal(a[0]["id"], c[0]["id"])
 
 
+def test_augment_on_device_gives_the_host_views(small):
+  # --augment_on_device: the host crops, the training step (train.step_images) distorts.
+  # The model must see the views of the host path, in the same view-major order.
+  from tf_simclr import train  # pylint: disable=g-import-not-at-top
+  host = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE), 2)
+  split = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE,
+                                       augment_on_device=True), 2)
+  step = tf.function(train.step_images)
+  for h, d in zip(host, split):
+    np.testing.assert_array_equal(h["id"], d["id"])
+    assert d["distort"]["factors"].shape == (8, 2, 4)
+    want, want_labels = train.step_images(h)
+    got, got_labels = step(d)
+    assert got.shape == (16, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.abs(got.numpy() - want.numpy()).max() < 1e-4
+    np.testing.assert_array_equal(got_labels, want_labels)
+    # View-major: row i is view one of example i, row 8 + i its view two.
+    np.testing.assert_array_equal(want.numpy()[8 + 3], h["views"][3, 1])
+
+
 @pytest.mark.parametrize("pipelines,per_replica", [(2, 8), (2, 4), (4, 4)])
 def test_pipelines_equal_one_pipeline(small, pipelines, per_replica):
   # 8 steps of 16 = 128 examples: the batches cross the epoch boundary at 100.
@@ -501,3 +521,173 @@ def test_manual_download_detected_before_downloading(tmp_path):
   assert time.time() - started < 10
   written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
   assert not written  # Nothing was downloaded.
+
+
+# ----------------------------------------------------------------------------------------------
+# Labelled subsets (few labels).
+
+
+def _expected_quota(labels, fraction):
+  """Per class: round half up of fraction * count, at least 1, in exact rational arithmetic."""
+  import fractions  # pylint: disable=g-import-not-at-top
+  exact = fractions.Fraction(str(fraction))
+  return {c: min(n, max(1, int(exact * n + fractions.Fraction(1, 2))))
+          for c, n in zip(*np.unique(labels, return_counts=True))}
+
+
+@pytest.mark.parametrize("split", ["train", "train[:100]"])  # Balanced; unequal class counts.
+def test_label_subset_is_class_balanced(shapes_dir, split):
+  source = datasets.load_source("shapes10", split, data_dir=shapes_dir)
+  labels = _records_numpy(source)["label"]
+  subsets = {}
+  for fraction in (0.01, 0.05, 0.1, 0.5):
+    ids = datasets.label_subset(source, fraction, seed=1)
+    assert ids.dtype == np.int64 and (np.diff(ids) > 0).all()  # Sorted, distinct.
+    assert 0 <= ids.min() and ids.max() < source.num_examples
+    got = dict(zip(*np.unique(labels[ids], return_counts=True)))
+    assert got == _expected_quota(labels, fraction)
+    subsets[fraction] = set(ids.tolist())
+  if split == "train[:100]":
+    # Unequal classes of about 10: fraction 0.05 hits the half-up rounding, 0.01 the minimum.
+    assert len(subsets[0.01]) == 10 and len(set(np.bincount(labels))) > 1
+  # One permutation serves every fraction: smaller subsets are inside larger ones.
+  assert subsets[0.01] <= subsets[0.05] <= subsets[0.1] <= subsets[0.5]
+  assert datasets.label_subset(source, 1.0, seed=1) is None  # All examples.
+
+
+def test_label_subset_depends_on_the_seed_only(shapes_dir):
+  source = datasets.load_source("shapes10", "train", data_dir=shapes_dir)
+  again = datasets.load_source("shapes10", "train", data_dir=shapes_dir)
+  first = datasets.label_subset(source, 0.1, seed=0)
+  np.testing.assert_array_equal(first, datasets.label_subset(again, 0.1, seed=0))
+  other = datasets.label_subset(source, 0.1, seed=1)
+  assert len(other) == len(first) == 500
+  assert len(np.intersect1d(first, other)) < 150  # About 10% expected by chance, not most.
+  # Not the first examples of each class: spread over the split.
+  assert first.max() > 4000 and first.min() < 1000
+
+
+def test_label_subset_file_round_trip(shapes_dir, tmp_path):
+  source = datasets.load_source("shapes10", "train", data_dir=shapes_dir)
+  ids = datasets.label_subset(source, 0.05, seed=3)
+  model_dir = str(tmp_path / "run")
+  path = datasets.write_label_subset(model_dir, ids)
+  assert path == os.path.join(model_dir, "label_subset.txt")
+  with open(path) as f:
+    text = f.read()
+  assert text == "".join(f"{i}\n" for i in ids)  # One id per line.
+  np.testing.assert_array_equal(datasets.label_subset(source, label_file=path), ids)
+  # Resuming with the same subset keeps the file; no temporary file is left.
+  assert datasets.write_label_subset(model_dir, ids[::-1]) == path
+  assert os.listdir(model_dir) == ["label_subset.txt"]
+  # A different subset (or all labels) in the same model_dir is refused; the file stays.
+  other = datasets.label_subset(source, 0.05, seed=4)
+  for different, what in ((other, "250 examples"), (None, "every example")):
+    with pytest.raises(datasets.DatasetError, match=f"holds the labelled subset of an earlier "
+                       f"run \\(250 examples\\) and this run's differs \\({what}\\)") as info:
+      datasets.write_label_subset(model_dir, different)
+    assert "\n" not in str(info.value)
+  with open(path) as f:
+    assert f.read() == text
+  # All labels and no earlier file: nothing written.
+  assert datasets.write_label_subset(str(tmp_path / "fresh"), None) is None
+  assert not os.path.exists(tmp_path / "fresh")
+  # Hand-written files may have blank lines, comments and repeats.
+  hand = tmp_path / "hand.txt"
+  hand.write_text("# few labels\n7\n\n 3 \n7\n")
+  np.testing.assert_array_equal(datasets.label_subset(source, label_file=str(hand)), [3, 7])
+
+
+def test_label_file_errors(shapes_dir, tmp_path):
+  source = datasets.load_source("shapes10", "train", data_dir=shapes_dir)
+  cases = {
+      "3\n5000\n-1\n12\n": r"names 2 example ids that shapes10 'train' does not have \(its ids "
+                           r"are 0..4999\): -1, 5000$",
+      "3\nfour\n": r"line 2: 'four' is not an example id",
+      "# nothing\n\n": r"names no example ids",
+  }
+  for i, (text, message) in enumerate(cases.items()):
+    path = tmp_path / f"labels{i}.txt"
+    path.write_text(text)
+    with pytest.raises(datasets.DatasetError, match=message) as info:
+      datasets.label_subset(source, label_file=str(path))
+    assert "\n" not in str(info.value)
+  with pytest.raises(datasets.DatasetError, match="label file .*missing.txt does not exist"):
+    datasets.label_subset(source, label_file=str(tmp_path / "missing.txt"))
+
+
+def test_label_fraction_out_of_range(shapes_dir, tmp_path):
+  source = datasets.load_source("shapes10", "train[:100]", data_dir=shapes_dir)
+  for fraction in (0.0, -0.1, 1.5, float("nan")):
+    with pytest.raises(datasets.DatasetError, match=r"label fraction must be in \(0, 1\]"):
+      datasets.label_subset(source, fraction)
+  path = tmp_path / "ids.txt"
+  path.write_text("1\n")
+  with pytest.raises(datasets.DatasetError, match="label fraction .* or a label file .*not both"):
+    datasets.label_subset(source, 0.1, label_file=str(path))
+  _write(f"{tmp_path}/unlabeled/a.png", tf.io.encode_png(_random_image(0)).numpy())
+  unlabelled = datasets.load_source("image_folder", "unlabeled", data_dir=str(tmp_path))
+  with pytest.raises(datasets.DatasetError, match="needs labels, but image_folder 'unlabeled'"):
+    datasets.label_subset(unlabelled, 0.5)
+
+  # The flags are checked before anything runs.
+  from flags import definitions  # pylint: disable=g-import-not-at-top
+  defaults = {name: definitions.FLAGS[name].default for name in definitions.FLAGS}
+  defaults["model_dir"] = str(tmp_path)
+  definitions.validate(defaults)
+  for fraction in (0.0, 1.01, float("nan")):
+    with pytest.raises(ValueError, match=r"--train_label_fraction must be in \(0, 1\], got"):
+      definitions.validate(dict(defaults, train_label_fraction=fraction))
+  with pytest.raises(ValueError, match="--train_label_fraction or --train_label_file, not both"):
+    definitions.validate(dict(defaults, train_label_fraction=0.1, train_label_file=str(path)))
+  config = definitions.to_config(dict(defaults, train_label_fraction=0.1, train_mode="finetune"))
+  assert config.data.train_label_fraction == 0.1 and config.data.train_label_file is None
+
+
+def test_finetune_dataset_on_a_subset(small):
+  ids = datasets.label_subset(small, 0.2, seed=0)  # About 20 of the 100 examples.
+  n = len(ids)
+  assert 15 <= n <= 25
+  subset = datasets.subset_source(small, ids)
+  assert subset.num_examples == n
+  np.testing.assert_array_equal(_records_numpy(subset)["id"], ids)  # Ids kept, in order.
+
+  # Two epochs of the subset, and nothing else; each epoch in its own order.
+  batches = _take(datasets.finetune_dataset(small, n, n, 1, 0, seed=2, image_size=IMAGE_SIZE,
+                                            subset=ids), 2)
+  labels = _records_numpy(small)["label"]
+  for b in batches:
+    np.testing.assert_array_equal(np.sort(b["id"]), ids)
+    np.testing.assert_array_equal(b["label"], labels[b["id"]])
+  assert not np.array_equal(batches[0]["id"], batches[1]["id"])
+
+  # The contract holds over the subset: pipelines, replicas and restarts do not change it.
+  kwargs = dict(seed=5, num_views=1, color_jitter_strength=0.0, use_blur=False)
+  one = _global_batches(subset, 6, 8, 1, 8, **kwargs)
+  _assert_batches_equal(one, _global_batches(subset, 6, 8, 2, 4, **kwargs))
+  _assert_batches_equal(one[4:], _global_batches(subset, 2, 8, 1, 8, start_step=4, **kwargs))
+  finetune = _take(datasets.finetune_dataset(small, 8, 8, 1, 0, seed=5, image_size=IMAGE_SIZE,
+                                             subset=ids), 6)
+  _assert_batches_equal(one, finetune)
+  # An example's view is the one the full source gives it (seeded by its id, not position).
+  images = {int(ex["id"]): ex["image"] for ex in small.dataset}
+  example_id = int(one[0]["id"][0])
+  view = augment.simclr_augment(images[example_id], datasets.view_seeds(5, 0, example_id)[0],
+                                IMAGE_SIZE, IMAGE_SIZE, color_jitter_strength=0.0, use_blur=False)
+  np.testing.assert_allclose(one[0]["views"][0, 0], view.numpy(), atol=1e-5)
+
+  with pytest.raises(datasets.DatasetError, match="repeats example ids"):
+    datasets.subset_source(small, [1, 1])
+  with pytest.raises(datasets.DatasetError, match="names 1 example ids that .* does not have"):
+    datasets.subset_source(small, [1, 100])
+
+
+@pytest.mark.parametrize("name", ["imagenet2012_subset/1pct", "imagenet2012_subset/10pct"])
+def test_imagenet_label_subsets_are_tfds_names(tmp_path, name):
+  # The name with its config reaches tfds.builder (no 'Unknown dataset' / 'Cannot use'); what
+  # stops it, without a download, is ImageNet's archives that must be fetched by hand.
+  manual = os.path.join(str(tmp_path), "downloads", "manual")
+  with pytest.raises(datasets.DatasetError, match=f"'{name}' must be downloaded by hand: put "
+                     f"ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/"):
+    datasets.load_source(name, "train", data_dir=str(tmp_path))
+  assert not [f for _, _, files in os.walk(tmp_path) for f in files]

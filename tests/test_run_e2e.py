@@ -1,19 +1,20 @@
-"""End-to-end runs of run.py in subprocesses: replica invariance, SIGKILL resume, export, errors.
+"""End-to-end runs of run.py in subprocesses: replica invariance, export, errors.
 
 Each configuration of logical devices needs its own process (TensorFlow fixes them at start-up),
 so every run here is a `python run.py ...` subprocess on the built-in shapes10 dataset at 16 px.
+Interrupted and resumed runs are in test_faults.py, multi-worker runs in test_multiworker.py.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -64,15 +65,18 @@ def model_variables(prefix):
           if k.endswith("VARIABLE_VALUE") and not k.startswith("save_counter")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+  return runs.shared_data_dir(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def replica_runs(data_dir, tmp_path_factory):
-  """Three-step runs with 1, 2 and 4 CPU replicas at global batch 8; 1 replica also evals."""
-  _prepare_shapes10(data_dir)
+def make_replica_runs(tmp_path_factory):
+  """Three-step runs with 1, 2 and 4 CPU replicas at global batch 8; 1 replica also evals.
+
+  Run once per session by conftest.py's `replica_runs` fixture: test_multiworker.py compares
+  two workers with the 2-replica run.
+  """
+  data_dir = runs.shared_data_dir(tmp_path_factory)
   dirs, commands = {}, []
   for replicas in (1, 2, 4):
     d = str(tmp_path_factory.mktemp(f"r{replicas}"))
@@ -85,12 +89,6 @@ def replica_runs(data_dir, tmp_path_factory):
   for res in results:
     assert res.returncode == 0, res.stderr[-3000:]
   return {r: (dirs[r], res) for r, res in zip((1, 2, 4), results)}
-
-
-def _prepare_shapes10(data_dir):
-  """Builds shapes10 once, so concurrent runs do not race to write it."""
-  from tf_simclr import datasets
-  datasets.load_source("shapes10", "train", data_dir)
 
 
 def _global_relative(a, b, keys):
@@ -176,41 +174,6 @@ def test_export_loads_without_tf_simclr_and_fine_tunes(replica_runs, tmp_path):
     np.testing.assert_allclose(loaded[k], want[k].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_sigkill_then_restart_matches_uninterrupted(replica_runs, data_dir, tmp_path):
-  args = COMMON + [f"--data_dir={data_dir}", "--train_steps=12", "--checkpoint_steps=1",
-                   "--mode=train", "--cpu_replicas=1"]
-  whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-  run = lambda d: subprocess.Popen(  # noqa: E731
-      [sys.executable, os.path.join(REPO, "run.py")] + args + [f"--model_dir={d}"], cwd=REPO,
-      env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  whole_proc, proc = run(whole), run(killed)
-  try:
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(killed, "ckpt-2.index")):
-      assert proc.poll() is None, "run ended before it could be killed"
-      assert time.time() < deadline
-      time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    _, err = whole_proc.communicate(timeout=600)
-    assert whole_proc.returncode == 0, err[-3000:]
-  finally:
-    for p in (proc, whole_proc):
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  state = tf.train.get_checkpoint_state(killed)
-  killed_at = int(state.model_checkpoint_path.rsplit("-", 1)[1])
-  assert 2 <= killed_at < 12
-  res = run_py(args + [f"--model_dir={killed}"])
-  assert res.returncode == 0, res.stderr[-3000:]
-  a = model_variables(os.path.join(whole, "ckpt-12"))
-  b = model_variables(os.path.join(killed, "ckpt-12"))
-  assert len(a) > 150
-  for k in a:  # --deterministic: bit for bit
-    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-
-
 def _assert_one_line_error(res, words):
   assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
   assert "Traceback" not in res.stderr, res.stderr[-2000:]
@@ -218,16 +181,47 @@ def _assert_one_line_error(res, words):
   assert last.startswith("error: ") and all(w in last for w in words), last
 
 
+def _two_class_folder(root):
+  """root/{train,test}/{a,b}/*.png: a 2-class image folder."""
+  for split in ("train", "test"):
+    for c, cls in enumerate("ab"):
+      os.makedirs(root / split / cls)
+      for i in range(2):
+        png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(60 * (c + i), tf.uint8)))
+        (root / split / cls / f"{i}.png").write_bytes(png.numpy())
+
+
 @pytest.mark.parametrize("extra,words", [
     (["--temperature=0"], ["temperature"]),
     (["--dataset=shapes11"], ["shapes11", "shapes10"]),
     (["--dataset=image_folder", "--data_dir=/nonexistent/folder"], ["/nonexistent/folder"]),
     (["--cpu_replicas=2", "--train_batch_size=7"], ["train_batch_size=7", "2"]),
+    # After pretraining ({pre}: a pretraining model_dir, {tmp}: this test's directory).
+    (["--train_mode=finetune", "--checkpoint={tmp}/none"], ["--checkpoint", "does not exist"]),
+    (["--train_mode=finetune", "--train_label_fraction=0"], ["--train_label_fraction", "(0, 1]"]),
+    (["--train_mode=finetune", "--train_label_file={tmp}/ids.txt"],
+     ["label file", "ids.txt", "99999"]),
+    (["--train_mode=distill"], ["--teacher_checkpoint"]),
+    (["--train_mode=distill", "--teacher_checkpoint={tmp}/none"], ["{tmp}/none", "not exist"]),
+    (["--train_mode=distill", "--teacher_checkpoint={pre}", "--dataset=image_folder",
+      "--data_dir={tmp}/images"], ["predicts 10 classes", "have 2"]),
 ])
-def test_bad_input_is_one_line(extra, words, tmp_path, data_dir):
-  args = COMMON + [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'm'}",
-                   "--train_steps=1"] + extra
-  _assert_one_line_error(run_py(args), words)
+def test_bad_input_is_one_line(extra, words, tmp_path, data_dir, request):
+  fill = {"tmp": str(tmp_path)}
+  if any("{pre}" in a for a in extra):
+    fill["pre"] = request.getfixturevalue("replica_runs")[1][0]
+  (tmp_path / "ids.txt").write_text("3\n99999\n")
+  if any("{tmp}/images" in a for a in extra):
+    _two_class_folder(tmp_path / "images")
+  model_dir = tmp_path / "m"
+  model_dir.mkdir()
+  (model_dir / "keep.txt").write_text("a user's file")
+  args = COMMON + [f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                   "--train_steps=1"] + [a.format(**fill) for a in extra]
+  _assert_one_line_error(run_py(args), [w.format(**fill) for w in words])
+  # Nothing written into (or over) the model_dir.
+  assert os.listdir(model_dir) == ["keep.txt"]
+  assert (model_dir / "keep.txt").read_text() == "a user's file"
 
 
 def test_bad_checkpoints_are_refused_and_kept(replica_runs, data_dir, tmp_path):

@@ -30,8 +30,10 @@ per-example factors in a batch. They compute the same functions as those
 kernels (equal up to float rounding, < 2e-6, tested). Small views use the fused
 kernels: there the number of graph nodes, not arithmetic, sets the cost.
 
-Two forms compute the same view:
+Three forms compute the same view:
   * `simclr_augment`: one image of any size (for `tf.data` on the host).
+  * `crop_view` on the host, then `distort_batch` on the accelerator
+    (`--augment_on_device`): the host keeps only the crop and resize.
   * `simclr_augment_batch`: a batch of same-size images with batched ops (for
     the model graph on an accelerator). Row i equals the per-image view of
     seed i up to float rounding (< 1e-4; ~1e-6 measured). Its resize is a
@@ -428,6 +430,22 @@ def _jitter_one(x, factors, order, ops):
   return x
 
 
+def _resized_crop(image, seed, height, width, color_jitter_strength):
+  """The view's random resized crop [height, width, 3] in [0, 1], and its draws."""
+  height, width = _check_size(height, width)
+  strength = _check_strength(color_jitter_strength)
+  image = _check_image(image, rank=3)
+  seed = _check_seed(seed, rank=1)
+  p = _draw(seed, tf.shape(image), height, width, strength)
+  # Crop before the dtype conversion: less data to convert.
+  crop = _to_float(tf.slice(image, p['begin'], p['size']))
+  crop = tf.ensure_shape(crop, [None, None, 3])
+  view = tf.image.resize(crop[None], [height, width], method='bicubic')[0]
+  # Bicubic overshoots.
+  view = tf.clip_by_value(view, 0., 1.)
+  return tf.ensure_shape(view, [height, width, 3]), p
+
+
 def simclr_augment(image,
                    seed,
                    height,
@@ -450,16 +468,7 @@ def simclr_augment(image,
   """
   height, width = _check_size(height, width)
   strength = _check_strength(color_jitter_strength)
-  image = _check_image(image, rank=3)
-  seed = _check_seed(seed, rank=1)
-
-  p = _draw(seed, tf.shape(image), height, width, strength)
-  # Crop before the dtype conversion: less data to convert.
-  crop = _to_float(tf.slice(image, p['begin'], p['size']))
-  crop = tf.ensure_shape(crop, [None, None, 3])
-  view = tf.image.resize(crop[None], [height, width], method='bicubic')[0]
-  # Bicubic overshoots.
-  view = tf.clip_by_value(view, 0., 1.)
+  view, p = _resized_crop(image, seed, height, width, strength)
   # Small views: TF's fused interleaved kernels (few graph nodes; per-node
   # cost dominates). Large views: planar ops (less arithmetic, see the module
   # docstring). Both compute the same view up to float rounding (~1e-6).
@@ -644,15 +653,83 @@ def simclr_augment_batch(images,
 
   x = _crop_resize(_to_float(images), p['box'], p['flip'], height, width)
   x = tf.clip_by_value(x, 0., 1.)
-  if strength > 0:
-    x = _select(p['jitter'], _jitter_batch(x, p['factors'], p['order']), x)
-    x = _select(p['gray'], _grayscale(x), x)
-  radius = _blur_radius(height)
-  if use_blur and radius > 0:
-    x = _select(p['blur'], _blur(x, p['sigma'], radius), x)
+  x = _distort_planar(x, p, strength, use_blur)
   views = tf.transpose(x, [0, 2, 3, 1])
   views = tf.clip_by_value(views, 0., 1.)
   return tf.ensure_shape(views, [None, height, width, 3])
+
+
+def _distort_planar(x, p, strength, use_blur):
+  """Jitter, grayscale and blur of planar crops x [B, 3, H, W] with params p."""
+  if strength > 0:
+    x = _select(p['jitter'], _jitter_batch(x, p['factors'], p['order']), x)
+    x = _select(p['gray'], _grayscale(x), x)
+  radius = _blur_radius(x.shape[2])
+  if use_blur and radius > 0:
+    x = _select(p['blur'], _blur(x, p['sigma'], radius), x)
+  return x
+
+
+# ----------------------------------------------------------------------------
+# Split form: crop on the host, distort on the accelerator.
+#
+# On a TPU pod the host CPUs cannot keep up with the colour ops and the blur
+# of large views (a known complaint with the reference). Here the host does
+# what needs the source image (decode, the crop sampler, the crop and resize)
+# and draws the rest of the view's parameters; the accelerator applies the
+# flip, jitter, grayscale and blur to the batch with static shapes and no
+# randomness of its own (nothing that differs between Philox and ThreeFry).
+# `distort_batch(*crop_view(...))` equals `simclr_augment` up to float
+# rounding (~1e-6, tested).
+
+DISTORT_SIGNATURE = {
+    'flip': tf.TensorSpec([], tf.bool),
+    'jitter': tf.TensorSpec([], tf.bool),
+    'gray': tf.TensorSpec([], tf.bool),
+    'blur': tf.TensorSpec([], tf.bool),
+    'factors': tf.TensorSpec([4], tf.float32),
+    'order': tf.TensorSpec([4], tf.int32),
+    'sigma': tf.TensorSpec([], tf.float32),
+}
+
+
+def crop_view(image, seed, height, width, color_jitter_strength=1.0):
+  """The host half of one view: random resized crop, and the other draws.
+
+  Args:
+    image: uint8 [H, W, 3] or float [H, W, 3] in [0, 1], any size.
+    seed: int32/int64 [2], the view's stateless seed (as `simclr_augment`).
+    height: output height (Python int).
+    width: output width (Python int).
+    color_jitter_strength: as in `simclr_augment`.
+
+  Returns:
+    (crop, params): crop float32 [height, width, 3] in [0, 1], not flipped;
+    params a dict shaped like `DISTORT_SIGNATURE` for `distort_batch`.
+  """
+  crop, p = _resized_crop(image, seed, height, width, color_jitter_strength)
+  return crop, {k: p[k] for k in DISTORT_SIGNATURE}
+
+
+def distort_batch(crops, params, color_jitter_strength=1.0, use_blur=True):
+  """The accelerator half: flip, colour jitter, grayscale and blur of a batch.
+
+  Args:
+    crops: float32 [B, H, W, 3] in [0, 1], from `crop_view`.
+    params: dict of `crop_view`'s params with a leading batch axis [B, ...].
+    color_jitter_strength: as given to `crop_view`.
+    use_blur: as in `simclr_augment`.
+
+  Returns:
+    float32 [B, H, W, 3] in [0, 1].
+  """
+  strength = _check_strength(color_jitter_strength)
+  crops = _check_image(crops, rank=4, name='crops')
+  x = tf.transpose(_to_float(crops), [0, 3, 1, 2])
+  x = _select(params['flip'], tf.reverse(x, axis=[3]), x)
+  x = _distort_planar(x, params, strength, use_blur)
+  views = tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0., 1.)
+  return tf.ensure_shape(views, [None] + crops.shape[1:].as_list())
 
 
 # ----------------------------------------------------------------------------

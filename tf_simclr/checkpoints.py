@@ -4,23 +4,43 @@
   skipped with a warning and renamed aside (`.corrupt`), never deleted.
 * A checkpoint that does not fit the model asked for (other depth, width, heads) stops the run
   with one line: it belongs to another experiment.
-* `tf.train.CheckpointManager` writes the data files first and the `checkpoint` index last, by
-  rename, so a run killed mid-write leaves the previous checkpoint as the newest one.
+* Writes are atomic where it matters. `tf.train.CheckpointManager.save` (TF 2.21) writes the
+  data into `ckpt-N_temp/`, merges it into `ckpt-N.data-*` and `ckpt-N.index`, and only then
+  rewrites the `checkpoint` index (to a temporary file, renamed over the old one). Only the
+  checkpoints that index lists are restored, so a run killed mid-write leaves the previous
+  checkpoint as the newest one; the next save of step N replaces the debris.
+* A failed write (disk full, no permission) raises CheckpointWriteError, one line, after
+  removing its own temporary files; the earlier checkpoints and the index are untouched.
+* In multi-worker training every worker restores from the chief's `model_dir`; the others
+  write their (identical) copies to `workertemp_<task>/`, deleted after each save.
 """
 from __future__ import annotations
 
 import os
+import re
 
 from absl import logging
 import tensorflow as tf
 
-# Reading errors that mean "this file is damaged", as opposed to "this is another model".
-_CORRUPT_ERRORS = (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
-                   tf.errors.InvalidArgumentError, IndexError)
+# Reading errors that mean "this file is damaged", as opposed to "this is another model" or
+# "the storage cannot be reached now" (UNAVAILABLE, PERMISSION_DENIED: raised, not skipped).
+# A truncated index file fails with a bare OpError of code UNKNOWN ("file is too short to be
+# an sstable").
+_CORRUPT_ERRORS = (tf.errors.OpError, IndexError)
+_CORRUPT_CODES = frozenset({tf.errors.DATA_LOSS, tf.errors.NOT_FOUND, tf.errors.OUT_OF_RANGE,
+                            tf.errors.INVALID_ARGUMENT, tf.errors.UNKNOWN})
+
+
+def _is_corrupt(err) -> bool:
+  return not isinstance(err, tf.errors.OpError) or err.error_code in _CORRUPT_CODES
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's variables do not fit the model being built."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, read-only or missing directory)."""
 
 
 def worker_dir(model_dir: str) -> str:
@@ -29,8 +49,15 @@ def worker_dir(model_dir: str) -> str:
   return os.path.join(model_dir, f"workertemp_{task}")
 
 
+def _first_line(err) -> str:
+  """The first line of an error's message, without TF's `{{function_node ...}}` prefix."""
+  text = err.message if isinstance(err, tf.errors.OpError) else str(err)
+  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.strip())
+  return text.splitlines()[0] if text else type(err).__name__
+
+
 def _mismatch(path, err):
-  first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+  first = _first_line(err)
   return CheckpointMismatchError(
       f"checkpoint {path} does not match the model asked for ({first[:200]}); use the flags it "
       "was trained with, or a new --model_dir")
@@ -39,6 +66,8 @@ def _mismatch(path, err):
 def _set_aside(path):
   """Renames a damaged checkpoint's files to `<name>.corrupt-N`, keeping their bytes."""
   for name in tf.io.gfile.glob(path + ".*"):
+    if ".corrupt-" in name:  # set aside before (by a run that stopped before its next save)
+      continue
     suffix = 0
     while tf.io.gfile.exists(f"{name}.corrupt-{suffix}"):
       suffix += 1
@@ -62,24 +91,46 @@ def _restore(checkpoint, path):
   return status
 
 
+def _listed_checkpoints(model_dir: str) -> list[str]:
+  """The checkpoints the `checkpoint` index of `model_dir` lists, oldest first."""
+  state = tf.train.get_checkpoint_state(model_dir)
+  paths = list(state.all_model_checkpoint_paths) if state is not None else []
+  if not paths:
+    unlisted = tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*.index"))
+    if unlisted:
+      logging.warning("Ignoring %s: no `checkpoint` index lists it (a run stopped while "
+                      "writing its first checkpoint leaves this)", ", ".join(sorted(unlisted)))
+  return paths
+
+
 def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
                    model_dir: str) -> bool:
-  """Restores the newest readable checkpoint in `manager`; False when there is none.
+  """Restores the newest readable checkpoint of `model_dir`; False when there is none.
+
+  `manager` is the one that saves this process's checkpoints: in `model_dir` on the chief
+  (which alone renames damaged checkpoints aside), in a `worker_dir` on other workers.
 
   Raises:
     CheckpointMismatchError: the newest readable checkpoint does not fit the model.
   """
-  candidates = list(reversed(manager.checkpoints))
+  # Create the save counter now rather than inside a restore: under MultiWorkerMirroredStrategy
+  # creating a variable is a collective, which a worker with nothing to restore would not join.
+  _ = checkpoint.save_counter
+  owner = os.path.normpath(manager.directory) == os.path.normpath(model_dir)
+  candidates = list(reversed(_listed_checkpoints(model_dir)))
   for i, path in enumerate(candidates):
     try:
       _restore(checkpoint, path)
     except _CORRUPT_ERRORS as err:
+      if not _is_corrupt(err):
+        raise
       logging.warning("Checkpoint %s is unreadable (%s); trying the previous one. Its files are "
                       "kept as *.corrupt-N.", path, type(err).__name__)
-      _set_aside(path)
-      # Forget it, so the next save's index does not list a checkpoint that is not there.
-      # (CheckpointManager has no public way to drop one; guarded in case its internals move.)
-      getattr(manager, "_maybe_delete", {}).pop(path, None)
+      if owner:
+        _set_aside(path)
+        # Forget it, so the next save's index does not list a checkpoint that is not there.
+        # (CheckpointManager has no public way to drop one; guarded in case its internals move.)
+        getattr(manager, "_maybe_delete", {}).pop(path, None)
       continue
     if i:
       logging.warning("Resumed from %s, not the newest checkpoint", path)
@@ -108,12 +159,47 @@ def restore_weights(model, path: str) -> None:
   try:
     _restore(tf.train.Checkpoint(model=model), path)
   except _CORRUPT_ERRORS as err:
+    if not _is_corrupt(err):
+      raise
     raise ValueError(f"--checkpoint={path} is unreadable ({type(err).__name__})") from None
   logging.info("Initialised weights from %s", path)
 
 
-def save(manager: tf.train.CheckpointManager, step: int) -> str:
-  """Saves checkpoint `ckpt-<step>`; returns its path."""
-  path = manager.save(checkpoint_number=step)
-  logging.info("Saved %s", path)
+def _remove_temporary(prefix):
+  """Deletes `<prefix>_temp/`, where TF writes a checkpoint's data before merging it."""
+  if tf.io.gfile.exists(prefix + "_temp"):
+    tf.io.gfile.rmtree(prefix + "_temp")
+
+
+def save(manager: tf.train.CheckpointManager, step: int, temporary: bool = False) -> str:
+  """Saves checkpoint `ckpt-<step>`; returns its path.
+
+  Args:
+    manager: writes into its directory; see the module docstring for the write order.
+    step: the checkpoint's number.
+    temporary: a non-chief worker's copy (MultiWorkerMirroredStrategy needs every worker to
+      save): deleted, with its directory, once written.
+
+  Raises:
+    CheckpointWriteError: the write failed; the previous checkpoints are intact.
+  """
+  prefix = os.path.join(manager.directory, f"ckpt-{step}")
+  try:
+    # Debris of an earlier write of this checkpoint, interrupted: TF would keep it forever.
+    _remove_temporary(prefix)
+    path = manager.save(checkpoint_number=step)
+  except tf.errors.OpError as err:
+    try:
+      _remove_temporary(prefix)  # what this failed write left
+    except tf.errors.OpError:
+      pass
+    # TF says "<temporary file>; File too large [Op:SaveV2]": keep the reason.
+    reason = re.sub(r"\s*\[Op:\w+\]$", "", _first_line(err)).rsplit("; ", 1)[-1]
+    raise CheckpointWriteError(
+        f"cannot write checkpoint {prefix} ({type(err).__name__}: {reason[:300]}); is the disk "
+        "full or the directory read-only? The earlier checkpoints are intact") from None
+  if temporary:
+    tf.io.gfile.rmtree(manager.directory)
+  else:
+    logging.info("Saved %s", path)
   return path

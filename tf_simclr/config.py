@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-TRAIN_MODES = ("pretrain", "finetune")
+TRAIN_MODES = ("pretrain", "finetune", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,9 @@ class DataConfig:
   color_jitter_strength: float = 1.0
   use_blur: bool = True
   cache_dataset: bool = False
+  # Few labels (datasets.label_subset): a class-balanced fraction in (0, 1], or a file of ids.
+  train_label_fraction: float = 1.0
+  train_label_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,15 @@ class TrainConfig:
   eval_name: str | None = None
   seed: int = 0
   deterministic: bool = False
+  # kNN monitor (knn.knn_accuracy); 0 steps: off.
+  knn_eval_every_n_steps: int = 0
+  knn_k: int = 200
+  knn_temperature: float = 0.07
+  # Distillation (SimCLRv2 section 2): a fine-tuned teacher's softened predictions as targets;
+  # loss = (1 - distill_label_weight) * distillation + distill_label_weight * labelled loss.
+  teacher_checkpoint: str | None = None
+  distill_temperature: float = 1.0
+  distill_label_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +116,7 @@ class RuntimeConfig:
   master: str | None = None
   mixed_precision: str = "none"
   jit_compile: bool = False
+  augment_on_device: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

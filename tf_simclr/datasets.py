@@ -55,6 +55,7 @@ import re
 from typing import Callable
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -69,6 +70,7 @@ DEFAULT_SHUFFLE_BUFFER = 50_000
 # Stream tags of the root keys [seed, tag]: the order and the views never share random numbers.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+_SUBSET_STREAM = 2
 _ALG = "philox"  # Pinned, rather than 'auto_select', so the keys cannot depend on the device.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 _MAGIC_LENGTH = max(len(m) for m in _MAGIC)
@@ -290,6 +292,194 @@ def _image_folder_source(split: str, data_dir: str | None) -> Source:
 
 
 # ----------------------------------------------------------------------------------------------
+# Labelled subsets (fine-tuning with few labels).
+#
+# The rule of `label_subset(source, fraction, seed=s)`: with n_c examples of class c,
+#   quota_c = min(n_c, max(1, floor(fraction * n_c + 0.5)))   (round half up, at least 1),
+# and class c keeps the first quota_c of its examples in the order of the permutation
+#   perm = tf.random.experimental.stateless_shuffle(range(N), [s, 2], alg='philox')
+# of all N ids. One permutation serves every fraction, so with the same seed a smaller
+# fraction's subset is contained in a larger one's (1% inside 10%), as a user would expect.
+
+LABEL_SUBSET_FILE = "label_subset.txt"
+
+
+def subset_source(source: Source, ids) -> Source:
+  """`source` restricted to the examples whose 'id' is in `ids`, in the source's order.
+
+  Ids keep their values, so an example's views (seeded by its id) are the same as in the
+  full source; the training stream of the result is the contract's stream over its
+  `len(ids)` examples. The filter reads every record of the source once per pass; for a
+  small subset of a large split, cache it (`cache=True`) to read the split once.
+
+  Args:
+    source: from `load_source`.
+    ids: int sequence or array of distinct example ids, each in [0, source.num_examples).
+
+  Raises:
+    DatasetError: empty, duplicated or unknown ids.
+  """
+  ids = np.asarray(ids, np.int64).reshape(-1)
+  _check_ids(source, ids, what="the subset")
+  if len(np.unique(ids)) != len(ids):
+    raise DatasetError(f"the subset of {source.name} {source.split!r} repeats example ids")
+  keep = np.zeros([source.num_examples], bool)
+  keep[ids] = True
+  keep = tf.constant(keep)
+  records = source.records.filter(lambda record: tf.gather(keep, record["id"]))
+  return dataclasses.replace(source, num_examples=len(ids), records=records)
+
+
+def _check_ids(source: Source, ids: np.ndarray, what: str) -> None:
+  if not len(ids):
+    raise DatasetError(f"{what} names no example ids")
+  unknown = ids[(ids < 0) | (ids >= source.num_examples)]
+  if len(unknown):
+    shown = ", ".join(str(i) for i in np.unique(unknown)[:5])
+    raise DatasetError(
+        f"{what} names {len(unknown)} example ids that {source.name} {source.split!r} does not "
+        f"have (its ids are 0..{source.num_examples - 1}): {shown}"
+        f"{', ...' if len(np.unique(unknown)) > 5 else ''}")
+
+
+def read_label_file(path: str) -> np.ndarray:
+  """The example ids listed in a text file, one per line: sorted, distinct int64 [n].
+
+  Blank lines and lines starting with '#' are ignored.
+
+  Raises:
+    DatasetError: missing file, a line that is not an integer, or no ids at all.
+  """
+  if not tf.io.gfile.exists(path):
+    raise DatasetError(f"label file {path} does not exist")
+  with tf.io.gfile.GFile(path, "r") as f:
+    lines = f.read().splitlines()
+  ids = []
+  for number, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    try:
+      ids.append(int(line))
+    except ValueError:
+      raise DatasetError(f"label file {path} line {number}: {line[:60]!r} is not an example id "
+                         "(an integer)") from None
+  if not ids:
+    raise DatasetError(f"label file {path} names no example ids")
+  return np.unique(np.asarray(ids, np.int64))
+
+
+def _labels_by_id(source: Source) -> np.ndarray:
+  """int64 [N]: the label of each id. Reads every record once (images stay encoded)."""
+  labels = np.full([source.num_examples], -1, np.int64)
+  pairs = source.records.map(lambda r: (r["id"], r["label"])).batch(65536)
+  for ids, batch_labels in pairs.as_numpy_iterator():
+    labels[ids] = batch_labels
+  return labels
+
+
+def label_subset(source: Source, fraction: float = 1.0, label_file: str | None = None,
+                 seed: int = 0) -> np.ndarray | None:
+  """The labelled training examples: a class-balanced fraction, or the ids of a file.
+
+  See the rule in the comment above this section. Same source and seed, same subset; with
+  a fraction the source's labels are read once (one pass over its records).
+
+  Args:
+    source: a labelled split from `load_source`.
+    fraction: in (0, 1]; 1 with no `label_file` means every example.
+    label_file: a text file of example ids (`read_label_file`); then `fraction` must be 1.
+    seed: the run's seed.
+
+  Returns:
+    Sorted int64 ids [n], or None for every example (fraction 1, no file).
+
+  Raises:
+    DatasetError: fraction outside (0, 1], both a fraction and a file, a file naming unknown
+      ids, or a fraction of an unlabelled source.
+  """
+  if not 0 < fraction <= 1:  # Also rejects NaN.
+    raise DatasetError(f"the label fraction must be in (0, 1], got {fraction}")
+  if label_file:
+    if fraction != 1:
+      raise DatasetError(f"give a label fraction ({fraction}) or a label file ({label_file}), "
+                         "not both")
+    ids = read_label_file(label_file)
+    _check_ids(source, ids, what=f"label file {label_file}")
+    return ids
+  if fraction == 1:
+    return None
+  if source.num_classes == 0:
+    raise DatasetError(f"a label fraction needs labels, but {source.name} {source.split!r} is "
+                       "unlabelled")
+  labels = _labels_by_id(source)
+  if (labels < 0).any():
+    raise DatasetError(f"a label fraction needs labels, but {int((labels < 0).sum())} examples "
+                       f"of {source.name} {source.split!r} have none")
+  counts = np.bincount(labels, minlength=source.num_classes)
+  quota = np.where(counts > 0, np.minimum(counts, np.maximum(
+      1, np.floor(fraction * counts + 0.5).astype(np.int64))), 0)
+  perm = tf.random.experimental.stateless_shuffle(
+      tf.range(source.num_examples, dtype=tf.int64), _root_key(seed, _SUBSET_STREAM),
+      alg=_ALG).numpy()
+  # Group perm by class, keeping perm's order within a class; then rank within the class.
+  grouped = perm[np.argsort(labels[perm], kind="stable")]
+  grouped_labels = labels[grouped]
+  first = np.searchsorted(grouped_labels, grouped_labels)  # Index where each class begins.
+  rank = np.arange(len(grouped)) - first
+  ids = np.sort(grouped[rank < quota[grouped_labels]])
+  logging.info("Labelled subset of %s %r: %d of %d examples (fraction %g, seed %d)",
+               source.name, source.split, len(ids), source.num_examples, fraction, seed)
+  return ids
+
+
+def write_label_subset(model_dir: str, ids) -> str | None:
+  """Records the run's labelled subset in `model_dir/label_subset.txt`, one id per line.
+
+  Written atomically (a temporary file renamed into place) and never over a different
+  subset: a run resumed in the same model_dir must train on the labels it started with.
+
+  Args:
+    model_dir: the run's directory.
+    ids: the ids from `label_subset`; None (every example) writes nothing, but still checks
+      that model_dir holds no subset of an earlier run.
+
+  Returns:
+    The file's path, or None when `ids` is None and there is no file.
+
+  Raises:
+    DatasetError: model_dir already holds a different subset.
+  """
+  path = os.path.join(model_dir, LABEL_SUBSET_FILE)
+  new = None if ids is None else np.unique(np.asarray(ids, np.int64))
+
+  def check_existing():
+    old = read_label_file(path)
+    if new is None or not np.array_equal(old, new):
+      this = "every example" if new is None else f"{len(new)} examples"
+      raise DatasetError(
+          f"{path} holds the labelled subset of an earlier run ({len(old)} examples) and this "
+          f"run's differs ({this}): use the same seed and label fraction or file as that run, "
+          "or another model_dir")
+
+  if tf.io.gfile.exists(path):
+    check_existing()
+    return path
+  if new is None:
+    return None
+  tf.io.gfile.makedirs(model_dir)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write("".join(f"{i}\n" for i in new))
+  try:
+    tf.io.gfile.rename(tmp, path, overwrite=False)
+  except tf.errors.AlreadyExistsError:  # Written meanwhile by another process.
+    tf.io.gfile.remove(tmp)
+    check_existing()
+  return path
+
+
+# ----------------------------------------------------------------------------------------------
 # Pipelines.
 
 
@@ -403,7 +593,8 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
                   num_input_pipelines: int, input_pipeline_id: int, seed: int, image_size: int,
                   num_views: int = 2, start_step: int = 0, color_jitter_strength: float = 1.0,
                   use_blur: bool = True, cache: bool = False,
-                  shuffle_buffer: int | None = None) -> tf.data.Dataset:
+                  shuffle_buffer: int | None = None,
+                  augment_on_device: bool = False) -> tf.data.Dataset:
   """The pretraining input of one input pipeline: infinite, in per-replica batches.
 
   Follows the determinism contract of the module docstring: the concatenation, over the
@@ -423,10 +614,13 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
     color_jitter_strength, use_blur: passed to `augment.simclr_augment`.
     cache: keep the (encoded) records in memory after the first epoch.
     shuffle_buffer: examples per shuffle block; None: min(num_examples, 50,000).
+    augment_on_device: leave the flip, colour jitter, grayscale and blur to the training step
+      (`augment.crop_view` here, `augment.distort_batch` there); same views up to rounding.
 
   Returns:
     tf.data.Dataset of {'views': float32 [b, V, s, s, 3] in [0, 1], 'label': int64 [b],
-    'id': int64 [b]}.
+    'id': int64 [b]}; with `augment_on_device`, 'views' are the crops and 'distort' holds
+    their parameters (`augment.DISTORT_SIGNATURE`, each with leading axes [b, V]).
   """
   share = _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
                           input_pipeline_id)
@@ -448,6 +642,12 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
 
   def make_views(ex):
     seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
+    if augment_on_device:
+      crops = [augment.crop_view(ex["image"], seeds[v], image_size, image_size,
+                                 color_jitter_strength) for v in range(num_views)]
+      return {"views": tf.stack([c for c, _ in crops]),
+              "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
+              "label": ex["label"], "id": ex["id"]}
     views = [augment.simclr_augment(ex["image"], seeds[v], image_size, image_size,
                                     color_jitter_strength=color_jitter_strength,
                                     use_blur=use_blur) for v in range(num_views)]
@@ -461,15 +661,22 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
 def finetune_dataset(source: Source, global_batch_size: int, per_replica_batch_size: int,
                      num_input_pipelines: int, input_pipeline_id: int, seed: int,
                      image_size: int, start_step: int = 0, cache: bool = False,
-                     shuffle_buffer: int | None = None) -> tf.data.Dataset:
+                     shuffle_buffer: int | None = None, subset=None) -> tf.data.Dataset:
   """The fine-tuning input: `train_dataset` with one view and crop + flip only.
 
   As the reference's `preprocess_for_train(color_distort=False)`: colour jitter strength 0 (no
   jitter, no grayscale) and no blur. Same determinism contract and batching.
 
+  `subset` (ids, e.g. from `label_subset`; None: all) restricts the source first
+  (`subset_source`), before the stream is shuffled and repeated, so the contract holds over the
+  subset: the data of a step depend on (seed, step, subset) only, and epochs count subset
+  examples.
+
   Returns:
     tf.data.Dataset of {'views': float32 [b, 1, s, s, 3], 'label': int64 [b], 'id': int64 [b]}.
   """
+  if subset is not None:
+    source = subset_source(source, subset)
   return train_dataset(source, global_batch_size, per_replica_batch_size, num_input_pipelines,
                        input_pipeline_id, seed, image_size, num_views=1, start_step=start_step,
                        color_jitter_strength=0.0, use_blur=False, cache=cache,

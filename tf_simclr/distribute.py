@@ -3,14 +3,20 @@
 `--cpu_replicas=N` splits the host CPU into N logical devices and mirrors over them: the
 distributed path (all-gather of negatives, synchronized BN, gradient all-reduce) on one laptop,
 which is how its correctness is tested.
+
+Also what the training loop needs to stop together: `StopSignal` (SIGTERM, sent by schedulers
+and preemptible VMs before they stop a job) and `ClusterSync` (values agreed over workers).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import signal
+import threading
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 STRATEGIES = ("auto", "tpu", "multi_worker", "mirrored", "one_device")
@@ -31,13 +37,42 @@ def configure_cpu_replicas(num_replicas: int) -> None:
 
 def _tpu_strategy(tpu_name, tpu_zone, gcp_project, master):
   # As in TF's TPU guide: resolve, connect, initialise, then build the strategy.
-  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-      tpu=tpu_name or master or "", zone=tpu_zone, project=gcp_project)
-  tf.config.experimental_connect_to_cluster(resolver)
-  topology = tf.tpu.experimental.initialize_tpu_system(resolver)
+  tpu = tpu_name or master or ""
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=tpu, zone=tpu_zone, project=gcp_project)
+    tf.config.experimental_connect_to_cluster(resolver)
+    topology = tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, ImportError, OSError, tf.errors.OpError) as err:
+    # e.g. no TPU name off Cloud, an unreachable metadata server (zone, project), no
+    # cloud-tpu-client for a named TPU, an unknown TPU, a TensorFlow without TPU support.
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise ValueError(f"cannot set up the TPU {tpu or '(found from the environment)'!r}: "
+                     f"{first[:300]}") from None
   logging.info("TPU topology: %d tasks, %d TPUs per task", topology.num_tasks,
                topology.num_tpus_per_task)
   return tf.distribute.TPUStrategy(resolver)
+
+
+def _check_tf_config(text: str) -> None:
+  """Raises ValueError, naming the problem, unless TF_CONFIG describes this task in a cluster."""
+  try:
+    config = json.loads(text)
+  except json.JSONDecodeError as err:
+    raise ValueError(f"TF_CONFIG is not valid JSON ({err})") from None
+  cluster = config.get("cluster") if isinstance(config, dict) else None
+  task = config.get("task") if isinstance(config, dict) else None
+  if not isinstance(cluster, dict) or not isinstance(task, dict):
+    raise ValueError('TF_CONFIG needs "cluster" and "task", e.g. {"cluster": {"worker": '
+                     '["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}')
+  others = sorted(set(cluster) - {"chief", "worker"})
+  if others:
+    raise ValueError(f"TF_CONFIG: multi_worker training uses 'chief' and 'worker' tasks only, "
+                     f"not {others}")
+  kind, index = task.get("type"), task.get("index")
+  tasks = cluster.get(kind)
+  if not isinstance(tasks, list) or not isinstance(index, int) or not 0 <= index < len(tasks):
+    raise ValueError(f"TF_CONFIG: task {task} is not in the cluster {cluster}")
 
 
 def _tpu_available() -> bool:
@@ -73,7 +108,13 @@ def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool |
     if "TF_CONFIG" not in os.environ:
       raise ValueError("strategy=multi_worker needs the cluster in the TF_CONFIG environment "
                        "variable")
-    json.loads(os.environ["TF_CONFIG"])  # fail early on a malformed TF_CONFIG
+    _check_tf_config(os.environ["TF_CONFIG"])
+    if cpu_replicas > 1:
+      raise ValueError("--cpu_replicas does not apply to strategy=multi_worker: each worker "
+                       "uses all its GPUs, or one CPU")
+    # A worker that dies is detected by the coordination service that this strategy starts
+    # (heartbeats, 10 s by default) and fails the collectives of the others; a collective
+    # timeout (CommunicationOptions) is, per TF's docs, for debugging only.
     return tf.distribute.MultiWorkerMirroredStrategy()
 
   gpus = tf.config.list_logical_devices("GPU")
@@ -92,3 +133,84 @@ def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool |
   if gpus or strategy == "mirrored":
     return tf.distribute.MirroredStrategy()
   return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes what there is one of: summaries, results, exports, flags.
+
+  The chief is the 'chief' task if the cluster has one, else worker 0; a single process
+  (TPUStrategy's single client too) is its own chief.
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return True
+  resolver = strategy.cluster_resolver
+  jobs = resolver.cluster_spec().jobs
+  if not jobs:
+    return True
+  if "chief" in jobs:
+    return resolver.task_type == "chief"
+  return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """Processes that train together: the chief and worker tasks of a multi-worker cluster, else 1."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 1  # TPUStrategy drives every TPU host from one client
+  spec = strategy.cluster_resolver.cluster_spec()
+  return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) or 1
+
+
+class StopSignal:
+  """Remembers that SIGTERM arrived, so that training can stop at a step boundary.
+
+  SIGTERM is what schedulers and preemptible VMs send some seconds before they stop a job.
+  Python runs the handler in the main thread between bytecodes, so it never interrupts a step
+  (a tf.function call); the loop reads `received` between calls. A context manager: the
+  previous handler comes back on exit. Off the main thread, where Python cannot install signal
+  handlers, SIGTERM keeps its previous meaning.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._installed = False
+    self._previous = None
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def __exit__(self, *unused_exc_info):
+    if self._installed:
+      # None: the previous handler was not set from Python; SIG_DFL is then what it was.
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if self._previous is None else self._previous)
+      self._installed = False
+
+  def _handle(self, signum, frame):
+    del signum, frame  # Only a flag: anything more could run in the middle of the loop's code.
+    self.received = True
+
+
+class ClusterSync:
+  """Gathers a few integers from every worker at a step boundary, so all decide alike.
+
+  With several workers this is one small all-gather (every worker must call it at the same
+  point, as any collective); otherwise it returns the local values without communicating.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy):
+    self._gather = None
+    if num_workers(strategy) > 1:
+      # One tf.function, traced once: every worker then runs the same collective each call.
+      @tf.function
+      def gather(values):
+        per_replica = strategy.run(tf.identity, args=(values,))
+        return strategy.gather(per_replica, axis=0)
+      self._gather = gather
+
+  def __call__(self, *values: int) -> np.ndarray:
+    """int64 [R, len(values)]: row r holds the values of the worker of replica r (R >= 1)."""
+    local = tf.constant([values], tf.int64)
+    return (self._gather(local) if self._gather is not None else local).numpy()

@@ -2,11 +2,14 @@
 
 Eval batches are padded to a static shape with mask-0 examples (`datasets.eval_dataset`), so
 every replica runs the same number of steps and the counts are exact on any strategy.
+`restored_checkpoints` drives continuous evaluation beside a training job.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 
 from absl import logging
 import tensorflow as tf
@@ -67,17 +70,29 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
           "eval/regularization_loss": reg, "eval/num_examples": count}
 
 
-def write_results(model_dir: str, result: dict, step: int, writer=None) -> str:
-  """Writes `result.json` and `result_<step>.json` (and summaries); returns the first path."""
+def write_results(model_dir: str, result: dict, step: int, writer=None,
+                  merge: bool = False) -> str:
+  """Writes `result.json` and `result_<step>.json` (and summaries); returns the first path.
+
+  With `merge`, a file's entries of the same step are kept and `result`'s added or updated
+  (the kNN monitor and the evaluation of one step share the files); entries of another step
+  are replaced.
+  """
   payload = {k: float(v) for k, v in result.items()}
   payload["global_step"] = int(step)
   tf.io.gfile.makedirs(model_dir)
   paths = [os.path.join(model_dir, "result.json"),
            os.path.join(model_dir, f"result_{int(step)}.json")]
   for path in paths:
+    content = dict(payload)
+    if merge and tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        existing = json.load(f)
+      if existing.get("global_step") == int(step):
+        content = dict(existing, **payload)
     tmp = path + ".tmp"
     with tf.io.gfile.GFile(tmp, "w") as f:
-      json.dump(payload, f, indent=1, sort_keys=True)
+      json.dump(content, f, indent=1, sort_keys=True)
     tf.io.gfile.rename(tmp, path, overwrite=True)
   if writer is not None:
     with writer.as_default(step=int(step)):
@@ -86,3 +101,49 @@ def write_results(model_dir: str, result: dict, step: int, writer=None) -> str:
     writer.flush()
   logging.info("Eval at step %d: %s", step, json.dumps(payload, sort_keys=True))
   return paths[0]
+
+
+_CKPT_NUMBER = re.compile(r"-([0-9]+)$")
+
+
+def restored_checkpoints(checkpoint: tf.train.Checkpoint, model_dir: str, last_step: int,
+                         step_of=None, poll_secs: float = 5.0):
+  """Restores each new checkpoint of `model_dir` into `checkpoint` and yields its step.
+
+  For evaluating beside a training job: every checkpoint the `checkpoint` index lists, oldest
+  first, each once (never one older than the last yielded), waiting `poll_secs` between looks
+  for new ones. A checkpoint that cannot be restored when its turn comes (pruned by the
+  training job's `keep_checkpoint_max` between listing and restore, or unreadable) is skipped
+  with a log line. Stops after yielding a step >= `last_step`.
+
+  Args:
+    checkpoint: the tf.train.Checkpoint to restore into (model and optimizer).
+    model_dir: the training job's directory.
+    last_step: the training job's final step.
+    step_of: () -> int, the restored step (default: the number in the checkpoint's name).
+    poll_secs: seconds between looks at the index (it waits for as long as it takes).
+
+  Yields:
+    (step, path) after each successful restore.
+  """
+  last_number = -1
+  while True:
+    state = tf.train.get_checkpoint_state(model_dir)
+    listed = list(state.all_model_checkpoint_paths) if state is not None else []
+    numbered = sorted((int(m.group(1)), p) for p in listed
+                      if (m := _CKPT_NUMBER.search(p)) is not None)
+    fresh = [(n, p) for n, p in numbered if n > last_number]
+    for number, path in fresh:
+      last_number = number
+      try:
+        checkpoint.restore(path).expect_partial()
+      except tf.errors.OpError as err:
+        logging.warning("Skipping checkpoint %s: it could not be restored (%s; pruned by the "
+                        "training job?)", path, type(err).__name__)
+        continue
+      step = int(step_of()) if step_of is not None else number
+      logging.info("Evaluating checkpoint %s (step %d)", path, step)
+      yield step, path
+      if step >= last_step:
+        return
+    time.sleep(poll_secs)

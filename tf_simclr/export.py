@@ -11,16 +11,24 @@ process that cannot import `tf_simclr`, and implements TF Hub's reusable SavedMo
   * `obj.regularization_losses`: list of argument-free tf.functions returning float32 scalars,
     the L2 term to add to a fine-tuning loss (see `export_saved_model`).
   * `obj.signatures["serving_default"]`: `images` -> the endpoints dict with `training=False`.
+  * `assets.extra/tf_simclr.json` (a file TF ignores): the model's `ModelConfig` and, for each
+    entry of `obj.variables` in order, the Keras path (`variable.path`), shape and dtype. The
+    saved variables' own names are not unique (`simclr_model/kernel:0`), so this manifest is
+    what `restore_from_saved_model` maps by, onto a model built afresh (fine-tuning from an
+    export, or a distillation teacher).
 
 What is saved is a twin of the model, not the model itself: a model built with
 `global_bn=True` has synchronized batch norm whose cross-replica reductions mean nothing outside
 the strategy that trained it (the reference's export was not differentiable because of them),
 and a model created under a strategy holds distributed variables. The twin is a fresh
 single-device model with plain batch norm and the same weights, so the export is a plain graph.
+The twin has no frozen layers either (`fine_tune_after_block=-1`): whatever the run trained, the
+export's `trainable_variables` are all the weights, for its consumer to fine-tune.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -28,25 +36,32 @@ import uuid
 
 import keras
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from tf_simclr import checkpoints
 from tf_simclr import model as model_lib
 from tf_simclr import optimizers
+from tf_simclr.config import ModelConfig
 
 # Variable shapes do not depend on the image size (the stem is chosen by config.image_size), so
 # the twin is built with a small dummy batch to keep building cheap for big models.
 _BUILD_SIZE = 32
 _NUMERIC = re.compile(r"[0-9]+")
+MANIFEST = os.path.join("assets.extra", "tf_simclr.json")
+_MANIFEST_FORMAT = 1
 
 
 def make_export_twin(model: model_lib.SimCLRModel) -> model_lib.SimCLRModel:
   """Returns a single-device copy of `model` with plain batch norm and the same weights.
 
   The twin is built from `dataclasses.replace(model.config, global_bn=False,
-  train_mode="finetune")` outside any strategy, in the model's dtype policy, and gets a copy of
-  every weight (trainable or not, moving BN statistics included). `train_mode="finetune"` only
-  drops the pretraining `stop_gradient` in front of the supervised head (which keeps the linear
-  evaluation trained alongside pretraining from shaping the representation): forward values are
-  identical, and a consumer fine-tuning on `logits_sup` gets gradients in the encoder.
+  train_mode="finetune", fine_tune_after_block=-1)` outside any strategy, in the model's dtype
+  policy, and gets a copy of every weight (trainable or not, moving BN statistics included).
+  `train_mode="finetune"` only drops the pretraining `stop_gradient` in front of the supervised
+  head (which keeps the linear evaluation trained alongside pretraining from shaping the
+  representation), and `fine_tune_after_block=-1` unfreezes layers a fine-tuning run froze:
+  inference values are identical, and a consumer fine-tuning on `logits_sup` gets gradients in
+  the encoder.
 
   Args:
     model: a built `SimCLRModel`, possibly created under a `tf.distribute` strategy.
@@ -56,14 +71,15 @@ def make_export_twin(model: model_lib.SimCLRModel) -> model_lib.SimCLRModel:
 
   Raises:
     ValueError: when called inside a strategy scope or replica context, or when the twin's
-      weights do not line up with the model's (path, shape, dtype or trainability).
+      weights do not line up with the model's (path, shape or dtype).
   """
   if tf.distribute.has_strategy():
     raise ValueError("Export outside `strategy.scope()` (and outside `strategy.run`): the "
                      "exported twin must be a plain single-device model.")
   if not model.built or not model.weights:
     raise ValueError("The model has no weights yet; build it (model_lib.build_model) first.")
-  config = dataclasses.replace(model.config, global_bn=False, train_mode="finetune")
+  config = dataclasses.replace(model.config, global_bn=False, train_mode="finetune",
+                               fine_tune_after_block=-1)
   # Building draws initializer seeds from Python's `random`; restore its state so that
   # exporting mid-training leaves the rest of the run's randomness unchanged.
   random_state = random.getstate()
@@ -87,12 +103,12 @@ def _copy_weights(source, target):
     raise ValueError(f"Export twin has {len(target)} weights, the model {len(source)}: the "
                      "two models differ in structure.")
   for src, dst in zip(source, target):
-    if (src.path, tuple(src.shape), src.dtype, src.trainable) != (
-        dst.path, tuple(dst.shape), dst.dtype, dst.trainable):
+    # Not trainability: the twin unfreezes what fine-tuning froze.
+    if (src.path, tuple(src.shape), src.dtype) != (dst.path, tuple(dst.shape), dst.dtype):
       raise ValueError(
           "Export twin does not line up with the model: "
-          f"model {src.path} {tuple(src.shape)} {src.dtype} trainable={src.trainable} vs twin "
-          f"{dst.path} {tuple(dst.shape)} {dst.dtype} trainable={dst.trainable}.")
+          f"model {src.path} {tuple(src.shape)} {src.dtype} vs twin "
+          f"{dst.path} {tuple(dst.shape)} {dst.dtype}.")
   for src, dst in zip(source, target):
     # `numpy()` reads a distributed (e.g. mirrored) variable's value in cross-replica context.
     dst.assign(src.numpy())
@@ -175,6 +191,7 @@ def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_dec
   tmp_dir = f"{export_dir}.tmp-{uuid.uuid4().hex}"
   try:
     tf.saved_model.save(root, tmp_dir, signatures={"serving_default": serving})
+    _write_manifest(tmp_dir, twin)
     tf.io.gfile.rename(tmp_dir, export_dir, overwrite=False)
   except tf.errors.AlreadyExistsError as e:
     raise FileExistsError(f"Export directory {export_dir} appeared while exporting; not "
@@ -183,6 +200,137 @@ def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_dec
     if tf.io.gfile.exists(tmp_dir):
       tf.io.gfile.rmtree(tmp_dir)
   return export_dir
+
+
+def _write_manifest(export_dir, twin):
+  """Writes `MANIFEST`: the twin's config and its `variables` in the order they are saved."""
+  manifest = {
+      "format": _MANIFEST_FORMAT,
+      "model_config": dataclasses.asdict(twin.config),
+      "variables": [{"path": v.path, "shape": [int(d) for d in v.shape],
+                     "dtype": str(tf.as_dtype(v.dtype).name)} for v in twin.variables],
+  }
+  path = os.path.join(export_dir, MANIFEST)
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  with tf.io.gfile.GFile(path, "w") as f:
+    json.dump(manifest, f, indent=1)
+
+
+def is_saved_model(path: str) -> bool:
+  """Whether `path` is a SavedModel directory (holds saved_model.pb)."""
+  return bool(path) and tf.saved_model.contains_saved_model(path)
+
+
+def read_manifest(export_dir: str) -> dict:
+  """The `MANIFEST` of an export: {'format', 'model_config': dict, 'variables': [dict]}.
+
+  Raises:
+    ValueError: `export_dir` has none (not a tf_simclr export, or one of before the manifest).
+  """
+  path = os.path.join(export_dir, MANIFEST)
+  if not tf.io.gfile.exists(path):
+    raise ValueError(f"SavedModel {export_dir} has no {MANIFEST}: it was not exported by this "
+                     "version of tf_simclr; give the checkpoint it was exported from instead")
+  with tf.io.gfile.GFile(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != _MANIFEST_FORMAT:
+    raise ValueError(f"{path} has format {manifest.get('format')!r}; this tf_simclr reads "
+                     f"format {_MANIFEST_FORMAT}")
+  return manifest
+
+
+def manifest_model_config(manifest: dict) -> ModelConfig:
+  """The exported model's ModelConfig (fields this version does not know are ignored)."""
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**{k: v for k, v in manifest["model_config"].items() if k in known})
+
+
+def object_graph(reader) -> trackable_object_graph_pb2.TrackableObjectGraph:
+  """The object graph a TF2 checkpoint stores (`reader`: `tf.train.load_checkpoint`)."""
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  return graph
+
+
+def variable_key(graph, names) -> str:
+  """Key in a TF2 checkpoint of the variable at object path `names` from the root.
+
+  A checkpoint keys each value by one of the paths that reach it (the shortest, e.g. through
+  the optimizer); the object graph it stores resolves any path. A SavedModel's `variables/`
+  is such a checkpoint: `variable_key(graph, ["variables", "3"])` is `obj.variables[3]`.
+
+  Args:
+    graph: `object_graph(reader)`.
+    names: attribute names (list indices as strings), e.g. ["model", "supervised_head",
+      "dense", "kernel"].
+
+  Raises:
+    KeyError: no such path.
+  """
+  keys = [a.checkpoint_key for a in _node(graph, names).attributes
+          if a.name == "VARIABLE_VALUE"]
+  if not keys:
+    raise KeyError("/".join(names))
+  return keys[0]
+
+
+def variable_keys_under(graph, names) -> list[str]:
+  """Keys of every variable reachable from the object at path `names` (KeyError: no such)."""
+  keys, seen, stack = [], set(), [_node(graph, names)]
+  while stack:
+    node = stack.pop()
+    keys += [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
+    for child in node.children:
+      if child.node_id not in seen:
+        seen.add(child.node_id)
+        stack.append(graph.nodes[child.node_id])
+  return keys
+
+
+def _node(graph, names):
+  node = graph.nodes[0]
+  for name in names:
+    ids = [c.node_id for c in node.children if c.local_name == name]
+    if not ids:
+      raise KeyError("/".join(names))
+    node = graph.nodes[ids[0]]
+  return node
+
+
+def restore_from_saved_model(model: model_lib.SimCLRModel, export_dir: str) -> None:
+  """Initialises `model`'s weights from one of our exports, matching variables by path.
+
+  Every weight of `model` (moving BN statistics included) must be in the export with the same
+  shape; export weights the model lacks are ignored. Values are read from the export's
+  `variables/` checkpoint without loading its graph, so this works under any strategy scope.
+
+  Args:
+    model: a built SimCLRModel (any strategy, any `fine_tune_after_block`).
+    export_dir: `model_dir/saved_model/<step>` of a tf_simclr run.
+
+  Raises:
+    ValueError: not a readable tf_simclr export.
+    checkpoints.CheckpointMismatchError: a weight of `model` is missing or has another shape.
+  """
+  manifest = read_manifest(export_dir)
+  by_path = {e["path"]: (i, tuple(e["shape"])) for i, e in enumerate(manifest["variables"])}
+  try:
+    reader = tf.train.load_checkpoint(os.path.join(export_dir, "variables", "variables"))
+    graph = object_graph(reader)
+  except (tf.errors.OpError, ValueError) as err:
+    raise ValueError(f"SavedModel {export_dir} has unreadable variables "
+                     f"({type(err).__name__})") from None
+  for v in model.weights:
+    index, shape = by_path.get(v.path, (None, None))
+    if index is None or shape != tuple(v.shape):
+      found = "no such weight" if index is None else f"shape {list(shape)}"
+      raise checkpoints.CheckpointMismatchError(
+          f"SavedModel {export_dir} does not match the model asked for ({v.path} "
+          f"{list(v.shape)}: {found}); use the model flags it was trained with "
+          f"(its {MANIFEST} lists them)")
+  for v in model.weights:
+    index, _ = by_path[v.path]
+    v.assign(reader.get_tensor(variable_key(graph, ["variables", str(index)])))
 
 
 def prune_exports(parent_dir: str, keep_max: int) -> list[str]:

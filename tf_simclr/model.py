@@ -105,6 +105,11 @@ class SimCLRModel(keras.Model):
   (`[B, D]` for mode `none`), `sup_head_input`, and `logits_sup` `[B, num_classes]` when there
   is a supervised head. During pretraining the supervised head sees stop-gradient features, so
   the linear evaluation trained alongside cannot shape the representation.
+
+  `fine_tune_after_block` (see `resnet.ResNet`) freezes the encoder up to that block; at 4
+  (linear evaluation) the projection head is frozen too, BN in inference mode, so that only the
+  supervised head trains: the features it reads (`sup_head_input`) are those of the pretrained
+  network, whichever projection layer `ft_proj_selector` picks.
   """
 
   def __init__(self, config: ModelConfig, **kwargs):
@@ -121,6 +126,8 @@ class SimCLRModel(keras.Model):
         num_layers=config.num_proj_layers, ft_proj_selector=config.ft_proj_selector,
         bn_decay=config.batch_norm_decay, synchronized_bn=config.global_bn,
         name="projection_head")
+    if config.fine_tune_after_block == 4:
+      self.projection_head.trainable = False
     self.supervised_head = (
         LinearLayer(config.num_classes, use_bias=True, use_bn=False, name=SUPERVISED_HEAD_NAME)
         if config.num_classes > 0 else None)

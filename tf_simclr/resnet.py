@@ -70,15 +70,18 @@ class BatchNorm(keras.layers.Layer):
 
   def build(self, input_shape):
     channels = int(input_shape[-1])
+    # autocast=False: under a mixed policy every BN variable is read in float32 (statistics and
+    # the fused kernel's scale/offset), as Keras's own BatchNormalization does.
     if self.scale:
       self.gamma = self.add_weight(shape=(channels,), name="gamma",
-                                   initializer=self.gamma_initializer)
+                                   initializer=self.gamma_initializer, autocast=False)
     if self.center:
-      self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros")
+      self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros",
+                                  autocast=False)
     self.moving_mean = self.add_weight(shape=(channels,), name="moving_mean",
-                                       initializer="zeros", trainable=False)
+                                       initializer="zeros", trainable=False, autocast=False)
     self.moving_variance = self.add_weight(shape=(channels,), name="moving_variance",
-                                           initializer="ones", trainable=False)
+                                           initializer="ones", trainable=False, autocast=False)
 
   def _affine(self, channels):
     gamma = self.gamma if self.gamma is not None else tf.ones([channels])

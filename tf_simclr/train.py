@@ -17,8 +17,14 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from tf_simclr import augment
 from tf_simclr import checkpoints
 from tf_simclr import datasets
+from tf_simclr import distill
+from tf_simclr import distribute
+from tf_simclr import evaluate
+from tf_simclr import export
+from tf_simclr import knn
 from tf_simclr import losses
 from tf_simclr import model as model_lib
 from tf_simclr import optimizers
@@ -38,6 +44,28 @@ def validate_batch(global_batch_size: int, num_replicas: int, what: str = "train
                      f"replicas ({num_replicas})")
 
 
+def step_images(batch, color_jitter_strength: float = 1.0, use_blur: bool = True):
+  """A replica's batch as the model takes it: (images [V*b, H, W, 3], labels int64 [V*b]).
+
+  Rows are view-major (0..b-1 view one, b..2b-1 view two), as the contrastive loss expects.
+  With --augment_on_device, 'views' are crops and 'distort' their parameters, each [b, V, ...]:
+  the flip, colour jitter, grayscale and blur run here, in the step, on the accelerator.
+  """
+  views = batch["views"]
+  v = views.shape[1]
+
+  def view_major(x):  # [b, V, ...] -> [V*b, ...]
+    x = tf.convert_to_tensor(x)
+    perm = [1, 0] + list(range(2, x.shape.rank))
+    return tf.reshape(tf.transpose(x, perm), [-1] + x.shape[2:].as_list())
+
+  images = view_major(views)
+  if "distort" in batch:
+    params = {k: view_major(p) for k, p in batch["distort"].items()}
+    images = augment.distort_batch(images, params, color_jitter_strength, use_blur)
+  return images, tf.tile(batch["label"], [v])
+
+
 @dataclasses.dataclass
 class TrainState:
   """What the loop and the evaluation share: built under the strategy's scope."""
@@ -48,6 +76,23 @@ class TrainState:
   manager: tf.train.CheckpointManager
   total_steps: int
   steps_per_loop: int
+  # Distillation's teacher (inference only, not in the checkpoint); None otherwise.
+  teacher: model_lib.SimCLRModel | None = None
+  # The kNN monitor's last (step, result), so the evaluation at that step need not redo it.
+  knn_result: tuple | None = None
+
+
+def init_weights(model: model_lib.SimCLRModel, path: str) -> None:
+  """Initialises `model` from a tf_simclr checkpoint (prefix or directory) or exported SavedModel.
+
+  Raises:
+    ValueError: nothing readable at `path`; checkpoints.CheckpointMismatchError (a ValueError)
+      when it holds another model.
+  """
+  if export.is_saved_model(path):
+    export.restore_from_saved_model(model, path)
+  else:
+    checkpoints.restore_weights(model, path)
 
 
 def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: int,
@@ -55,8 +100,11 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
   """Creates model, optimizer and checkpoint manager under `strategy.scope()` and restores.
 
   Resumes from the newest restorable checkpoint in `model_dir`; otherwise initialises from
-  `cfg.train.checkpoint` (weights only) when given. Fails (ValueError) when fine-tuning has
-  nothing to start from, or when a checkpoint does not fit the model asked for.
+  `cfg.train.checkpoint` (weights only: a checkpoint or an exported SavedModel) when given.
+  Distillation also builds and restores the teacher (`cfg.train.teacher_checkpoint`). With
+  `cfg.train.mode == "eval"` nothing is restored: the evaluation loop restores each checkpoint.
+  Fails (ValueError) when fine-tuning has nothing to start from, when a checkpoint does not fit
+  the model asked for, or when the teacher is unusable or predicts another number of classes.
   """
   t = cfg.train
   total_steps = schedules.get_train_steps(num_examples, t.train_epochs, t.train_batch_size,
@@ -83,17 +131,49 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
     manager = tf.train.CheckpointManager(checkpoint, directory=directory,
                                          max_to_keep=t.keep_checkpoint_max,
                                          checkpoint_name="ckpt")
-    restored = checkpoints.restore_latest(checkpoint, manager, t.model_dir)
+    # An eval job beside a training job must not touch (set aside) checkpoints being pruned.
+    restored = t.mode == "eval" or checkpoints.restore_latest(checkpoint, manager, t.model_dir)
     if not restored:
       if t.checkpoint:
-        checkpoints.restore_weights(model, t.checkpoint)
+        init_weights(model, t.checkpoint)
         if t.zero_init_logits_layer and model.supervised_head is not None:
           model.zero_init_supervised_head()
       elif t.train_mode == "finetune":
-        raise ValueError("train_mode=finetune needs --checkpoint (a pretrained checkpoint) or "
-                         f"a checkpoint of its own in model_dir={t.model_dir}")
+        raise ValueError("train_mode=finetune needs --checkpoint (a pretrained checkpoint or "
+                         f"SavedModel) or a checkpoint of its own in model_dir={t.model_dir}")
+    teacher = None
+    if t.train_mode == "distill" and t.mode != "eval":
+      teacher = distill.load_teacher(t.teacher_checkpoint)
+      distill.check_classes(teacher.config, cfg.model.num_classes, t.teacher_checkpoint)
   return TrainState(model, optimizer, learning_rate, checkpoint, manager, total_steps,
-                    max(1, steps_per_loop))
+                    max(1, steps_per_loop), teacher)
+
+
+def knn_monitor(cfg: RunConfig, strategy: tf.distribute.Strategy, state: TrainState,
+                sources: tuple, step: int, is_chief: bool = True, writer=None) -> dict:
+  """kNN top-1 of the eval split against the train split's features (`knn.knn_accuracy`).
+
+  Runs on every worker (its collectives need them all), once per step: a second call at the
+  same step returns `state.knn_result`. The chief adds the figures to `result.json` /
+  `result_<step>.json` (keeping what they hold of that step) and to TensorBoard, when given
+  a `writer`.
+
+  Args:
+    sources: (bank source, eval source), both labelled.
+  Returns:
+    {'knn/top_1_accuracy', 'knn/k', 'knn/num_examples', 'knn/bank_size'}.
+  """
+  if state.knn_result is not None and state.knn_result[0] == step:
+    return state.knn_result[1]
+  t = cfg.train
+  result = knn.knn_accuracy(state.model, strategy, sources[0], sources[1], t.eval_batch_size,
+                            cfg.data.image_size, k=t.knn_k, temperature=t.knn_temperature)
+  state.knn_result = (step, result)
+  if is_chief and writer is not None:
+    evaluate.write_results(t.model_dir, result, step, writer, merge=True)
+  logging.info("Step %d: kNN top-1 %.4f (k=%d, bank %d)", step, result["knn/top_1_accuracy"],
+               result["knn/k"], result["knn/bank_size"])
+  return result
 
 
 class Trainer:
@@ -105,30 +185,53 @@ class Trainer:
     self.state = state
     self.num_replicas = strategy.num_replicas_in_sync
     self.pretrain = cfg.train.train_mode == "pretrain"
+    self.distill = cfg.train.train_mode == "distill"
+    if self.distill and (state.teacher is None or state.model.supervised_head is None):
+      raise ValueError("train_mode=distill needs a teacher and a student with a supervised head")
     self.has_sup_head = state.model.supervised_head is not None
     self.metric_names = ["total_loss", "weight_decay"]
     if self.pretrain:
       self.metric_names += ["contrast_loss", "contrast_acc", "contrast_entropy"]
     if self.has_sup_head:
       self.metric_names += ["supervised_loss", "supervised_acc"]
-    self._loop = tf.function(self._train_loop, jit_compile=False)
+    if self.distill:
+      self.metric_names += ["distill_loss", "teacher_agreement"]
+    self.color_jitter_strength = cfg.data.color_jitter_strength if self.pretrain else 0.0
+    self.use_blur = cfg.data.use_blur and self.pretrain
+    jit = cfg.runtime.jit_compile
+    if jit and self.num_replicas > 1 and not _is_tpu(strategy):
+      # XLA cannot compile the cross-replica all-reduce (BN) and all-gather (loss) of the
+      # mirrored strategies into the step; TPUStrategy compiles the whole step anyway.
+      raise ValueError("--jit_compile needs one replica per process (or a TPU, which always "
+                       f"compiles); this run has {self.num_replicas}")
+    self._gradients = (tf.function(self.compute_gradients, jit_compile=True) if jit
+                       else self.compute_gradients)
+    self._loop = tf.function(self._train_loop)
 
   def replica_step(self, batch):
     """One optimisation step on this replica's batch.
 
     Args:
-      batch: {'views': float32 [b, V, H, W, 3], 'label': int64 [b] (-1 when unlabeled), ...}.
+      batch: {'views': float32 [b, V, H, W, 3], 'label': int64 [b] (-1 when unlabeled), ...};
+        with --augment_on_device, 'views' are crops and 'distort' their parameters.
     Returns:
       dict of scalar metrics (this replica's values).
     """
+    grads, metrics = self._gradients(batch)
+    model = self.state.model
+    # Outside XLA: the optimizer's cross-replica update is a merge call.
+    self.state.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return metrics
+
+  def compute_gradients(self, batch):
+    """Forward and backward pass of one replica: (gradients, metrics); see `replica_step`."""
     model, optimizer = self.state.model, self.state.optimizer
-    views = batch["views"]
-    v = views.shape[1]
-    # View-major: rows 0..b-1 are view one, b..2b-1 view two, as the loss expects.
-    images = tf.reshape(tf.transpose(views, [1, 0, 2, 3, 4]), [-1] + views.shape[2:].as_list())
-    labels = tf.tile(batch["label"], [v])
+    images, labels = step_images(batch, self.color_jitter_strength, self.use_blur)
     t = self.cfg.train
     metrics = {}
+    if self.distill:
+      # Outside the tape: the teacher is a fixed function of the same view, in inference mode.
+      teacher_logits = self.state.teacher(images, training=False)["logits_sup"]
     with tf.GradientTape() as tape:
       out = model(images, training=True)
       loss = tf.constant(0.0)
@@ -147,7 +250,16 @@ class Trainer:
         metrics["supervised_loss"] = sup_loss
         metrics["supervised_acc"] = tf.math.divide_no_nan(tf.reduce_sum(correct * labelled),
                                                           tf.reduce_sum(labelled))
-        loss += sup_loss
+        if self.distill:
+          distill_loss = distill.distillation_loss(teacher_logits, logits, t.distill_temperature)
+          w = t.distill_label_weight
+          # (1 - w) * distillation on every view + w * cross-entropy on the labelled ones.
+          loss += (1.0 - w) * distill_loss + w * sup_loss
+          metrics["distill_loss"] = distill_loss
+          metrics["teacher_agreement"] = tf.reduce_mean(tf.cast(
+              tf.equal(tf.argmax(logits, 1), tf.argmax(teacher_logits, 1)), tf.float32))
+        else:
+          loss += sup_loss
       # LARS decays the other weights itself; the supervised head's decay is an L2 term here.
       weight_decay = optimizers.supervised_head_l2(model.trainable_variables,
                                                    self.cfg.optim.weight_decay,
@@ -157,10 +269,9 @@ class Trainer:
       if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         scaled_loss = optimizer.scale_loss(scaled_loss)
     grads = tape.gradient(scaled_loss, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
     metrics["weight_decay"] = weight_decay
     metrics["total_loss"] = loss
-    return metrics
+    return grads, metrics
 
   def _train_loop(self, iterator, num_steps):
     """`num_steps` steps inside one tf.function; returns the mean of each metric."""
@@ -176,13 +287,17 @@ class Trainer:
     return self._loop(iterator, tf.constant(num_steps, tf.int32))
 
 
+def _is_tpu(strategy) -> bool:
+  return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
 def _progress_line(step, total, metrics, images_per_s, started, first_step):
   """`step/total  loss ... img/s ETA` for logs and terminals."""
   elapsed = time.time() - started
   done = step - first_step
   eta = (total - step) * elapsed / done if done else float("nan")
   parts = [f"step {step}/{total}", f"loss {metrics['total_loss']:.4f}"]
-  for key in ("contrast_acc", "supervised_acc"):
+  for key in ("contrast_acc", "supervised_acc", "teacher_agreement"):
     if key in metrics:
       parts.append(f"{key} {metrics[key]:.3f}")
   parts.append(f"{images_per_s:.1f} img/s")
@@ -191,17 +306,34 @@ def _progress_line(step, total, metrics, images_per_s, started, first_step):
   return "  ".join(parts)
 
 
+# A call of the step loop lasts about this long: long enough that calling costs nothing, short
+# enough to stop soon after SIGTERM (schedulers allow ~30 s before they kill).
+_CALL_SECONDS = 5.0
+
+
 def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Source,
-          state: TrainState, is_chief: bool = True, view_examples: dict | None = None) -> int:
-  """Trains from the restored step to `state.total_steps`; returns the final step.
+          state: TrainState, is_chief: bool = True, view_examples: dict | None = None,
+          knn_sources: tuple | None = None) -> int:
+  """Trains from the restored step to `state.total_steps`; returns the step reached.
+
+  `knn_sources` (bank, eval split) turn on the kNN monitor (`knn_monitor`) after each
+  checkpoint interval that crosses a multiple of `cfg.train.knn_eval_every_n_steps`.
 
   The input resumes at the restored step: the data order is a function of (seed, step), so a
-  restarted run sees exactly the examples and views an uninterrupted one would.
+  restarted run sees exactly the examples and views an uninterrupted one would. Checkpoints and
+  summaries come every `state.steps_per_loop` steps (at multiples of it, also after a resume).
+
+  SIGTERM (a scheduler's or a preemption's warning) stops training at the next step boundary,
+  on every worker at the same step, with a checkpoint there: the returned step is then below
+  `state.total_steps`. To answer promptly, the steps between two checkpoints run in calls of
+  about `_CALL_SECONDS` each (the step count inside a call does not change the result).
   """
   t = cfg.train
   validate_batch(t.train_batch_size, strategy.num_replicas_in_sync)
   trainer = Trainer(cfg, strategy, state)
   step = int(state.optimizer.iterations.numpy())
+  sync = distribute.ClusterSync(strategy)
+  _agree(sync, step)  # all workers restored the same checkpoint
   if step >= state.total_steps:
     logging.info("Training already complete at step %d / %d", step, state.total_steps)
     return step
@@ -214,7 +346,8 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
         seed=t.seed, image_size=cfg.data.image_size, num_views=num_views(t.train_mode),
         start_step=step,
         color_jitter_strength=cfg.data.color_jitter_strength if trainer.pretrain else 0.0,
-        use_blur=cfg.data.use_blur and trainer.pretrain, cache=cfg.data.cache_dataset)
+        use_blur=cfg.data.use_blur and trainer.pretrain, cache=cfg.data.cache_dataset,
+        augment_on_device=cfg.runtime.augment_on_device)
 
   iterator = iter(strategy.distribute_datasets_from_function(input_fn))
   writer = (tf.summary.create_file_writer(t.model_dir) if is_chief
@@ -227,28 +360,62 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
   if progbar is not None:
     progbar.update(step)
   started, first_step = time.time(), step
-  while step < state.total_steps:
-    n = min(state.steps_per_loop, state.total_steps - step)
-    t0 = time.time()
-    metrics = {k: float(v) for k, v in trainer.run_loop(iterator, n).items()}
-    elapsed = time.time() - t0
-    step = int(state.optimizer.iterations.numpy())
-    images_per_s = n * t.train_batch_size / elapsed
-    metrics_lr = float(state.learning_rate(step))
-    with writer.as_default(step=step):
-      for k, v in metrics.items():
-        tf.summary.scalar(f"train/{k}", v)
-      tf.summary.scalar("learning_rate", metrics_lr)
-      tf.summary.scalar("examples_per_second", images_per_s)
-    writer.flush()
-    checkpoints.save(state.manager, step)
-    if progbar is not None:
-      progbar.update(step, [(k, v) for k, v in metrics.items()])
-    else:
-      logging.info("%s", _progress_line(step, state.total_steps, metrics, images_per_s, started,
-                                        first_step))
-  logging.info("Training complete at step %d", step)
+  call_steps, stop = 1, False  # the first call also traces the step: time the next one
+  with distribute.StopSignal() as sigterm:
+    logging.info("Training from step %d to %d", step, state.total_steps)  # SIGTERM handled
+    while step < state.total_steps and not stop:
+      spl = state.steps_per_loop
+      boundary = min(state.total_steps, (step // spl + 1) * spl)
+      sums, interval_first, t0 = dict.fromkeys(trainer.metric_names, 0.0), step, time.time()
+      while step < boundary and not stop:
+        n = min(call_steps, boundary - step)
+        c0 = time.time()
+        for k, v in trainer.run_loop(iterator, n).items():
+          sums[k] += float(v) * n
+        wanted = int(_CALL_SECONDS * n / max(time.time() - c0, 1e-3))
+        step = int(state.optimizer.iterations.numpy())
+        stop, call_steps = _agree(sync, step, sigterm.received, min(max(wanted, 1), spl))
+      if step == boundary:
+        metrics = {k: v / (step - interval_first) for k, v in sums.items()}
+        images_per_s = (step - interval_first) * t.train_batch_size / (time.time() - t0)
+        metrics_lr = float(state.learning_rate(step))
+        with writer.as_default(step=step):
+          for k, v in metrics.items():
+            tf.summary.scalar(f"train/{k}", v)
+          tf.summary.scalar("learning_rate", metrics_lr)
+          tf.summary.scalar("examples_per_second", images_per_s)
+        writer.flush()
+      checkpoints.save(state.manager, step, temporary=not is_chief)
+      if step < boundary:
+        break
+      if progbar is not None:
+        progbar.update(step, [(k, v) for k, v in metrics.items()])
+      else:
+        logging.info("%s", _progress_line(step, state.total_steps, metrics, images_per_s,
+                                          started, first_step))
+      every = t.knn_eval_every_n_steps
+      if knn_sources is not None and every and step // every > interval_first // every:
+        knn_monitor(cfg, strategy, state, knn_sources, step, is_chief, writer)
+  if step < state.total_steps:
+    logging.warning("SIGTERM: stopped at step %d of %d with a checkpoint; the same command "
+                    "resumes", step, state.total_steps)
+  else:
+    logging.info("Training complete at step %d", step)
   return step
+
+
+def _agree(sync: distribute.ClusterSync, step: int, stop: bool = False, call_steps: int = 1):
+  """Agrees with the other workers: (anyone stopping, the fewest steps anyone wants per call).
+
+  Raises:
+    ValueError: the workers are at different steps (they restored different checkpoints).
+  """
+  rows = sync(int(stop), step, call_steps)
+  steps = sorted(set(rows[:, 1].tolist()))
+  if len(steps) > 1:
+    raise ValueError(f"the workers are at different steps {steps}: each restored another "
+                     "checkpoint. Give every worker the same --model_dir, on storage they share")
+  return bool(rows[:, 0].any()), int(rows[:, 2].min())
 
 
 def write_flags_json(model_dir: str, values: dict) -> None:

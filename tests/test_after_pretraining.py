@@ -1,0 +1,151 @@
+"""End to end after pretraining: kNN monitor, linear evaluation, few labels, distillation and
+continuous evaluation, all as `run.py` subprocesses, after one small shapes10 pretraining.
+
+The pretraining is the 1-replica run of the session fixture `replica_runs` (conftest.py; 3 steps,
+then eval and export), which test_run_e2e.py also uses. Then, at once (~2-3 steps each):
+  lin        linear evaluation (fine_tune_after_block=4) from the pretraining's SavedModel, on a
+             10% label subset, with the kNN monitor every step, then eval;
+  dis        distillation with the pretraining's checkpoint as teacher, same subset, labelled
+             weight 0.5, on 2 CPU replicas (MirroredStrategy, teacher included),
+             keep_checkpoint_max=1 (checkpoints pruned as it goes);
+  dis_eval   --mode=eval on dis's model_dir while dis trains: evaluates and exports.
+Whether fine-tuning from a pretraining beats training from scratch needs minutes of training
+on shapes10, so it is measured outside the suite (README).
+"""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import runs
+from test_run_e2e import COMMON, run_py_concurrently
+from tf_simclr import datasets
+from tf_simclr import export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return runs.shared_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pretrained(replica_runs):
+  return replica_runs[1][0]  # ckpt-1..3, saved_model/3, flags.json
+
+
+@pytest.fixture(scope="module")
+def after(pretrained, data_dir, tmp_path_factory):
+  pre = pretrained
+  dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("lin", "dis")}
+  few = COMMON + [f"--data_dir={data_dir}", "--eval_split=test[:200]", "--checkpoint_steps=1",
+                  "--train_label_fraction=0.1"]
+  distill = few + [f"--model_dir={dirs['dis']}", "--train_mode=distill", "--train_steps=3",
+                   f"--teacher_checkpoint={pre}", "--distill_label_weight=0.5",
+                   "--distill_temperature=2", "--keep_checkpoint_max=1", "--cpu_replicas=2"]
+  commands = {
+      "lin": few + [f"--model_dir={dirs['lin']}", "--train_mode=finetune",
+                    "--mode=train_then_eval", "--fine_tune_after_block=4",
+                    "--zero_init_logits_layer", "--optimizer=momentum", "--learning_rate=0.1",
+                    "--weight_decay=0", "--train_steps=2", "--knn_eval_every_n_steps=1",
+                    "--knn_k=20", f"--checkpoint={os.path.join(pre, 'saved_model', '3')}"],
+      "dis": distill + ["--mode=train"],
+      "dis_eval": distill + ["--mode=eval"],
+  }
+  results = dict(zip(commands, run_py_concurrently(list(commands.values()))))
+  for name in ("lin", "dis"):
+    assert results[name].returncode == 0, (name, results[name].stderr[-3000:])
+  return dirs, results
+
+
+def _checkpoint_values(prefix, root):
+  """{object path under `root` (e.g. 'model/encoder'): array} of a training checkpoint."""
+  reader = tf.train.load_checkpoint(prefix)
+  graph = export.object_graph(reader)
+  node_ids = [0]
+  for name in root.split("/"):
+    node_ids = [c.node_id for c in graph.nodes[node_ids[0]].children if c.local_name == name]
+    assert node_ids, (prefix, root)
+  values, stack = {}, [(root, node_ids[0])]
+  while stack:
+    path, node_id = stack.pop()
+    node = graph.nodes[node_id]
+    for attr in node.attributes:
+      if attr.name == "VARIABLE_VALUE":
+        values[path] = reader.get_tensor(attr.checkpoint_key)
+    stack += [(f"{path}/{c.local_name}", c.node_id) for c in node.children]
+  return values
+
+
+def test_knn_monitor_writes_tensorboard_and_results(after):
+  d, res = after[0]["lin"], after[1]["lin"]
+  at_1 = json.load(open(os.path.join(d, "result_1.json")))  # the monitor, mid-training
+  assert at_1["global_step"] == 1 and at_1["knn/k"] == 20
+  # The bank is the labelled subset (10% of 5000), the queries the eval split.
+  assert at_1["knn/bank_size"] == 500 and at_1["knn/num_examples"] == 200
+  assert 0 <= at_1["knn/top_1_accuracy"] <= 1
+  final = json.load(open(os.path.join(d, "result.json")))  # the evaluation, with the monitor's
+  assert final["global_step"] == 2
+  assert {"eval/label_top_1_accuracy", "knn/top_1_accuracy"} <= final.keys()
+  assert "kNN top-1" in res.stdout
+  tags = set()
+  for name in os.listdir(d):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(d, name)):
+        tags.update(v.tag for v in event.summary.value)
+  assert "knn/top_1_accuracy" in tags
+
+
+def test_linear_eval_leaves_the_backbone_bit_for_bit(pretrained, after):
+  # Started from the pretraining's SavedModel (mapped by variable path), two steps of linear
+  # evaluation (kNN monitor and evaluation included): every encoder and projection-head
+  # variable, BN moving statistics included, is still exactly the pretraining checkpoint's; the
+  # classifier has moved off its zero start.
+  pre, lin = pretrained, after[0]["lin"]
+  for part in ("model/encoder", "model/projection_head"):
+    before = _checkpoint_values(os.path.join(pre, "ckpt-3"), part)
+    got = _checkpoint_values(os.path.join(lin, "ckpt-2"), part)
+    assert got.keys() == before.keys()
+    assert sum("moving_variance" in k for k in got) >= (20 if "encoder" in part else 3)
+    for k in before:
+      np.testing.assert_array_equal(got[k], before[k], err_msg=k)
+  head = _checkpoint_values(os.path.join(lin, "ckpt-2"), "model/supervised_head")
+  assert len(head) == 2 and all(np.abs(v).max() > 0 for v in head.values())
+
+
+def test_label_subset_is_class_balanced_and_repeatable(after, data_dir):
+  dirs = after[0]
+  subsets = [open(os.path.join(dirs[n], "label_subset.txt")).read() for n in ("lin", "dis")]
+  assert subsets[0] == subsets[1]  # same seed, two runs (fine-tuning and distillation)
+  ids = np.array([int(line) for line in subsets[0].split()])
+  assert len(ids) == len(set(ids)) == 500  # 10% of 5000
+  source = datasets.load_source("shapes10", "train", data_dir)
+  labels = {int(r["id"]): int(r["label"]) for r in source.records.as_numpy_iterator()}
+  counts = np.bincount([labels[i] for i in ids], minlength=10)
+  np.testing.assert_array_equal(counts, np.full(10, 50))
+
+
+def test_distillation_exports_a_student_that_loads(after):
+  dis = after[0]["dis"]
+  res = after[1]["dis"]
+  assert "teacher_agreement" in res.stderr  # the progress line (absl logs to stderr)
+  assert json.load(open(os.path.join(dis, "flags.json")))["train_mode"] == "distill"
+  model = tf.saved_model.load(os.path.join(dis, "saved_model", "3"))
+  images = tf.random.stateless_uniform([4, 16, 16, 3], seed=[1, 2])
+  logits = model(images, training=False)["logits_sup"].numpy()
+  assert logits.shape == (4, 10) and np.isfinite(logits).all()
+  assert len(model.trainable_variables) > 60
+
+
+def test_continuous_eval_beside_training_evaluates_each_checkpoint_once(after):
+  dis = after[0]["dis"]
+  res = after[1]["dis_eval"]
+  assert res.returncode == 0, res.stderr[-3000:]
+  steps = [int(s) for s in re.findall(r"^Step (\d+): top-1", res.stdout, re.M)]
+  assert steps and steps == sorted(set(steps)) and steps[-1] == 3, res.stdout
+  final = json.load(open(os.path.join(dis, "result.json")))
+  assert final["global_step"] == 3 and final["eval/num_examples"] == 200

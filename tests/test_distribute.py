@@ -1,0 +1,69 @@
+"""Strategy selection, TF_CONFIG checks, SIGTERM flag and cross-worker agreement in one process.
+
+Two real workers are in test_multiworker.py.
+"""
+import importlib.util
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tf_simclr import distribute
+
+
+@pytest.mark.parametrize("tf_config,words", [
+    ("{not json", ["not valid JSON"]),
+    (json.dumps({"cluster": {"worker": ["a:1"]}}), ['"cluster" and "task"']),
+    (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:2"]},
+                 "task": {"type": "worker", "index": 0}}), ["'ps'"]),
+    (json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
+                 "task": {"type": "worker", "index": 2}}), ["is not in the cluster"]),
+])
+def test_bad_tf_config_is_refused_before_any_connection(monkeypatch, tf_config, words):
+  monkeypatch.setenv("TF_CONFIG", tf_config)
+  with pytest.raises(ValueError) as info:
+    distribute.make_strategy("multi_worker")
+  assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_multi_worker_needs_tf_config_and_no_cpu_replicas(monkeypatch):
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  with pytest.raises(ValueError, match="TF_CONFIG"):
+    distribute.make_strategy("multi_worker")
+  monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]},
+                                              "task": {"type": "worker", "index": 0}}))
+  with pytest.raises(ValueError, match="cpu_replicas"):
+    distribute.make_strategy("multi_worker", cpu_replicas=2)
+
+
+def test_one_process_is_its_own_chief(strategies):
+  for strategy in strategies.values():
+    assert distribute.is_chief(strategy)
+    assert distribute.num_workers(strategy) == 1
+
+
+def test_cluster_sync_without_workers_returns_the_local_values(strategies):
+  rows = distribute.ClusterSync(strategies[2])(1, 7, 3)
+  np.testing.assert_array_equal(rows, [[1, 7, 3]])
+
+
+def test_stop_signal_records_sigterm_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  with distribute.StopSignal() as stop:
+    assert not stop.received
+    os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, in this thread
+    for _ in range(1000):
+      if stop.received:
+        break
+    assert stop.received
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_unusable_tpu_is_one_clear_error():
+  if importlib.util.find_spec("cloud_tpu_client") is not None:
+    pytest.skip("cloud-tpu-client is installed: the resolver would try to reach the TPU API")
+  # Without the client, TPUClusterResolver refuses a named TPU at once (a RuntimeError).
+  with pytest.raises(ValueError, match="cannot set up the TPU 'no-such-tpu': .*cloud-tpu-client"):
+    distribute.make_strategy("tpu", tpu_name="no-such-tpu", tpu_zone="zone", gcp_project="project")
