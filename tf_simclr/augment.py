@@ -639,16 +639,7 @@ def simclr_augment_batch(images,
     p['box'] = tf.concat([p.pop('begin')[:2], p.pop('size')[:2]], 0)
     return p
 
-  signature = {
-      'box': tf.TensorSpec([4], tf.int32),
-      'flip': tf.TensorSpec([], tf.bool),
-      'jitter': tf.TensorSpec([], tf.bool),
-      'gray': tf.TensorSpec([], tf.bool),
-      'blur': tf.TensorSpec([], tf.bool),
-      'factors': tf.TensorSpec([4], tf.float32),
-      'order': tf.TensorSpec([4], tf.int32),
-      'sigma': tf.TensorSpec([], tf.float32),
-  }
+  signature = {'box': tf.TensorSpec([4], tf.int32), **DISTORT_SIGNATURE}
   p = tf.map_fn(draw, seeds, fn_output_signature=signature)
 
   x = _crop_resize(_to_float(images), p['box'], p['flip'], height, width)
