@@ -152,7 +152,8 @@ def main(argv=None):
 
   with tempfile.TemporaryDirectory() as model_dir:
     cfg = C.RunConfig(
-        C.DataConfig(dataset="synthetic", image_size=args.image_size, use_blur=args.use_blur),
+        C.DataConfig(dataset="synthetic", image_size=args.image_size, use_blur=args.use_blur,
+                     cache_dataset=True),
         C.ModelConfig(resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
                       sk_ratio=args.sk_ratio, se_ratio=args.se_ratio,
                       image_size=args.image_size, global_bn=args.global_bn,
@@ -166,14 +167,7 @@ def main(argv=None):
     state = train.build_state(cfg, strategy, source.num_examples)
     trainer = train.Trainer(cfg, strategy, state)
 
-    def input_fn(ctx):
-      return datasets.train_dataset(
-          source, global_batch_size=args.train_batch_size,
-          per_replica_batch_size=ctx.get_per_replica_batch_size(args.train_batch_size),
-          num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
-          seed=0, image_size=args.image_size, use_blur=args.use_blur, cache=True,
-          augment_on_device=args.augment_on_device)
-
+    input_fn = trainer.input_fn(source, start_step=0)
     dataset = strategy.distribute_datasets_from_function(input_fn)
     iterator = iter(dataset)
     built = time.time()

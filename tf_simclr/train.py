@@ -199,7 +199,7 @@ class Trainer:
     self.color_jitter_strength = cfg.data.color_jitter_strength if self.pretrain else 0.0
     self.use_blur = cfg.data.use_blur and self.pretrain
     jit = cfg.runtime.jit_compile
-    if jit and self.num_replicas > 1 and not _is_tpu(strategy):
+    if jit and self.num_replicas > 1 and not isinstance(strategy, tf.distribute.TPUStrategy):
       # XLA cannot compile the cross-replica all-reduce (BN) and all-gather (loss) of the
       # mirrored strategies into the step; TPUStrategy compiles the whole step anyway.
       raise ValueError("--jit_compile needs one replica per process (or a TPU, which always "
@@ -207,6 +207,21 @@ class Trainer:
     self._gradients = (tf.function(self.compute_gradients, jit_compile=True) if jit
                        else self.compute_gradients)
     self._loop = tf.function(self._train_loop)
+
+  def input_fn(self, source: datasets.Source, start_step: int):
+    """The `distribute_datasets_from_function` argument feeding this step from `start_step`."""
+    t, data = self.cfg.train, self.cfg.data
+
+    def fn(ctx: tf.distribute.InputContext):
+      return datasets.train_dataset(
+          source, global_batch_size=t.train_batch_size,
+          per_replica_batch_size=ctx.get_per_replica_batch_size(t.train_batch_size),
+          num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
+          seed=t.seed, image_size=data.image_size, num_views=num_views(t.train_mode),
+          start_step=start_step, color_jitter_strength=self.color_jitter_strength,
+          use_blur=self.use_blur, cache=data.cache_dataset,
+          augment_on_device=self.cfg.runtime.augment_on_device)
+    return fn
 
   def replica_step(self, batch):
     """One optimisation step on this replica's batch.
@@ -287,10 +302,6 @@ class Trainer:
     return self._loop(iterator, tf.constant(num_steps, tf.int32))
 
 
-def _is_tpu(strategy) -> bool:
-  return isinstance(strategy, tf.distribute.TPUStrategy)
-
-
 def _progress_line(step, total, metrics, images_per_s, started, first_step):
   """`step/total  loss ... img/s ETA` for logs and terminals."""
   elapsed = time.time() - started
@@ -338,18 +349,7 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
     logging.info("Training already complete at step %d / %d", step, state.total_steps)
     return step
 
-  def input_fn(ctx: tf.distribute.InputContext):
-    return datasets.train_dataset(
-        source, global_batch_size=t.train_batch_size,
-        per_replica_batch_size=ctx.get_per_replica_batch_size(t.train_batch_size),
-        num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
-        seed=t.seed, image_size=cfg.data.image_size, num_views=num_views(t.train_mode),
-        start_step=step,
-        color_jitter_strength=cfg.data.color_jitter_strength if trainer.pretrain else 0.0,
-        use_blur=cfg.data.use_blur and trainer.pretrain, cache=cfg.data.cache_dataset,
-        augment_on_device=cfg.runtime.augment_on_device)
-
-  iterator = iter(strategy.distribute_datasets_from_function(input_fn))
+  iterator = iter(strategy.distribute_datasets_from_function(trainer.input_fn(source, step)))
   writer = (tf.summary.create_file_writer(t.model_dir) if is_chief
             else tf.summary.create_noop_writer())
   if is_chief and view_examples is not None and step == 0:
