@@ -36,6 +36,11 @@ def strategies():
 
 @pytest.fixture(scope="session")
 def replica_runs(tmp_path_factory):
-  """test_run_e2e's 1/2/4-replica runs, made once for test_run_e2e and test_multiworker."""
+  """test_run_e2e's 1/2/4-replica runs, made once for test_run_e2e, test_multiworker and
+  test_after_pretraining.
+
+  pytest-xdist makes a session fixture once per worker process, so those modules put their tests
+  in one xdist_group (pytest.ini runs `--dist loadgroup`), which one worker runs.
+  """
   import test_run_e2e  # pylint: disable=g-import-not-at-top
   return test_run_e2e.make_replica_runs(tmp_path_factory)

@@ -25,7 +25,9 @@ from test_run_e2e import COMMON, run_py_concurrently
 from tf_simclr import datasets
 from tf_simclr import export
 
-pytestmark = pytest.mark.slow
+# xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
+# so that its runs are made once (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
 
 
 @pytest.fixture(scope="module")

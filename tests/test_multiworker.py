@@ -17,7 +17,9 @@ import runs
 from test_run_e2e import COMMON, _env, _global_relative, model_variables
 from test_run_e2e import data_dir  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.slow
+# xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
+# so that its runs are made once (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
 
 ARGS = COMMON + ["--train_steps=3", "--checkpoint_steps=3"]
 

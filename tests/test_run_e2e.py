@@ -17,7 +17,9 @@ import tensorflow as tf
 import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
+# xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
+# so that its runs are made once (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
 
 COMMON = ["--dataset=shapes10", "--train_split=train", "--eval_split=test", "--image_size=16",
           "--resnet_depth=18", "--train_batch_size=8", "--eval_batch_size=200",
