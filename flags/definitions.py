@@ -76,7 +76,9 @@ flags.DEFINE_integer("ft_proj_selector", 0, "Which layer of the projection head 
                      "fine-tuning. 0 means no projection head.")
 flags.DEFINE_boolean("global_bn", True,
                      "Whether to aggregate BN statistics across distributed cores.")
-flags.DEFINE_integer("width_multiplier", 1, "Multiplier to change width of network.")
+flags.DEFINE_float("width_multiplier", 1, "Multiplier to change width of network. tf_simclr: "
+                   "any positive number (0.25, 0.5 for CPU-sized encoders); channels are "
+                   "round(c * w) for the reference's counts c.")
 flags.DEFINE_integer("resnet_depth", 50, "Depth of ResNet.")
 flags.DEFINE_float("sk_ratio", 0., "If it is bigger than 0, it will enable SK. "
                    "Recommendation: 0.0625.")
@@ -134,8 +136,14 @@ def validate(values: dict) -> None:
     raise ValueError(f"--temperature must be > 0, got {values['temperature']}")
   for name in ("train_batch_size", "eval_batch_size", "image_size", "width_multiplier",
                "proj_out_dim"):
-    if values[name] <= 0:
+    # `not > 0` also refuses NaN.
+    if not values[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {values[name]}")
+  from tf_simclr import resnet  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  try:
+    resnet.check_width(values["width_multiplier"], values["sk_ratio"])
+  except ValueError as err:
+    raise ValueError(f"--{err}") from None
   for name in ("train_steps", "train_epochs", "eval_steps", "checkpoint_steps",
                "checkpoint_epochs", "cpu_replicas", "warmup_epochs", "weight_decay"):
     if values[name] < 0:
@@ -175,6 +183,9 @@ def to_config(values: dict) -> config_lib.RunConfig:
   validate(values)
   model_values = {k: v for k, v in values.items() if k in _MODEL_FIELDS}
   model_values["global_bn"] = values["global_bn"]
+  # Integer widths stay ints, so flags of reference runs describe the same ModelConfig.
+  width = model_values["width_multiplier"]
+  model_values["width_multiplier"] = int(width) if float(width).is_integer() else width
   return config_lib.RunConfig(
       data=_pick(config_lib.DataConfig, values),
       model=config_lib.ModelConfig(**model_values),

@@ -34,7 +34,7 @@ _NUM_CLASSES = 10
 def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--resnet_depth", type=int, default=18)
-  p.add_argument("--width_multiplier", type=int, default=1)
+  p.add_argument("--width_multiplier", type=float, default=1)
   p.add_argument("--sk_ratio", type=float, default=0.0)
   p.add_argument("--se_ratio", type=float, default=0.0)
   p.add_argument("--image_size", type=int, default=32)

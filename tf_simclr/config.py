@@ -17,7 +17,7 @@ class ModelConfig:
   as the reference does. `num_classes=0` means no supervised head.
   """
   resnet_depth: int = 50
-  width_multiplier: int = 1
+  width_multiplier: float = 1  # channels round(c * w): 1, 2, 4 or a fraction (resnet.channels)
   image_size: int = 224
   sk_ratio: float = 0.0
   se_ratio: float = 0.0

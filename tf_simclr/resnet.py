@@ -14,6 +14,8 @@ representation `h` of the paper.
 """
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -420,12 +422,36 @@ class BottleneckBlock(_Block):
     return tf.nn.relu(x + shortcut)
 
 
+def channels(base, width_multiplier):
+  """Channel count `round(base * width_multiplier)` for a reference count base (64..512).
+
+  Integer multipliers give the reference's `base * width_multiplier` exactly. A bottleneck's 4x
+  output is `4 * channels(base, w)`, as the reference computes it, so fractional widths build the
+  networks the reference's code builds when its multiplier rounds the same way.
+  """
+  return int(round(base * width_multiplier))
+
+
+def check_width(width_multiplier, sk_ratio=0.0):
+  """ValueError unless every channel count of the network comes out at least 1.
+
+  The smallest count is the stem's `round(64 w)`, halved in the selective-kernel (ResNet-D) stem.
+  """
+  smallest = 2 if sk_ratio > 0 else 1
+  if (isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float))
+      or not math.isfinite(width_multiplier) or channels(64, width_multiplier) < smallest):
+    raise ValueError(f"width_multiplier must be a positive number with round(64 * w) >= "
+                     f"{smallest}{' (selective kernels halve the stem)' if smallest > 1 else ''},"
+                     f" got {width_multiplier}")
+
+
 class ResNet(keras.layers.Layer):
   """ResNet encoder returning a dict of named endpoints.
 
   Args:
     depth: one of `DEPTHS` (18, 34, 50, 101, 152, 200).
-    width_multiplier: integer channel multiplier (SimCLR's 2x, 4x models).
+    width_multiplier: positive channel multiplier: SimCLR's 1x, 2x, 4x models, or a fraction
+      (0.25, 0.5) for CPU-sized encoders. See `channels`.
     cifar_stem: 3x3 stride-1 stem without max pool (for images of 32 px or less).
     sk_ratio: selective-kernel ratio (SimCLRv2 uses 0.0625); 0 disables it.
     se_ratio: squeeze-excitation ratio; 0 disables it.
@@ -445,8 +471,7 @@ class ResNet(keras.layers.Layer):
     super().__init__(**kwargs)
     if depth not in DEPTHS:
       raise ValueError(f"resnet_depth must be one of {sorted(DEPTHS)}, got {depth}")
-    if not isinstance(width_multiplier, int) or width_multiplier < 1:
-      raise ValueError(f"width_multiplier must be a positive integer, got {width_multiplier}")
+    check_width(width_multiplier, sk_ratio)
     if fine_tune_after_block not in (-1, 0, 1, 2, 3, 4):
       raise ValueError(f"fine_tune_after_block must be in -1..4, got {fine_tune_after_block}")
     self.depth = depth
@@ -458,7 +483,7 @@ class ResNet(keras.layers.Layer):
     self.synchronized_bn = synchronized_bn
     self.fine_tune_after_block = fine_tune_after_block
     bn_args = dict(decay=batch_norm_decay, synchronized=synchronized_bn)
-    width = 64 * width_multiplier
+    width = channels(64, width_multiplier)
 
     # Sublayers are attributes (see _Block); these name lists give the order.
     if cifar_stem:
@@ -482,7 +507,7 @@ class ResNet(keras.layers.Layer):
     block_cls = ResidualBlock if kind == "basic" else BottleneckBlock
     self._group_names = []
     for g, (num_blocks, group_strides) in enumerate(zip(blocks, (1, 2, 2, 2))):
-      filters = width * 2 ** g
+      filters = channels(64 * 2 ** g, width_multiplier)
       names = []
       for b in range(num_blocks):
         name = f"block_group{g + 1}_block{b}"
@@ -514,7 +539,7 @@ class ResNet(keras.layers.Layer):
   def output_dim(self):
     """Size of `final_avg_pool`."""
     expansion = 1 if DEPTHS[self.depth][0] == "basic" else 4
-    return 512 * self.width_multiplier * expansion
+    return channels(512, self.width_multiplier) * expansion
 
   def call(self, inputs, training=None):
     out = {}
