@@ -31,6 +31,55 @@ def test_parameter_counts_match_reference(kwargs, size, count):
   assert out["final_avg_pool"].shape == (1, net.output_dim)
 
 
+def _resnet18_cifar_count(w):
+  """Trainable parameters of ResNet-18 (CIFAR stem) at width w, written out by hand.
+
+  Conv kernels have no bias; every BN has gamma and beta. Channels are round(c * w).
+  """
+  conv_bn = lambda k, cin, cout: k * k * cin * cout + 2 * cout
+  c = [round(base * w) for base in (64, 128, 256, 512)]
+  total = conv_bn(3, 3, c[0])  # stem
+  cin = c[0]
+  for f in c:  # two basic blocks per group; the first has a 1x1 projection shortcut
+    total += conv_bn(1, cin, f) + conv_bn(3, cin, f) + conv_bn(3, f, f)
+    total += conv_bn(3, f, f) + conv_bn(3, f, f)
+    cin = f
+  return total
+
+
+@pytest.mark.parametrize("w", [1, 0.5, 0.25, 0.125, 0.3])
+def test_fractional_width_channels_and_count(w):
+  # The hand count reproduces the pinned reference count at w = 1, so it is the same formula.
+  assert _resnet18_cifar_count(1) == REFERENCE_COUNTS[0][2]
+  net = resnet.ResNet(depth=18, width_multiplier=w, cifar_stem=True)
+  out = net(tf.zeros([1, 8, 8, 3]), training=False)
+  assert _count(net.trainable_variables) == _resnet18_cifar_count(w)
+  widths = [round(c * w) for c in (64, 128, 256, 512)]
+  assert [out[f"block_group{g + 1}"].shape[-1] for g in range(4)] == widths
+  assert out["initial_conv"].shape[-1] == widths[0]
+  assert out["final_avg_pool"].shape == (1, widths[3]) and net.output_dim == widths[3]
+
+
+def test_fractional_width_bottleneck_and_selective_kernel():
+  # w = 0.125: stem 8 (the ResNet-D stem's first two convs 4), groups 8..64, outputs 4x.
+  net = resnet.ResNet(depth=50, width_multiplier=0.125, sk_ratio=0.0625)
+  out = net(tf.zeros([1, 32, 32, 3]), training=False)
+  assert [out[f"block_group{g + 1}"].shape[-1] for g in range(4)] == [32, 64, 128, 256]
+  assert net.stem_conv_a.weights[0].shape == (3, 3, 3, 4)
+  assert net.stem_conv.weights[0].shape == (3, 3, 4, 8)
+  assert net.output_dim == 256
+
+
+def test_integer_widths_unchanged_by_float_spelling():
+  # --width_multiplier is a float flag: 2.0 must build the network 2 builds (names and shapes).
+  nets = [resnet.ResNet(depth=50, width_multiplier=w) for w in (2, 2.0)]
+  for net in nets:
+    net(tf.zeros([1, 32, 32, 3]), training=False)
+  # Paths without the first component, which Keras numbers per instance (res_net_1, res_net_2).
+  layout = lambda net: [(v.path.split("/", 1)[1], tuple(v.shape)) for v in net.weights]
+  assert layout(nets[0]) == layout(nets[1])
+
+
 def test_endpoints_shapes():
   net = resnet.ResNet(depth=50)
   out = net(tf.zeros([2, 64, 64, 3]), training=False)
@@ -187,6 +236,9 @@ def test_config_round_trip():
 
 def test_bad_arguments():
   for kwargs, word in [(dict(depth=19), "resnet_depth"), (dict(width_multiplier=0), "width"),
+                       (dict(width_multiplier=0.007), "round"),  # round(64 * 0.007) = 0
+                       (dict(width_multiplier=float("nan")), "width"),
+                       (dict(width_multiplier=0.02, sk_ratio=0.0625), "selective kernels"),
                        (dict(fine_tune_after_block=5), "fine_tune_after_block")]:
     with pytest.raises(ValueError, match=word):
       resnet.ResNet(**kwargs)
