@@ -22,6 +22,7 @@ class ModelConfig:
   sk_ratio: float = 0.0
   se_ratio: float = 0.0
   batch_norm_decay: float = 0.9
+  zero_init_residual: bool = True  # the reference's; False trains faster in short runs
   global_bn: bool = True
   proj_head_mode: str = "nonlinear"
   proj_out_dim: int = 128

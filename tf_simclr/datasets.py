@@ -8,8 +8,9 @@ Sources (`load_source(name, split, data_dir)`):
   * 'image_folder': `data_dir/<split>/<class>/**/<image>` (classes = sorted sub-folder names,
     label = index), or `data_dir/<split>/<image>` with no class folders (unlabelled: label -1).
     jpeg/jpg/png/bmp/gif, any case; a gif gives its first frame; grayscale becomes RGB.
-  * 'shapes10': the built-in 10-class dataset that needs no download (`tf_simclr.shapes10`),
-    read through TFDS like any other.
+  * 'deadleaves10' and 'shapes10': built-in 10-class datasets that need no download
+    (`tf_simclr.deadleaves10`, which SimCLR learns in minutes, and `tf_simclr.shapes10`, one
+    shape per image, which it does not), read through TFDS like any other.
 Every source yields examples in one fixed order, and `id` is the example's index in it.
 
 Corrupt-file policy for 'image_folder' (image files are what users bring, and a long run should
@@ -60,11 +61,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr import augment
-# Imported for its side effect: registers the 'shapes10' TFDS builder.
+# Imported for their side effect: they register the built-in TFDS builders.
+from tf_simclr import deadleaves10  # pylint: disable=unused-import
 from tf_simclr import shapes10  # pylint: disable=unused-import
 
 IMAGE_FOLDER = "image_folder"
-SHAPES10 = "shapes10"
+BUILT_IN = ("deadleaves10", "shapes10")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
 DEFAULT_SHUFFLE_BUFFER = 50_000
 # Stream tags of the root keys [seed, tag]: the order and the views never share random numbers.
@@ -115,7 +117,7 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> Source:
   """Returns the split `split` of the dataset `name`.
 
   Args:
-    name: 'image_folder', 'shapes10' or a tensorflow-datasets name, optionally with a config
+    name: 'image_folder', a built-in ('deadleaves10', 'shapes10') or a tensorflow-datasets name, optionally with a config
       ('imagenet2012_subset/1pct') or version ('cifar10:3.0.2').
     split: a split name ('train', 'test', 'validation', ...); TFDS splits may be sliced and
       combined ('train[:10%]', 'train+test').
@@ -139,11 +141,13 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
   base_name = name.split("/")[0].split(":")[0]
   known = tfds.list_builders(with_community_datasets=False)
   if base_name not in known:
-    close = difflib.get_close_matches(base_name, known + [IMAGE_FOLDER, SHAPES10], n=5)
+    # The built-ins are registered TFDS builders, so `known` lists them already.
+    close = difflib.get_close_matches(base_name, known + [IMAGE_FOLDER], n=5)
     hint = f" Close names: {', '.join(close)}." if close else ""
     raise DatasetError(
         f"Unknown dataset '{name}'.{hint} Use a tensorflow-datasets name, '{IMAGE_FOLDER}' "
-        f"(images in data_dir/<split>/<class>/) or '{SHAPES10}' (built in, no download).")
+        f"(images in data_dir/<split>/<class>/) or a built-in ({', '.join(BUILT_IN)}: no "
+        "download).")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # Unknown config or version: TFDS's message says which exist.

@@ -120,7 +120,8 @@ class SimCLRModel(keras.Model):
         depth=config.resnet_depth, width_multiplier=config.width_multiplier,
         cifar_stem=config.use_cifar_stem, sk_ratio=config.sk_ratio, se_ratio=config.se_ratio,
         batch_norm_decay=config.batch_norm_decay, synchronized_bn=config.global_bn,
-        fine_tune_after_block=config.fine_tune_after_block, name="resnet")
+        fine_tune_after_block=config.fine_tune_after_block,
+        zero_init_residual=config.zero_init_residual, name="resnet")
     self.projection_head = ProjectionHead(
         config.proj_head_mode, self.encoder.output_dim, out_dim=config.proj_out_dim,
         num_layers=config.num_proj_layers, ft_proj_selector=config.ft_proj_selector,

@@ -66,7 +66,7 @@ def _star(p, q, inner=0.45, points=5):
 _TRIANGLE = np.array([(0.0, -1.0), (0.866, 0.5), (-0.866, 0.5)])  # Apex up.
 
 
-def _shape_distance(label, p, q):
+def shape_distance(label, p, q):
   """Signed distance to shape `label` in normalised coordinates (size 1, q down); < 0 inside."""
   if label == 0:  # circle
     return np.hypot(p, q) - 1.0
@@ -123,7 +123,7 @@ def _render(labels, rng):
     dx = _PIX[None, None, :] - centre[k, 0, None, None]  # [k, 1, 32]
     dy = _PIX[None, :, None] - centre[k, 1, None, None]  # [k, 32, 1]
     p, q = (dx * c + dy * s) / r, (-dx * s + dy * c) / r  # [k, 32, 32]
-    alpha[k] = np.clip(0.5 - _shape_distance(label, p, q) * r, 0.0, 1.0)
+    alpha[k] = np.clip(0.5 - shape_distance(label, p, q) * r, 0.0, 1.0)
 
   alpha = alpha[..., None]
   gx = (_PIX[None, None, :, None] / IMAGE_SIZE - 0.5) * gradient[:, None, None, 0]

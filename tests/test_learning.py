@@ -1,0 +1,49 @@
+"""SimCLR learns: a short pretraining on deadleaves10 lifts kNN top-1 well above the untrained
+encoder's, as `run.py` subprocesses.
+
+Not a timing test: it fails if the loss, the views, the optimizer or batch norm stop learning.
+The baseline is the same command with --learning_rate=0 (the weights never move; batch norm
+still collects the data's statistics), so both encoders are judged the same way.
+"""
+import json
+import os
+
+import pytest
+
+import runs
+from test_run_e2e import _env
+
+pytestmark = pytest.mark.slow
+
+STEPS = 150
+# The quick start's recipe (flags/quickstart.cfg) at its narrowest encoder, shortened.
+COMMON = ["--mode=train_then_eval", "--train_mode=pretrain", "--dataset=deadleaves10",
+          "--train_split=train", "--eval_split=test", "--image_size=32", "--resnet_depth=18",
+          "--width_multiplier=0.125", "--zero_init_residual=False", "--train_batch_size=64",
+          f"--train_steps={STEPS}", f"--checkpoint_steps={STEPS}", "--warmup_epochs=0.2",
+          "--optimizer=adam", "--learning_rate=0.01", "--temperature=0.2", "--use_blur=False",
+          "--color_jitter_strength=0.5", "--lineareval_while_pretraining=False",
+          f"--knn_eval_every_n_steps={STEPS}", "--eval_batch_size=250", "--use_tpu=False"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("deadleaves10_data"))
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  datasets.load_source("deadleaves10", "train", path)  # once, before two runs race to write it
+  return path
+
+
+def test_short_pretraining_beats_the_untrained_encoder(data_dir, tmp_path):
+  knn = {}
+  with runs.Processes(tmp_path, _env()) as procs:
+    for name, lr in (("untrained", "0"), ("trained", "0.01")):
+      procs.start(name, COMMON + [f"--data_dir={data_dir}", f"--learning_rate={lr}",
+                                  f"--model_dir={tmp_path / name}"])
+    for name in ("untrained", "trained"):
+      result = procs.finish(name, timeout=400)
+      assert result.returncode == 0, result.stderr[-3000:]
+      with open(os.path.join(tmp_path, name, "result.json")) as f:
+        knn[name] = json.load(f)["knn/top_1_accuracy"]
+  print(f"kNN top-1 after {STEPS} steps: {knn}")
+  assert knn["trained"] >= knn["untrained"] + 0.10, knn
