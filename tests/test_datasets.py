@@ -1,6 +1,7 @@
-"""Tests of tf_simclr.datasets and tf_simclr.shapes10: sources, determinism, sharding, errors.
+"""Tests of tf_simclr.datasets and the built-in datasets: sources, determinism, sharding, errors.
 
-Nothing here downloads: shapes10 is generated into tmp dirs and image folders are written here.
+Nothing here downloads: the built-ins are generated into tmp dirs and image folders are written
+here.
 """
 import functools
 import os
@@ -14,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from tf_simclr import augment
 from tf_simclr import datasets
+from tf_simclr import deadleaves10
 from tf_simclr import shapes10
 
 IMAGE_SIZE = 16  # Small views keep the pipeline tests fast; the contract does not depend on it.
@@ -209,6 +211,35 @@ def test_shapes10_generation_is_fast():
   shapes10.generate("train")
   shapes10.generate("test")
   assert time.time() - started < 10
+
+
+# ----------------------------------------------------------------------------------------------
+# deadleaves10.
+
+
+def test_deadleaves10_builds_offline_deterministically(tmp_path):
+  data_dir = str(tmp_path)
+  test = datasets.load_source("deadleaves10", "test", data_dir=data_dir)
+  assert (test.num_examples, test.num_classes) == (1000, 10)
+  builder = tfds.builder("deadleaves10", data_dir=data_dir)
+  assert builder.info.splits["train"].num_examples == 5000
+  records = _records_numpy(test)
+  np.testing.assert_array_equal(records["id"], np.arange(1000))
+  np.testing.assert_array_equal(np.bincount(records["label"], minlength=10), [100] * 10)
+  images, labels, _ = _images_numpy(test, limit=1000)
+  # Stored losslessly in generation order, and generation repeats bit for bit.
+  generated, generated_labels = deadleaves10.generate("test")
+  np.testing.assert_array_equal(images, generated)
+  np.testing.assert_array_equal(labels, generated_labels)
+  np.testing.assert_array_equal(deadleaves10.generate("test")[0], generated)
+  assert not np.array_equal(deadleaves10.generate("train")[0][:10], generated[:10])
+  # Grey: colour carries nothing.
+  assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()
+  # Leaves fill the image: nearly every 8x8 window holds a leaf edge (grey range > 40), so a
+  # crop anywhere shows leaves. A window of flat background or inside one leaf is rare.
+  windows = images[..., 0].reshape(1000, 4, 8, 4, 8).transpose(0, 1, 3, 2, 4).reshape(-1, 64)
+  edged = (windows.max(1).astype(int) - windows.min(1)) > 40
+  assert edged.mean() > 0.9, edged.mean()
 
 
 # ----------------------------------------------------------------------------------------------

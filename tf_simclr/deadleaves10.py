@@ -14,7 +14,7 @@ to See by Looking at Noise", NeurIPS 2021); this is a class-conditional version 
 Generation is NumPy with a fixed seed per split: every machine builds the same images, in a few
 seconds. Edges are antialiased from each leaf's signed distance and leaves are composited with
 the `over` operator. 5,000 'train' and 1,000 'test' examples, exactly class-balanced, in a seeded
-random class order. `DeadLeaves10` is a real TFDS builder registered as 'deadleaves10' when this
+random class order. `Deadleaves10` is a real TFDS builder registered as 'deadleaves10' when this
 module is imported, prepared like any TFDS dataset (`~/tensorflow_datasets/deadleaves10/1.0.0/`).
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def generate(split):
   return _render(labels, rng), labels
 
 
-class DeadLeaves10(tfds.core.GeneratorBasedBuilder):
+class Deadleaves10(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of deadleaves10 (registered as 'deadleaves10')."""
 
   VERSION = tfds.core.Version("1.0.0")
