@@ -137,3 +137,13 @@ def test_loss_watch_warns_once_when_the_loss_grows_tenfold():
   assert watch.update(5, 1e9) is None  # once
   calm = train.LossWatch()
   assert all(calm.update(s, 10.0 / s) is None for s in range(1, 50))  # a falling loss: quiet
+
+
+def test_a_batch_larger_than_the_split_is_warned(caplog):
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  source = datasets.Source("image_folder", "train", 6, 2, tf.data.Dataset.range(6))
+  assert train.warn_batch_over_split(6, source) is None
+  message = train.warn_batch_over_split(8, source)
+  assert message.startswith("--train_batch_size=8 is larger than the 6 examples of "
+                            "image_folder split 'train'")
+  assert message in caplog.text

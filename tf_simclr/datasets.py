@@ -6,7 +6,9 @@ Sources (`load_source(name, split, data_dir)`):
     downloaded and prepared into `data_dir` (default ~/tensorflow_datasets) the first time.
     Datasets that need a manual download (ImageNet) are checked before anything is downloaded.
   * 'image_folder': `data_dir/<split>/<class>/**/<image>` (classes = sorted sub-folder names,
-    label = index), or `data_dir/<split>/<image>` with no class folders (unlabelled: label -1).
+    label = index; an eval split takes the training split's `class_names`), or
+    `data_dir/<split>/<image>` with no class folders (unlabelled: label -1). Only regular files
+    are read; directory links are followed once, never into the split itself (`_list_local`).
     jpeg/jpg/png/bmp/gif, any case; a gif gives its first frame; grayscale becomes RGB.
   * 'shapes10': the built-in 10-class dataset that needs no download (`tf_simclr.shapes10`),
     read through TFDS like any other.
@@ -17,8 +19,9 @@ not die on one bad file):
   1. When listing, each file with an image extension must start with the magic bytes of JPEG,
      PNG, GIF or BMP; files that do not are skipped, and their number (with a few names) is logged.
      Ids are assigned after this check, in listing order, so they never change during a run.
-  2. A file that passes the check but fails to read or decode later is dropped from the stream
-     with a logged warning (`ignore_errors(log_warning=True)` right after the decode).
+  2. A file that passes the check but fails to read or decode later is dropped from the stream;
+     the log names the first few such files and counts them all (`_DecodeFailures`). A split of
+     which no file decodes is refused when it is loaded (training would search it forever).
      The rest of the run goes on, but bit-for-bit reproducibility across pipeline counts does not
      hold past such a drop (the affected pipeline's later batches shift by one example), and an
      eval pass counts one example fewer. Fix or delete the file to get it back.

@@ -44,6 +44,17 @@ def validate_batch(global_batch_size: int, num_replicas: int, what: str = "train
                      f"replicas ({num_replicas})")
 
 
+def warn_batch_over_split(global_batch_size: int, source: datasets.Source) -> str | None:
+  """Warns (returns the message) when a batch is larger than the split it draws from."""
+  if global_batch_size <= source.num_examples:
+    return None
+  message = (f"--train_batch_size={global_batch_size} is larger than the {source.num_examples} "
+             f"examples of {source.name} split {source.split!r}: each batch repeats examples "
+             "(pretraining contrasts the copies of an image as negatives of each other)")
+  logging.warning("%s", message)
+  return message
+
+
 def step_images(batch, color_jitter_strength: float = 1.0, use_blur: bool = True):
   """A replica's batch as the model takes it: (images [V*b, H, W, 3], labels int64 [V*b]).
 
@@ -398,6 +409,7 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
   """
   t = cfg.train
   validate_batch(t.train_batch_size, strategy.num_replicas_in_sync)
+  warn_batch_over_split(t.train_batch_size, source)
   trainer = Trainer(cfg, strategy, state)
   step = int(state.optimizer.iterations.numpy())
   sync = distribute.ClusterSync(strategy)
