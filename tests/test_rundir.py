@@ -110,7 +110,7 @@ def test_results_of_a_diverged_model_are_valid_json(tmp_path):
 
 
 def test_eval_waits_with_a_bound_and_says_so(tmp_path, caplog):
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")
   ckpt = tf.train.Checkpoint(value=tf.Variable(0.0))
   walk = evaluate.restored_checkpoints(ckpt, str(tmp_path), last_step=4, poll_secs=0.01,
                                        timeout_secs=0.1)
