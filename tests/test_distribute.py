@@ -70,16 +70,23 @@ def test_unusable_tpu_is_one_clear_error():
 
 
 def test_ctrl_c_stops_like_sigterm_and_a_second_one_at_once():
-  before = signal.getsignal(signal.SIGINT)
-  with distribute.StopSignal() as stop:
-    os.kill(os.getpid(), signal.SIGINT)  # without the handler: KeyboardInterrupt here
-    for _ in range(1000):
-      if stop.received:
-        break
-    assert stop.received and stop.name == "SIGINT"
-    # The second Ctrl-C gets the default action: the process ends at once, in any code.
-    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
-  assert signal.getsignal(signal.SIGINT) is before
+  runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
+  try:
+    with distribute.StopSignal() as stop:
+      os.kill(os.getpid(), signal.SIGINT)  # without the handler: KeyboardInterrupt here
+      for _ in range(1000):
+        if stop.received:
+          break
+      assert stop.received and stop.name == "SIGINT"
+      # The second Ctrl-C gets the default action: the process ends at once, in any code.
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # SIGINT ignored by the parent (nohup, a background job) stays ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with distribute.StopSignal():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, runner_handler)
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags():

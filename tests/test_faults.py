@@ -25,6 +25,9 @@ ARGS = COMMON + ["--train_steps=12", "--checkpoint_steps=4", "--mode=train", "--
 FULL_DISK = [sys.executable, "-c", "import os, resource, sys; "
              "resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, 2**24)); "
              "os.execv(sys.argv[1], sys.argv[1:])"]
+# Ctrl-C reaches a process only if its parent did not ignore SIGINT (a test runner may).
+CTRL_C_ABLE = [sys.executable, "-c", "import os, signal, sys; "
+               "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path)
   args = COMMON + ["--train_steps=1000", "--checkpoint_steps=1000", "--mode=train",
                       "--cpu_replicas=1", f"--data_dir={data_dir}", f"--model_dir={d}"]
   with runs.Processes(tmp_path, _env()) as procs:
-    procs.start("first", args)
+    procs.start("first", args, prefix=CTRL_C_ABLE)
     procs.wait_for_log("first", "Training from step 0")
     flags_json = _read(os.path.join(d, "flags.json"))
     # A second trainer on the same model_dir: refused by the lock (an eval job would not be).

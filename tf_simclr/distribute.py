@@ -202,7 +202,8 @@ class StopSignal:
   interrupts a step (a tf.function call); the loop reads `received` between calls. A first
   SIGINT restores the default action, so that a second Ctrl-C stops the process at once. A
   context manager: the previous handlers come back on exit. Off the main thread, where Python
-  cannot install signal handlers, the signals keep their previous meaning.
+  cannot install signal handlers, and for a signal the parent process ignores, the signals keep
+  their previous meaning.
 
   Attributes:
     received: whether a signal arrived.
@@ -219,6 +220,8 @@ class StopSignal:
   def __enter__(self) -> "StopSignal":
     if threading.current_thread() is threading.main_thread():
       for signum in self.SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+          continue  # Ignored by whoever started us (nohup, a shell's background job): keep it.
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
