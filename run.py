@@ -58,6 +58,21 @@ def _export(cfg, model, step):
   return target
 
 
+def _claim_model_dir(t, flag_values, is_chief):
+  """Training: refuses another run's model_dir, then takes its lock (released at exit).
+
+  Before anything is written. Evaluation (`--mode=eval`) may join a training job: no check.
+  """
+  from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+  if t.mode == "eval":
+    return
+  rundir.check_resume(t.model_dir, flag_values)
+  if is_chief:  # One training job per model_dir.
+    lock = rundir.TrainingLock(t.model_dir)
+    lock.acquire()
+    atexit.register(lock.release)
+
+
 def run(cfg, flag_values):
   """Trains and/or evaluates as `cfg.train.mode` says. Returns the final result dict or None."""
   _setup_runtime(cfg)
@@ -69,8 +84,6 @@ def run(cfg, flag_values):
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
   t = cfg.train
-  if t.mode != "eval":  # Before anything is written: the model_dir may hold another run.
-    rundir.check_resume(t.model_dir, flag_values)
   strategy = distribute.make_strategy(
       cfg.runtime.strategy, cfg.runtime.cpu_replicas, use_tpu=cfg.runtime.use_tpu,
       tpu_name=cfg.runtime.tpu_name, tpu_zone=cfg.runtime.tpu_zone,
@@ -80,10 +93,7 @@ def run(cfg, flag_values):
   train_lib.validate_batch(t.train_batch_size, replicas, "train_batch_size")
   train_lib.validate_batch(t.eval_batch_size, replicas, "eval_batch_size")
   is_chief = distribute.is_chief(strategy)
-  if is_chief and t.mode != "eval":  # One training job per model_dir; eval jobs may join it.
-    lock = rundir.TrainingLock(t.model_dir)
-    lock.acquire()
-    atexit.register(lock.release)
+  _claim_model_dir(t, flag_values, is_chief)
   distribute.warn_slow_bfloat16(strategy, cfg.runtime.mixed_precision)
 
   train_source = datasets.load_source(cfg.data.dataset, cfg.data.train_split, cfg.data.data_dir)

@@ -178,15 +178,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
   if any(part.split("[")[0] not in splits for part in split.split("+")):
     raise DatasetError(f"Dataset '{name}' has no split '{split}'; its splits are: "
                        f"{', '.join(sorted(splits))}.")
-  sizes = ", ".join(f"{k} ({v.num_examples} examples)" for k, v in sorted(splits.items()))
-  try:
-    num_examples = splits[split].num_examples
-  except Exception as e:  # A malformed slice: TFDS's message says why.
-    raise DatasetError(f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); "
-                       f"its splits are: {sizes}.") from e
-  if num_examples == 0:  # e.g. a slice past the end, which as_dataset would refuse obscurely
-    raise DatasetError(f"Dataset '{name}' split '{split}' selects no examples; its splits "
-                       f"are: {sizes}.")
+  num_examples = _split_size(name, split, splits)
 
   features = dict(builder.info.features.items())
   if not isinstance(features.get("image"), tfds.features.Image):
@@ -210,6 +202,20 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
   records = ds.enumerate().map(to_record)
   return Source(name=name, split=split, num_examples=num_examples, num_classes=num_classes,
                 records=records)
+
+
+def _split_size(name: str, split: str, splits) -> int:
+  """The number of examples `split` (maybe sliced) selects; DatasetError if none."""
+  sizes = ", ".join(f"{k} ({v.num_examples} examples)" for k, v in sorted(splits.items()))
+  try:
+    num_examples = splits[split].num_examples
+  except Exception as e:  # A malformed slice: TFDS's message says why.
+    raise DatasetError(f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); "
+                       f"its splits are: {sizes}.") from e
+  if num_examples == 0:  # e.g. a slice past the end, which as_dataset would refuse obscurely
+    raise DatasetError(f"Dataset '{name}' split '{split}' selects no examples; its splits "
+                       f"are: {sizes}.")
+  return num_examples
 
 
 def _check_manual_download(name: str, builder) -> None:
@@ -352,6 +358,22 @@ def _first_decodable(paths: list[str]) -> int | None:
   return None
 
 
+def _skip_non_images(root: str, paths: list[str], labels: list[int]):
+  """(paths, labels) without the files that are not images at all (the module docstring).
+
+  Headers are read in parallel: on network storage each read is a round trip.
+  """
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    ok = list(pool.map(_has_image_magic, paths))
+  bad = [p for p, good in zip(paths, ok) if not good]
+  if not bad:
+    return paths, labels
+  logging.warning("Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, "
+                  "e.g. %s", root, len(bad), ", ".join(_shown(p) for p in bad[:3]))
+  return ([p for p, good in zip(paths, ok) if good],
+          [label for label, good in zip(labels, ok) if good])
+
+
 def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> Source:
   """`data_dir/<split>/<class>/...` (labelled) or `data_dir/<split>/<images>` (unlabelled)."""
   if not data_dir:
@@ -387,16 +409,7 @@ def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> 
     labels = [-1] * len(paths)
   _log_listing(root, listing)
 
-  # Skip files that are not images at all (policy in the module docstring); read headers in
-  # parallel since on network storage each read is a round trip.
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    ok = list(pool.map(_has_image_magic, paths))
-  bad = [p for p, good in zip(paths, ok) if not good]
-  if bad:
-    logging.warning("Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, "
-                    "e.g. %s", root, len(bad), ", ".join(_shown(p) for p in bad[:3]))
-    paths = [p for p, good in zip(paths, ok) if good]
-    labels = [l for l, good in zip(labels, ok) if good]
+  paths, labels = _skip_non_images(root, paths, labels)
   if not paths:
     raise DatasetError(f"Image folder {root} holds no readable images ("
                        f"{', '.join(IMAGE_EXTENSIONS)}).")
