@@ -5,6 +5,7 @@ exit status 1; set TF_SIMCLR_TRACEBACK=1 to see the traceback instead.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import os
@@ -20,6 +21,10 @@ from absl import logging  # noqa: E402
 from flags import definitions  # noqa: E402  (defines the flags)
 
 FLAGS = definitions.FLAGS
+
+
+class Interrupted(Exception):
+  """Ctrl-C (SIGINT) stopped the run; the message is its one line. Exit status 130."""
 
 
 def _setup_runtime(cfg):
@@ -43,10 +48,29 @@ def _export(cfg, model, step):
   if tf.io.gfile.exists(target):
     logging.info("An export for step %d exists at %s; kept as it is", step, target)
     return target
+  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  if not train_lib.all_finite(model.variables):
+    raise ValueError(f"not exporting step {step}: the model has weights that are not finite "
+                     "(NaN or inf)")
   export.export_saved_model(model, target, weight_decay=cfg.optim.weight_decay,
                             optimizer_name=cfg.optim.optimizer)
   export.prune_exports(parent, cfg.train.keep_hub_module_max)
   return target
+
+
+def _claim_model_dir(t, flag_values, is_chief):
+  """Training: refuses another run's model_dir, then takes its lock (released at exit).
+
+  Before anything is written. Evaluation (`--mode=eval`) may join a training job: no check.
+  """
+  from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+  if t.mode == "eval":
+    return
+  rundir.check_resume(t.model_dir, flag_values)
+  if is_chief:  # One training job per model_dir.
+    lock = rundir.TrainingLock(t.model_dir)
+    lock.acquire()
+    atexit.register(lock.release)
 
 
 def run(cfg, flag_values):
@@ -56,6 +80,7 @@ def run(cfg, flag_values):
   from tf_simclr import distill  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
+  from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
   t = cfg.train
@@ -68,6 +93,8 @@ def run(cfg, flag_values):
   train_lib.validate_batch(t.train_batch_size, replicas, "train_batch_size")
   train_lib.validate_batch(t.eval_batch_size, replicas, "eval_batch_size")
   is_chief = distribute.is_chief(strategy)
+  _claim_model_dir(t, flag_values, is_chief)
+  distribute.warn_slow_bfloat16(strategy, cfg.runtime.mixed_precision)
 
   train_source = datasets.load_source(cfg.data.dataset, cfg.data.train_split, cfg.data.data_dir)
   split = f"{cfg.data.dataset} split {cfg.data.train_split!r}"
@@ -93,7 +120,9 @@ def run(cfg, flag_values):
       cfg.model, num_classes=num_classes if wants_head else 0))
   eval_source = None
   if (wants_head and t.mode != "train") or t.knn_eval_every_n_steps:
-    eval_source = datasets.load_source(cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir)
+    # Image folders: the training split's classes decide the labels of every split.
+    eval_source = datasets.load_source(cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir,
+                                       class_names=train_source.class_names or None)
     if t.knn_eval_every_n_steps and eval_source.num_classes == 0:
       raise ValueError(f"--knn_eval_every_n_steps needs labels, but {cfg.data.dataset} split "
                        f"{cfg.data.eval_split!r} is unlabeled")
@@ -113,10 +142,10 @@ def run(cfg, flag_values):
                       else distill.labels_only_for(train_source, ids))
 
   state = train_lib.build_state(cfg, strategy, train_source.num_examples, is_chief)
-  if is_chief:
-    if t.train_mode != "pretrain" and t.mode != "eval":
+  if is_chief and t.mode != "eval":
+    if t.train_mode != "pretrain":
       datasets.write_label_subset(t.model_dir, ids)  # Refuses another subset in model_dir.
-    train_lib.write_flags_json(t.model_dir, flag_values)
+    rundir.record_flags(t.model_dir, flag_values)  # Keeps a resumed run's flags.json.
   knn_sources = (knn_bank, eval_source) if t.knn_eval_every_n_steps else None
 
   if t.mode in ("train", "train_then_eval"):
@@ -125,6 +154,10 @@ def run(cfg, flag_values):
     step = train_lib.train(cfg, strategy, train_source, state, is_chief, views,
                            knn_sources=knn_sources)
     if step < state.total_steps:
+      if state.stopped_by == "SIGINT":
+        raise Interrupted(f"Interrupted: SIGINT stopped training at step {step} of "
+                          f"{state.total_steps}, checkpoint saved in {t.model_dir}. Run the same "
+                          "command to resume.")
       print(f"Preempted: SIGTERM stopped training at step {step} of {state.total_steps}, "
             f"checkpoint saved in {t.model_dir}. Run the same command to resume.")
       return None
@@ -137,7 +170,7 @@ def run(cfg, flag_values):
   result = None
   for step, _ in evaluate.restored_checkpoints(
       state.checkpoint, t.model_dir, state.total_steps,
-      step_of=lambda: state.optimizer.iterations.numpy()):
+      step_of=lambda: state.optimizer.iterations.numpy(), timeout_secs=t.eval_timeout_s):
     result = _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources)
   return result
 
@@ -192,6 +225,11 @@ def main(argv):
     flag_values = FLAGS.flag_values_dict()
     cfg = definitions.to_config(flag_values)
     run(cfg, flag_values)
+  except (Interrupted, KeyboardInterrupt) as err:
+    # 128 + SIGINT, as shells report a process that Ctrl-C ended.
+    print(str(err) or "Interrupted: SIGINT before training began or after it ended; nothing "
+          "to save. Run the same command to start again.", file=sys.stderr)
+    sys.exit(130)
   except (ValueError, OSError) as err:
     if os.environ.get("TF_SIMCLR_TRACEBACK"):
       raise

@@ -5,6 +5,7 @@ Only this module and run.py read flags; `to_config` turns them into tf_simclr's 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from absl import flags
 
@@ -121,6 +122,9 @@ flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_bfloat16", "mixed_f
                   "Keras dtype policy; BN statistics, losses and the optimizer stay float32.")
 flags.DEFINE_bool("jit_compile", False, "Compile the per-replica forward and backward pass with "
                   "XLA (one replica per process; TPUs always compile). Slower on CPU: see README.")
+flags.DEFINE_float("eval_timeout_s", 0, "--mode=eval: stop when no new checkpoint appeared in "
+                   "model_dir for this many seconds (an error if none came at all). 0: wait "
+                   "without limit, as the reference does.")
 flags.DEFINE_bool("augment_on_device", False, "Crop on the host, flip/colour/blur the batch in "
                   "the training step, on the accelerator: for hosts that cannot keep up.")
 
@@ -136,7 +140,7 @@ def _pick(cls, values):
 
 def validate(values: dict) -> None:
   """Checks values that would otherwise fail deep inside TensorFlow; ValueError names the flag."""
-  if values["temperature"] <= 0:
+  if not values["temperature"] > 0:
     raise ValueError(f"--temperature must be > 0, got {values['temperature']}")
   for name in ("train_batch_size", "eval_batch_size", "image_size", "width_multiplier",
                "proj_out_dim"):
@@ -149,9 +153,13 @@ def validate(values: dict) -> None:
   except ValueError as err:
     raise ValueError(f"--{err}") from None
   for name in ("train_steps", "train_epochs", "eval_steps", "checkpoint_steps",
-               "checkpoint_epochs", "cpu_replicas", "warmup_epochs", "weight_decay"):
+               "checkpoint_epochs", "cpu_replicas", "warmup_epochs", "weight_decay", "sk_ratio",
+               "se_ratio", "eval_timeout_s"):
     if values[name] < 0:
       raise ValueError(f"--{name} must be >= 0, got {values[name]}")
+  if values["keep_checkpoint_max"] < 1:
+    raise ValueError(f"--keep_checkpoint_max must be >= 1 (the newest checkpoint is what a "
+                     f"resume starts from), got {values['keep_checkpoint_max']}")
   if not values["model_dir"]:
     raise ValueError("--model_dir is required (where checkpoints, results and exports go)")
   if values["train_steps"] == 0 and values["train_epochs"] == 0:
@@ -180,6 +188,10 @@ def validate(values: dict) -> None:
   if values["train_mode"] == "distill" and not values["teacher_checkpoint"]:
     raise ValueError("--train_mode=distill needs --teacher_checkpoint (a fine-tuned tf_simclr "
                      "checkpoint or exported SavedModel)")
+  for name, value in sorted(values.items()):
+    # NaN passes comparisons such as `lr < 0` and then poisons the weights.
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"--{name} must be a finite number, got {value}")
 
 
 def to_config(values: dict) -> config_lib.RunConfig:

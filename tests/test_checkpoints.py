@@ -89,6 +89,11 @@ def test_restore_weights_from_dir_and_prefix(tmp_path):
     checkpoints.restore_weights(model, path)
     want = 3.0 if path == d else 2.0
     np.testing.assert_array_equal(model.weights[0].numpy(), want)
+  # One of a checkpoint's files stands for the checkpoint (a shell completes `ckpt-2.index`).
+  for name in ("ckpt-2.index", "ckpt-2.data-00000-of-00001"):
+    model = _model()
+    checkpoints.restore_weights(model, os.path.join(d, name))
+    np.testing.assert_array_equal(model.weights[0].numpy(), 2.0)
   with pytest.raises(ValueError, match="does not exist"):
     checkpoints.restore_weights(_model(), os.path.join(d, "ckpt-9"))
   with pytest.raises(checkpoints.CheckpointMismatchError):

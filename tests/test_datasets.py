@@ -722,3 +722,109 @@ def test_imagenet_label_subsets_are_tfds_names(tmp_path, name):
                      f"ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/"):
     datasets.load_source(name, "train", data_dir=str(tmp_path))
   assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+
+
+# ----------------------------------------------------------------------------------------------
+# Careless input (issue 14): links, FIFOs, odd names, undecodable files, splits that differ.
+
+
+def _png(seed, path):
+  image = _random_image(seed)
+  _write(path, tf.io.encode_png(image).numpy())
+  return image
+
+
+def test_directory_links_never_add_an_image_twice(tmp_path, caplog):
+  root = str(tmp_path)
+  for cls, n in (("a", 2), ("b", 1), ("c", 1)):
+    for i in range(n):
+      _png(i, f"{root}/train/{cls}/{i}.png")
+  _png(7, f"{root}/elsewhere/e.png")
+  os.symlink("..", f"{root}/train/a/loop")  # the split folder: would list b and c as a
+  os.symlink("../..", f"{root}/train/a/up")  # above it
+  os.symlink("../b", f"{root}/train/a/b_too")  # another class
+  os.symlink(".", f"{root}/elsewhere/self")  # a loop outside the split
+  os.symlink(f"{root}/elsewhere", f"{root}/train/c/more")  # outside: followed, once
+  source = datasets.load_source("image_folder", "train", data_dir=root)
+  records = _records_numpy(source)
+  paths = [os.path.relpath(p.decode(), f"{root}/train") for p in records["image"]]
+  assert paths == ["a/0.png", "a/1.png", "b/0.png", "c/0.png", "c/more/e.png"]
+  np.testing.assert_array_equal(records["label"], [0, 0, 1, 2, 2])
+  assert "not following 4 directory links" in caplog.text
+
+
+def test_fifos_are_skipped_and_any_file_name_is_read(tmp_path, caplog):
+  import threading  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  image = _png(1, f"{root}/train/a/0.png")
+  odd = os.fsencode(f"{root}/train/a/") + b"\xff\xfe.png"  # not valid UTF-8
+  with open(odd, "wb") as f:
+    f.write(tf.io.encode_png(_random_image(2)).numpy())
+  fifo = f"{root}/train/a/pipe.png"
+  os.mkfifo(fifo)
+  got = []
+  thread = threading.Thread(target=lambda: got.append(
+      datasets.load_source("image_folder", "train", data_dir=root)), daemon=True)
+  thread.start()
+  thread.join(60)
+  if thread.is_alive():  # blocked opening the FIFO: release it, then fail
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    pytest.fail("listing hung on a FIFO")
+  source = got[0]
+  assert source.num_examples == 2
+  assert "1 entries that are not regular files" in caplog.text and "pipe.png" in caplog.text
+  images = {int(ex["id"]): ex["image"].numpy() for ex in source.dataset}
+  np.testing.assert_array_equal(images[0], image)
+  np.testing.assert_array_equal(images[1], _random_image(2))
+  assert source.files[1].endswith("a/\\xff\\xfe.png")
+
+
+def test_undecodable_files_are_named_and_none_decoding_is_an_error(tmp_path, caplog):
+  root = str(tmp_path)
+  for i in range(3):
+    _png(i, f"{root}/train/a/{i}.png")
+  for name in ("cut1.png", "cut2.png"):  # PNG magic, cut body: listed, fail to decode
+    _write(f"{root}/train/a/{name}", tf.io.encode_png(_random_image(9)).numpy()[:40])
+    _write(f"{root}/bad/a/{name}", tf.io.encode_png(_random_image(9)).numpy()[:40])
+  source = datasets.load_source("image_folder", "train", data_dir=root)
+  assert source.num_examples == 5
+  caplog.clear()
+  assert sorted(int(ex["id"]) for ex in source.dataset) == [0, 1, 2]
+  warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
+  assert len(warnings) == 2, caplog.text
+  assert "a/cut1.png; skipped (1 so far)" in warnings[0]
+  assert "a/cut2.png; skipped (2 so far)" in warnings[1]
+  # Nothing decodes: one line at load time, not a training stream that searches forever.
+  with pytest.raises(datasets.DatasetError, match=r"bad: none of its 2 image files decodes"):
+    datasets.load_source("image_folder", "bad", data_dir=root)
+
+
+def test_eval_split_labels_classes_as_the_training_split(tmp_path, caplog):
+  root = str(tmp_path)
+  for split, classes in (("train", "abc"), ("test", "acd")):
+    for c in classes:
+      _png(ord(c), f"{root}/{split}/{c}/0.png")
+  train = datasets.load_source("image_folder", "train", data_dir=root)
+  assert train.class_names == ("a", "b", "c")
+  test = datasets.load_source("image_folder", "test", data_dir=root,
+                              class_names=train.class_names)
+  records = _records_numpy(test)
+  # a and c keep train's labels 0 and 2 (by their own folders: 0 and 1); d is skipped.
+  np.testing.assert_array_equal(records["label"], [0, 2])
+  assert [os.path.basename(os.path.dirname(p.decode())) for p in records["image"]] == ["a", "c"]
+  assert test.num_classes == 3
+  assert "lacks 1 classes of the training split: b" in caplog.text
+  assert "1 classes that the training split does not have: d" in caplog.text
+
+
+def test_split_slices_names_and_label_files(shapes_dir, tmp_path, caplog):
+  with pytest.raises(datasets.DatasetError, match=r"'train\[5000:\]' selects no examples; its "
+                     r"splits are: test \(1000 examples\), train \(5000 examples\)"):
+    datasets.load_source("shapes10", "train[5000:]", data_dir=shapes_dir)
+  with pytest.raises(datasets.DatasetError) as info:
+    datasets.load_source("shapes11", "train", data_dir=shapes_dir)
+  close = str(info.value).split("Close names: ")[1].split(".")[0].split(", ")
+  assert "shapes10" in close and len(close) == len(set(close)), close
+  (tmp_path / "ids.txt").write_text("3\n7\n3\n9\n7\n")
+  np.testing.assert_array_equal(datasets.read_label_file(str(tmp_path / "ids.txt")), [3, 7, 9])
+  assert "lists 2 ids more than once (e.g. 3, 7)" in caplog.text

@@ -67,3 +67,31 @@ def test_unusable_tpu_is_one_clear_error():
   # Without the client, TPUClusterResolver refuses a named TPU at once (a RuntimeError).
   with pytest.raises(ValueError, match="cannot set up the TPU 'no-such-tpu': .*cloud-tpu-client"):
     distribute.make_strategy("tpu", tpu_name="no-such-tpu", tpu_zone="zone", gcp_project="project")
+
+
+def test_ctrl_c_stops_like_sigterm_and_a_second_one_at_once():
+  runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
+  try:
+    with distribute.StopSignal() as stop:
+      os.kill(os.getpid(), signal.SIGINT)  # without the handler: KeyboardInterrupt here
+      for _ in range(1000):
+        if stop.received:
+          break
+      assert stop.received and stop.name == "SIGINT"
+      # The second Ctrl-C gets the default action: the process ends at once, in any code.
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # SIGINT ignored by the parent (nohup, a background job) stays ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with distribute.StopSignal():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, runner_handler)
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+  assert not distribute.native_bfloat16("processor: 0\nflags\t\t: fpu avx2 avx512f fma\n")
+  assert distribute.native_bfloat16("flags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+  assert distribute.native_bfloat16("flags\t\t: fpu amx_bf16\n")
+  assert distribute.native_bfloat16("Features\t: fp asimd bf16 i8mm\n")  # aarch64
+  assert not distribute.warn_slow_bfloat16(None, "none")

@@ -1,5 +1,6 @@
 """Faults a long run meets, end to end: SIGTERM, SIGKILL at three moments, a damaged newest
-checkpoint, a full disk, an unwritable model_dir.
+checkpoint, a full disk, an unwritable model_dir; Ctrl-C, a second trainer, another run's
+model_dir.
 
 One run is interrupted again and again in one model_dir and then finishes; with --deterministic
 its final weights must equal, bit for bit, those of an uninterrupted run. Processes run in
@@ -24,6 +25,9 @@ ARGS = COMMON + ["--train_steps=12", "--checkpoint_steps=4", "--mode=train", "--
 FULL_DISK = [sys.executable, "-c", "import os, resource, sys; "
              "resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, 2**24)); "
              "os.execv(sys.argv[1], sys.argv[1:])"]
+# Ctrl-C reaches a process only if its parent did not ignore SIGINT (a test runner may).
+CTRL_C_ABLE = [sys.executable, "-c", "import os, signal, sys; "
+               "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +124,36 @@ def test_unwritable_model_dir_is_one_line(data_dir, tmp_path):
                                f"--model_dir={tmp_path / 'a_file' / 'model'}"])
     result = procs.finish("run")
   _assert_one_line_error(result, ["a_file", "not a directory"])
+
+
+def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
+  d = str(tmp_path / "m")
+  args = COMMON + ["--train_steps=1000", "--checkpoint_steps=1000", "--mode=train",
+                      "--cpu_replicas=1", f"--data_dir={data_dir}", f"--model_dir={d}"]
+  with runs.Processes(tmp_path, _env()) as procs:
+    procs.start("first", args, prefix=CTRL_C_ABLE)
+    procs.wait_for_log("first", "Training from step 0")
+    flags_json = _read(os.path.join(d, "flags.json"))
+    # A second trainer on the same model_dir: refused by the lock (an eval job would not be).
+    procs.start("second", args)
+    second = procs.finish("second")
+    _assert_one_line_error(second, ["in use by another training run",
+                                    f"pid {procs.pid('first')} on host"])
+    # Ctrl-C: a checkpoint at the step reached, one line, exit status 130.
+    procs.signal("first", signal.SIGINT)
+    status, _, err = procs.finish("first")
+    assert status == 130 and "Traceback" not in err, (status, err[-3000:])
+    step = _newest(d)
+    assert step is not None and 1 <= step < 1000
+    assert err.strip().splitlines()[-1] == (
+        f"Interrupted: SIGINT stopped training at step {step} of 1000, checkpoint saved in {d}. "
+        "Run the same command to resume.")
+    assert not os.path.exists(os.path.join(d, "train.lock"))
+    # Fine-tuning in this pretraining run's model_dir: refused, nothing changed.
+    before = {f: _read(os.path.join(d, f)) for f in os.listdir(d)}
+    procs.start("finetune", args + ["--train_mode=finetune", f"--checkpoint={d}"])
+    finetune = procs.finish("finetune")
+  _assert_one_line_error(finetune, ["--train_mode=pretrain there, finetune here",
+                                    "new --model_dir"])
+  assert {f: _read(os.path.join(d, f)) for f in os.listdir(d)} == before
+  assert before["flags.json"] == flags_json

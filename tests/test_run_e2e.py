@@ -229,10 +229,10 @@ def test_bad_input_is_one_line(extra, words, tmp_path, data_dir, request):
 def test_bad_checkpoints_are_refused_and_kept(replica_runs, data_dir, tmp_path):
   d = replica_runs[2][0]
   before = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
-  # Another model in this model_dir: refused, nothing written.
+  # Another model in this model_dir: refused (its flags.json says so), nothing written.
   res = run_py(COMMON + [f"--data_dir={data_dir}", f"--model_dir={d}", "--train_steps=6",
                          "--resnet_depth=34", "--mode=train"])
-  _assert_one_line_error(res, ["does not match", "ckpt-3"])
+  _assert_one_line_error(res, ["--resnet_depth=18 there, 34 here", "new --model_dir"])
   # Fine-tuning with nothing to start from.
   res = run_py(COMMON + [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'ft'}",
                          "--train_steps=2", "--train_mode=finetune", "--mode=train"])

@@ -90,3 +90,60 @@ def test_jit_compile_refuses_mirrored_replicas(tmp_path):
   from conftest import mirrored  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="one replica per process"):
     _fixed_batch_run(tmp_path, "none", 1, jit_compile=True, strategy=mirrored(2))
+
+
+def test_non_finite_training_stops_before_its_checkpoint(tmp_path):
+  # A NaN learning rate (refused as a flag, accepted by the library) makes every weight NaN
+  # in step 1: training stops there with one line, and ckpt-0 stays the newest checkpoint.
+  from tf_simclr import checkpoints  # pylint: disable=g-import-not-at-top
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+  for i in range(4):
+    (tmp_path / "images" / "train" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+    png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(50 * i, tf.uint8))).numpy()
+    (tmp_path / "images" / "train" / "ab"[i % 2] / f"{i}.png").write_bytes(png)
+  source = datasets.load_source("image_folder", "train", str(tmp_path / "images"))
+  model_dir = str(tmp_path / "m")
+  # Linear evaluation (only the head trains) keeps the traced step small.
+  model_cfg = C.ModelConfig(resnet_depth=18, image_size=16, num_classes=2,
+                            train_mode="finetune", fine_tune_after_block=4)
+  start = tf.train.Checkpoint(model=model_lib.build_model(model_cfg)).save(
+      str(tmp_path / "start"))
+  cfg = C.RunConfig(
+      C.DataConfig(dataset="image_folder", image_size=16), model_cfg,
+      C.OptimConfig(learning_rate=float("nan"), warmup_epochs=0),
+      C.TrainConfig(model_dir=model_dir, train_mode="finetune", checkpoint=start,
+                    train_batch_size=4, train_steps=3, checkpoint_steps=1),
+      C.RuntimeConfig())
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  state = train.build_state(cfg, strategy, source.num_examples)
+  checkpoints.save(state.manager, 0)  # the initial, finite weights
+  with pytest.raises(train.NonFiniteError, match=(
+      r"a weight is not finite \(NaN or inf\) at step 1, so no checkpoint was written for it; "
+      f"the last finite checkpoint is {model_dir}/ckpt-0")) as info:
+    train.train(cfg, strategy, source, state)
+  assert "\n" not in str(info.value)
+  assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-0")
+  assert not tf.io.gfile.glob(f"{model_dir}/ckpt-1*")
+  assert not train.all_finite(state.model.variables)
+
+
+def test_loss_watch_warns_once_when_the_loss_grows_tenfold():
+  watch = train.LossWatch()
+  # The learning-rate-100 run of issue 14: 2,600 -> 190,000 in 4 steps.
+  assert [watch.update(s, v) for s, v in ((1, 2600.0), (2, 9000.0), (3, 20000.0))] == [None] * 3
+  message = watch.update(4, 190000.0)
+  assert message.startswith("The loss grew from 2600 to 1.9e+05 by step 4 (x73)")
+  assert watch.update(5, 1e9) is None  # once
+  calm = train.LossWatch()
+  assert all(calm.update(s, 10.0 / s) is None for s in range(1, 50))  # a falling loss: quiet
+
+
+def test_a_batch_larger_than_the_split_is_warned(caplog):
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  source = datasets.Source("image_folder", "train", 6, 2, tf.data.Dataset.range(6))
+  assert train.warn_batch_over_split(6, source) is None
+  message = train.warn_batch_over_split(8, source)
+  assert message.startswith("--train_batch_size=8 is larger than the 6 examples of "
+                            "image_folder split 'train'")
+  assert message in caplog.text

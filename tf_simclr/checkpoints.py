@@ -142,12 +142,21 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
   return False
 
 
+def checkpoint_prefix(path: str) -> str:
+  """`ckpt-4` for one of its files (`ckpt-4.index`, `ckpt-4.data-00000-of-00001`), else `path`."""
+  match = re.fullmatch(r"(.+)\.(index|data-\d+-of-\d+)", path)
+  if match and tf.io.gfile.exists(match.group(1) + ".index"):
+    return match.group(1)
+  return path
+
+
 def restore_weights(model, path: str) -> None:
   """Initialises `model` from a tf_simclr checkpoint (prefix or directory): weights only.
 
   Variables of the checkpoint the model does not have (e.g. optimizer slots) are ignored; a
   model variable the checkpoint lacks, or of another shape, is a CheckpointMismatchError.
   """
+  path = checkpoint_prefix(path)
   if tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:

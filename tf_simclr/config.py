@@ -92,6 +92,7 @@ class TrainConfig:
   checkpoint: str | None = None
   zero_init_logits_layer: bool = False
   eval_name: str | None = None
+  eval_timeout_s: float = 0.0  # --mode=eval: longest wait for a new checkpoint; 0: no limit
   seed: int = 0
   deterministic: bool = False
   # kNN monitor (knn.knn_accuracy); 0 steps: off.

@@ -6,7 +6,9 @@ Sources (`load_source(name, split, data_dir)`):
     downloaded and prepared into `data_dir` (default ~/tensorflow_datasets) the first time.
     Datasets that need a manual download (ImageNet) are checked before anything is downloaded.
   * 'image_folder': `data_dir/<split>/<class>/**/<image>` (classes = sorted sub-folder names,
-    label = index), or `data_dir/<split>/<image>` with no class folders (unlabelled: label -1).
+    label = index; an eval split takes the training split's `class_names`), or
+    `data_dir/<split>/<image>` with no class folders (unlabelled: label -1). Only regular files
+    are read; directory links are followed once, never into the split itself (`_list_local`).
     jpeg/jpg/png/bmp/gif, any case; a gif gives its first frame; grayscale becomes RGB.
   * 'deadleaves10' and 'shapes10': built-in 10-class datasets that need no download
     (`tf_simclr.deadleaves10`, which SimCLR learns in minutes, and `tf_simclr.shapes10`, one
@@ -18,8 +20,9 @@ not die on one bad file):
   1. When listing, each file with an image extension must start with the magic bytes of JPEG,
      PNG, GIF or BMP; files that do not are skipped, and their number (with a few names) is logged.
      Ids are assigned after this check, in listing order, so they never change during a run.
-  2. A file that passes the check but fails to read or decode later is dropped from the stream
-     with a logged warning (`ignore_errors(log_warning=True)` right after the decode).
+  2. A file that passes the check but fails to read or decode later is dropped from the stream;
+     the log names the first few such files and counts them all (`_DecodeFailures`). A split of
+     which no file decodes is refused when it is loaded (training would search it forever).
      The rest of the run goes on, but bit-for-bit reproducibility across pipeline counts does not
      hold past such a drop (the affected pipeline's later batches shift by one example), and an
      eval pass counts one example fewer. Fix or delete the file to get it back.
@@ -95,6 +98,8 @@ class Source:
       unlabelled), 'id': int64 scalar}, where 'image' is the encoded image, or its file path
       when `reads_files`. Cheap to shuffle and slice: nothing is decoded.
     reads_files: whether 'image' in `records` is a path to read rather than the encoded bytes.
+    class_names: the class of each label (image folders; empty otherwise).
+    files: the path of each id, to name files that fail to decode (image folders).
   """
   name: str
   split: str
@@ -102,6 +107,8 @@ class Source:
   num_classes: int
   records: tf.data.Dataset
   reads_files: bool = False
+  class_names: tuple = ()
+  files: tuple = ()
 
   @property
   def dataset(self) -> tf.data.Dataset:
@@ -113,7 +120,8 @@ class Source:
 # Sources.
 
 
-def load_source(name: str, split: str, data_dir: str | None = None) -> Source:
+def load_source(name: str, split: str, data_dir: str | None = None,
+                class_names=None) -> Source:
   """Returns the split `split` of the dataset `name`.
 
   Args:
@@ -123,12 +131,15 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> Source:
       combined ('train[:10%]', 'train+test').
     data_dir: the image folder's root for 'image_folder'; the TFDS data directory otherwise
       (None: TFDS's default, ~/tensorflow_datasets).
+    class_names: 'image_folder': label the class folders by this list (the training split's
+      `class_names`) rather than by the split's own folders, so that every split maps a
+      class to the same label; folders of other classes are skipped with a warning.
 
   Raises:
     DatasetError: unknown dataset or split, missing or empty folder, missing manual download.
   """
   if name == IMAGE_FOLDER:
-    return _image_folder_source(split, data_dir)
+    return _image_folder_source(split, data_dir, class_names)
   return _tfds_source(name, split, data_dir)
 
 
@@ -170,7 +181,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
   if any(part.split("[")[0] not in splits for part in split.split("+")):
     raise DatasetError(f"Dataset '{name}' has no split '{split}'; its splits are: "
                        f"{', '.join(sorted(splits))}.")
-  num_examples = splits[split].num_examples
+  num_examples = _split_size(name, split, splits)
 
   features = dict(builder.info.features.items())
   if not isinstance(features.get("image"), tfds.features.Image):
@@ -196,6 +207,20 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
                 records=records)
 
 
+def _split_size(name: str, split: str, splits) -> int:
+  """The number of examples `split` (maybe sliced) selects; DatasetError if none."""
+  sizes = ", ".join(f"{k} ({v.num_examples} examples)" for k, v in sorted(splits.items()))
+  try:
+    num_examples = splits[split].num_examples
+  except Exception as e:  # A malformed slice: TFDS's message says why.
+    raise DatasetError(f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); "
+                       f"its splits are: {sizes}.") from e
+  if num_examples == 0:  # e.g. a slice past the end, which as_dataset would refuse obscurely
+    raise DatasetError(f"Dataset '{name}' split '{split}' selects no examples; its splits "
+                       f"are: {sizes}.")
+  return num_examples
+
+
 def _check_manual_download(name: str, builder) -> None:
   """Raises DatasetError, before any download, if files that must be fetched by hand are missing."""
   instructions = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
@@ -216,26 +241,143 @@ def _check_manual_download(name: str, builder) -> None:
 
 def _has_image_magic(path: str) -> bool:
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      head = f.read(_MAGIC_LENGTH)
+    if _is_local(path):  # builtin open: also takes names that are not valid UTF-8
+      with open(path, "rb") as f:
+        head = f.read(_MAGIC_LENGTH)
+    else:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        head = f.read(_MAGIC_LENGTH)
   except (OSError, tf.errors.OpError):
     return False
   return any(head.startswith(m) for m in _MAGIC)
 
 
-def _list_images(folder: str) -> tuple[list[str], int]:
-  """Image files under `folder` (recursively), sorted; and how many other files there were."""
-  paths, others = [], 0
-  for root, _, files in tf.io.gfile.walk(folder):
+def _is_local(path: str) -> bool:
+  return "://" not in path
+
+
+def _shown(path: str) -> str:
+  """A path as it can be printed: bytes that are not UTF-8 as \\x escapes."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace") if _is_local(path) else path
+
+
+@dataclasses.dataclass
+class _Listing:
+  """What listing a split found, besides its images."""
+  others: int = 0  # files without an image extension
+  not_regular: list = dataclasses.field(default_factory=list)  # FIFOs, sockets, broken links
+  links_not_followed: list = dataclasses.field(default_factory=list)
+  seen_dirs: set = dataclasses.field(default_factory=set)  # real paths, for loop detection
+
+
+def _list_local(folder: str, split_root: str, listing: _Listing) -> list[str]:
+  """Image files under a local `folder`, recursively; counts the rest in `listing`.
+
+  Only regular files are listed (a FIFO would block the reader). A symlink to a directory is
+  followed once (each real directory is walked once per split), and never when it leads into
+  the split's folder or above it: so a link never adds an image twice or under another class.
+  """
+  root = os.path.realpath(split_root)
+  paths, stack = [], [folder]
+  while stack:
+    directory = stack.pop()
+    real = os.path.realpath(directory)
+    if real in listing.seen_dirs:
+      listing.links_not_followed.append(directory)
+      continue
+    listing.seen_dirs.add(real)
+    with os.scandir(directory) as entries:
+      for entry in entries:
+        if entry.is_dir():
+          if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if (target == root or target.startswith(root + os.sep)
+                or root.startswith(target + os.sep) or target in listing.seen_dirs):
+              listing.links_not_followed.append(entry.path)
+              continue
+          stack.append(entry.path)
+        elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+          listing.others += 1
+        elif entry.is_file():
+          paths.append(entry.path)
+        else:
+          listing.not_regular.append(entry.path)
+  return paths
+
+
+def _list_images(folder: str, split_root: str, listing: _Listing) -> list[str]:
+  """Image files under `folder` (recursively), sorted; the rest is counted in `listing`."""
+  if _is_local(folder):
+    return sorted(_list_local(folder, split_root, listing))
+  paths = []
+  for root, _, files in tf.io.gfile.walk(folder):  # Object stores have no links or FIFOs.
     for f in files:
       if f.lower().endswith(IMAGE_EXTENSIONS):
         paths.append(os.path.join(root, f))
       else:
-        others += 1
-  return sorted(paths), others
+        listing.others += 1
+  return sorted(paths)
 
 
-def _image_folder_source(split: str, data_dir: str | None) -> Source:
+def _log_listing(root: str, listing: _Listing) -> None:
+  if listing.others:
+    logging.info("Image folder %s: ignoring %d files without an image extension (%s)", root,
+                 listing.others, ", ".join(IMAGE_EXTENSIONS))
+  if listing.not_regular:
+    logging.warning("Image folder %s: skipping %d entries that are not regular files (FIFOs, "
+                    "sockets, broken links), e.g. %s", root, len(listing.not_regular),
+                    ", ".join(_shown(p) for p in sorted(listing.not_regular)[:3]))
+  if listing.links_not_followed:
+    logging.warning("Image folder %s: not following %d directory links that lead into the split "
+                    "folder, above it, or to a folder already listed (a loop), e.g. %s", root,
+                    len(listing.links_not_followed),
+                    ", ".join(_shown(p) for p in sorted(listing.links_not_followed)[:3]))
+
+
+def _class_labels(root: str, classes: list[str], class_names) -> dict[str, int]:
+  """{class folder: label}: by `class_names` (the training split's) when given, else sorted."""
+  if class_names is None or not classes:
+    return {name: label for label, name in enumerate(classes)}
+  class_names = list(class_names)
+  missing = [c for c in class_names if c not in classes]
+  unknown = [c for c in classes if c not in class_names]
+  if missing:
+    logging.warning("Image folder %s lacks %d classes of the training split: %s", root,
+                    len(missing), ", ".join(missing[:10]))
+  if unknown:
+    logging.warning("Image folder %s: skipping the images of %d classes that the training split "
+                    "does not have: %s", root, len(unknown), ", ".join(unknown[:10]))
+  return {name: class_names.index(name) for name in classes if name in class_names}
+
+
+def _first_decodable(paths: list[str]) -> int | None:
+  """The index of the first of `paths` that decodes as an image, or None."""
+  for i, path in enumerate(paths):
+    try:
+      _decode_image(tf.io.read_file(os.fsencode(path) if _is_local(path) else path))
+      return i
+    except tf.errors.OpError:
+      continue
+  return None
+
+
+def _skip_non_images(root: str, paths: list[str], labels: list[int]):
+  """(paths, labels) without the files that are not images at all (the module docstring).
+
+  Headers are read in parallel: on network storage each read is a round trip.
+  """
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    ok = list(pool.map(_has_image_magic, paths))
+  bad = [p for p, good in zip(paths, ok) if not good]
+  if not bad:
+    return paths, labels
+  logging.warning("Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, "
+                  "e.g. %s", root, len(bad), ", ".join(_shown(p) for p in bad[:3]))
+  return ([p for p, good in zip(paths, ok) if good],
+          [label for label, good in zip(labels, ok) if good])
+
+
+def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> Source:
   """`data_dir/<split>/<class>/...` (labelled) or `data_dir/<split>/<images>` (unlabelled)."""
   if not data_dir:
     raise DatasetError(f"Dataset '{IMAGE_FOLDER}' needs data_dir: the folder holding "
@@ -251,48 +393,47 @@ def _image_folder_source(split: str, data_dir: str | None) -> Source:
 
   entries = sorted(tf.io.gfile.listdir(root))
   classes = [d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(root, d))]
-  paths, labels, others = [], [], 0
+  labels_of = _class_labels(root, classes, class_names)
+  paths, labels, listing = [], [], _Listing()
   if classes:
     loose = [e for e in entries if e.rstrip("/") not in classes]
     if loose:
       logging.warning("Image folder %s: ignoring %d files beside the class folders", root,
                       len(loose))
-    for label, name in enumerate(classes):
-      found, other = _list_images(os.path.join(root, name))
-      others += other
+    for name in classes:
+      found = _list_images(os.path.join(root, name), root, listing)
       if not found:
         logging.warning("Image folder %s: class '%s' has no images", root, name)
-      paths += found
-      labels += [label] * len(found)
+      if name in labels_of:
+        paths += found
+        labels += [labels_of[name]] * len(found)
   else:
-    paths, others = _list_images(root)
+    paths = _list_images(root, root, listing)
     labels = [-1] * len(paths)
-  if others:
-    logging.info("Image folder %s: ignoring %d files without an image extension (%s)", root,
-                 others, ", ".join(IMAGE_EXTENSIONS))
+  _log_listing(root, listing)
 
-  # Skip files that are not images at all (policy in the module docstring); read headers in
-  # parallel since on network storage each read is a round trip.
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    ok = list(pool.map(_has_image_magic, paths))
-  bad = [p for p, good in zip(paths, ok) if not good]
-  if bad:
-    logging.warning("Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, "
-                    "e.g. %s", root, len(bad), ", ".join(bad[:3]))
-    paths = [p for p, good in zip(paths, ok) if good]
-    labels = [l for l, good in zip(labels, ok) if good]
+  paths, labels = _skip_non_images(root, paths, labels)
   if not paths:
     raise DatasetError(f"Image folder {root} holds no readable images ("
                        f"{', '.join(IMAGE_EXTENSIONS)}).")
+  # Training would search the stream forever for an image that decodes: say so now.
+  if _first_decodable(paths) is None:
+    raise DatasetError(f"Image folder {root}: none of its {len(paths)} image files decodes "
+                       f"(e.g. {', '.join(_shown(p) for p in paths[:3])}).")
 
   records = tf.data.Dataset.from_tensor_slices({
-      "image": tf.constant(paths, tf.string),
+      # Bytes as the file system has them: names need not be valid UTF-8.
+      "image": tf.constant([os.fsencode(p) if _is_local(p) else p.encode() for p in paths]),
       "label": tf.constant(labels, tf.int64),
       "id": tf.range(len(paths), dtype=tf.int64),  # Assigned after skipping: stable ids.
   })
-  logging.info("Image folder %s: %d images, %d classes", root, len(paths), len(classes))
+  num_classes = len(class_names) if class_names is not None and classes else len(classes)
+  logging.info("Image folder %s: %d images, %d classes", root, len(paths), num_classes)
   return Source(name=IMAGE_FOLDER, split=split, num_examples=len(paths),
-                num_classes=len(classes), records=records, reads_files=True)
+                num_classes=num_classes, records=records, reads_files=True,
+                class_names=tuple(class_names if class_names is not None and classes
+                                  else classes),
+                files=tuple(_shown(p) for p in paths))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +511,12 @@ def read_label_file(path: str) -> np.ndarray:
                          "(an integer)") from None
   if not ids:
     raise DatasetError(f"label file {path} names no example ids")
-  return np.unique(np.asarray(ids, np.int64))
+  unique, counts = np.unique(np.asarray(ids, np.int64), return_counts=True)
+  if (counts > 1).any():
+    repeated = unique[counts > 1]
+    logging.warning("Label file %s lists %d ids more than once (e.g. %s); each is used once",
+                    path, len(repeated), ", ".join(str(i) for i in repeated[:5]))
+  return unique
 
 
 def _labels_by_id(source: Source) -> np.ndarray:
@@ -498,8 +644,37 @@ def _decode_image(encoded):
   return image
 
 
+class _DecodeFailures:
+  """Counts the files of a split that fail to decode; names the first few in the log."""
+
+  NAMED = 5
+
+  def __init__(self, source: Source):
+    self.where = f"{source.name} split {source.split!r}"
+    self.files = source.files
+    self.count = 0
+
+  def __call__(self, example_id) -> bool:
+    """Logs file `example_id` (called from the input pipeline); returns False (drop it)."""
+    self.count += 1
+    i = int(example_id)
+    name = self.files[i] if 0 <= i < len(self.files) else f"id {i}"
+    if self.count <= self.NAMED:
+      logging.warning("%s: cannot decode %s; skipped (%d so far)", self.where, name, self.count)
+    elif math.log10(self.count).is_integer():
+      logging.warning("%s: %d files that cannot be decoded skipped so far", self.where,
+                      self.count)
+    return False
+
+
 def _decode(source: Source, records: tf.data.Dataset, read: bool | None = None):
-  """Reads (if `read`, default `source.reads_files`) and decodes the 'image' of `records`."""
+  """Reads (if `read`, default `source.reads_files`) and decodes the 'image' of `records`.
+
+  Only user files may be corrupt (see the module docstring's corrupt-file policy): for sources
+  that read files, an example that fails to read or decode is dropped, and logged by
+  `_DecodeFailures`. Each record goes through its own one-element dataset with
+  `ignore_errors`, followed by a marker that takes its place when it was dropped.
+  """
   read = source.reads_files if read is None else read
 
   def decode(record):
@@ -507,11 +682,24 @@ def _decode(source: Source, records: tf.data.Dataset, read: bool | None = None):
       record = _read(record)
     return dict(record, image=_decode_image(record["image"]))
 
-  ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if source.reads_files:
-    # Only user files may be corrupt; see the module docstring's corrupt-file policy.
-    ds = ds.ignore_errors(log_warning=True)
-  return ds
+  if not source.reads_files:
+    ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds
+  failures = _DecodeFailures(source)
+
+  def decoded_or_marker(record):
+    good = tf.data.Dataset.from_tensors(record).map(decode).ignore_errors()
+    marker = dict(record, image=tf.zeros([0, 0, 3], tf.uint8))
+    return (good.map(lambda r: (r, True))
+            .concatenate(tf.data.Dataset.from_tensors((marker, False))).take(1)
+            .get_single_element())
+
+  def keep(record, ok):
+    return tf.cond(ok, lambda: True,
+                   lambda: tf.py_function(failures, [record["id"]], tf.bool))
+
+  ds = records.map(decoded_or_marker, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.filter(keep).map(lambda record, ok: record)
 
 
 def _options() -> tf.data.Options:

@@ -36,7 +36,8 @@ _HEAD = ("model", "supervised_head")
 
 
 def _checkpoint_prefix(path: str) -> str:
-  """A checkpoint prefix from a prefix or a directory (its newest); ValueError if none."""
+  """A checkpoint prefix from a prefix, one of its files or a directory (its newest)."""
+  path = checkpoints.checkpoint_prefix(path)
   if tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:

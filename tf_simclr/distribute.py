@@ -160,37 +160,85 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
   return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) or 1
 
 
-class StopSignal:
-  """Remembers that SIGTERM arrived, so that training can stop at a step boundary.
+def native_bfloat16(cpuinfo: str) -> bool:
+  """Whether a CPU, described by the text of /proc/cpuinfo, has bfloat16 arithmetic.
 
-  SIGTERM is what schedulers and preemptible VMs send some seconds before they stop a job.
-  Python runs the handler in the main thread between bytecodes, so it never interrupts a step
-  (a tf.function call); the loop reads `received` between calls. A context manager: the
-  previous handler comes back on exit. Off the main thread, where Python cannot install signal
-  handlers, SIGTERM keeps its previous meaning.
+  x86: the `avx512_bf16` or `amx_bf16` flag; ARM: `bf16` among the features.
   """
+  flags = set()
+  for line in cpuinfo.splitlines():
+    if line.startswith(("flags", "Features")):
+      flags.update(line.partition(":")[2].split())
+  return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def warn_slow_bfloat16(strategy: tf.distribute.Strategy, mixed_precision: str) -> bool:
+  """Warns (returns True) when mixed_bfloat16 will run on a CPU without bfloat16 arithmetic.
+
+  TensorFlow then emulates it, several times slower than float32.
+  """
+  if mixed_precision != "mixed_bfloat16" or isinstance(strategy, tf.distribute.TPUStrategy):
+    return False
+  if tf.config.list_logical_devices("GPU"):
+    return False
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return False
+  if native_bfloat16(text):
+    return False
+  logging.warning("--mixed_precision=mixed_bfloat16 on a CPU without bfloat16 arithmetic (no "
+                  "avx512_bf16 / amx_bf16): TensorFlow emulates it, several times slower than "
+                  "float32 (--mixed_precision=none) here")
+  return True
+
+
+class StopSignal:
+  """Remembers that SIGTERM or SIGINT arrived, so that training can stop at a step boundary.
+
+  SIGTERM is what schedulers and preemptible VMs send some seconds before they stop a job;
+  SIGINT is Ctrl-C. Python runs the handler in the main thread between bytecodes, so it never
+  interrupts a step (a tf.function call); the loop reads `received` between calls. A first
+  SIGINT restores the default action, so that a second Ctrl-C stops the process at once. A
+  context manager: the previous handlers come back on exit. Off the main thread, where Python
+  cannot install signal handlers, and for a signal the parent process ignores, the signals keep
+  their previous meaning.
+
+  Attributes:
+    received: whether a signal arrived.
+    name: the first signal's name ('SIGTERM' or 'SIGINT'), or None.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = False
-    self._installed = False
-    self._previous = None
+    self.name = None
+    self._previous = {}
 
   def __enter__(self) -> "StopSignal":
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
+      for signum in self.SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+          continue  # Ignored by whoever started us (nohup, a shell's background job): keep it.
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *unused_exc_info):
-    if self._installed:
+    for signum, previous in self._previous.items():
       # None: the previous handler was not set from Python; SIG_DFL is then what it was.
-      signal.signal(signal.SIGTERM,
-                    signal.SIG_DFL if self._previous is None else self._previous)
-      self._installed = False
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame  # Only a flag: anything more could run in the middle of the loop's code.
+    del frame  # Only flags: anything more could run in the middle of the loop's code.
     self.received = True
+    self.name = self.name or signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      os.write(2, b"SIGINT: stopping at the next step boundary with a checkpoint; press Ctrl-C "
+               b"again to stop at once, without one\n")
 
 
 class ClusterSync:

@@ -7,6 +7,7 @@ every replica runs the same number of steps and the counts are exact on any stra
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -78,7 +79,8 @@ def write_results(model_dir: str, result: dict, step: int, writer=None,
   (the kNN monitor and the evaluation of one step share the files); entries of another step
   are replaced.
   """
-  payload = {k: float(v) for k, v in result.items()}
+  # Strict JSON: a figure that is not finite (a diverged model) is written as null.
+  payload = {k: float(v) if math.isfinite(float(v)) else None for k, v in result.items()}
   payload["global_step"] = int(step)
   tf.io.gfile.makedirs(model_dir)
   paths = [os.path.join(model_dir, "result.json"),
@@ -92,7 +94,7 @@ def write_results(model_dir: str, result: dict, step: int, writer=None,
         content = dict(existing, **payload)
     tmp = path + ".tmp"
     with tf.io.gfile.GFile(tmp, "w") as f:
-      json.dump(content, f, indent=1, sort_keys=True)
+      json.dump(content, f, indent=1, sort_keys=True, allow_nan=False)
     tf.io.gfile.rename(tmp, path, overwrite=True)
   if writer is not None:
     with writer.as_default(step=int(step)):
@@ -107,7 +109,7 @@ _CKPT_NUMBER = re.compile(r"-([0-9]+)$")
 
 
 def restored_checkpoints(checkpoint: tf.train.Checkpoint, model_dir: str, last_step: int,
-                         step_of=None, poll_secs: float = 5.0):
+                         step_of=None, poll_secs: float = 5.0, timeout_secs: float = 0.0):
   """Restores each new checkpoint of `model_dir` into `checkpoint` and yields its step.
 
   For evaluating beside a training job: every checkpoint the `checkpoint` index lists, oldest
@@ -121,12 +123,17 @@ def restored_checkpoints(checkpoint: tf.train.Checkpoint, model_dir: str, last_s
     model_dir: the training job's directory.
     last_step: the training job's final step.
     step_of: () -> int, the restored step (default: the number in the checkpoint's name).
-    poll_secs: seconds between looks at the index (it waits for as long as it takes).
+    poll_secs: seconds between looks at the index.
+    timeout_secs: stop when no new checkpoint came for this long (0: wait without limit, as
+      the reference does); the wait is logged.
 
   Yields:
     (step, path) after each successful restore.
+
+  Raises:
+    ValueError: no checkpoint at all came within `timeout_secs`.
   """
-  last_number = -1
+  last_number, waiting_since, yielded = -1, None, False
   while True:
     state = tf.train.get_checkpoint_state(model_dir)
     listed = list(state.all_model_checkpoint_paths) if state is not None else []
@@ -144,6 +151,30 @@ def restored_checkpoints(checkpoint: tf.train.Checkpoint, model_dir: str, last_s
       step = int(step_of()) if step_of is not None else number
       logging.info("Evaluating checkpoint %s (step %d)", path, step)
       yield step, path
+      yielded, waiting_since = True, None
       if step >= last_step:
         return
+    if fresh:
+      continue  # The restores took time: look again before waiting.
+    waiting_since = _waiting(model_dir, last_step, timeout_secs, waiting_since, yielded)
+    if waiting_since is None:
+      return
     time.sleep(poll_secs)
+
+
+def _waiting(model_dir, last_step, timeout_secs, since, yielded):
+  """Logs the start of a wait for a checkpoint; returns its start, or None when it timed out."""
+  now = time.monotonic()
+  if since is None:
+    limit = f"up to {timeout_secs:g} s" if timeout_secs else "without a time limit"
+    logging.info("Waiting for %s checkpoint in %s (%s; --eval_timeout_s), until step %d",
+                 "a new" if yielded else "a", model_dir, limit, last_step)
+    return now
+  if timeout_secs and now - since >= timeout_secs:
+    if not yielded:
+      raise ValueError(f"no checkpoint appeared in {model_dir} within --eval_timeout_s="
+                       f"{timeout_secs:g} s; is it the training job's --model_dir?")
+    logging.warning("No new checkpoint in %s for %g s (--eval_timeout_s): evaluation ends "
+                    "before step %d", model_dir, timeout_secs, last_step)
+    return None
+  return since

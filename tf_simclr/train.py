@@ -44,6 +44,17 @@ def validate_batch(global_batch_size: int, num_replicas: int, what: str = "train
                      f"replicas ({num_replicas})")
 
 
+def warn_batch_over_split(global_batch_size: int, source: datasets.Source) -> str | None:
+  """Warns (returns the message) when a batch is larger than the split it draws from."""
+  if global_batch_size <= source.num_examples:
+    return None
+  message = (f"--train_batch_size={global_batch_size} is larger than the {source.num_examples} "
+             f"examples of {source.name} split {source.split!r}: each batch repeats examples "
+             "(pretraining contrasts the copies of an image as negatives of each other)")
+  logging.warning("%s", message)
+  return message
+
+
 def step_images(batch, color_jitter_strength: float = 1.0, use_blur: bool = True):
   """A replica's batch as the model takes it: (images [V*b, H, W, 3], labels int64 [V*b]).
 
@@ -80,6 +91,8 @@ class TrainState:
   teacher: model_lib.SimCLRModel | None = None
   # The kNN monitor's last (step, result), so the evaluation at that step need not redo it.
   knn_result: tuple | None = None
+  # The signal that stopped training early ('SIGTERM', 'SIGINT'), set by `train`.
+  stopped_by: str | None = None
 
 
 def init_weights(model: model_lib.SimCLRModel, path: str) -> None:
@@ -317,6 +330,58 @@ def _progress_line(step, total, metrics, images_per_s, started, first_step):
   return "  ".join(parts)
 
 
+class NonFiniteError(ValueError):
+  """Training produced a NaN or infinite loss or weight; nothing non-finite was saved."""
+
+
+def all_finite(variables) -> bool:
+  """Whether every floating-point value of `variables` is finite: one reduction each."""
+  checks = [tf.reduce_all(tf.math.is_finite(v)) for v in variables
+            if tf.as_dtype(v.dtype).is_floating]
+  return bool(tf.reduce_all(checks)) if checks else True
+
+
+def _check_finite(state: TrainState, loss: float, step: int) -> None:
+  """Raises NonFiniteError before a checkpoint of non-finite values is written."""
+  if math.isfinite(loss) and all_finite(state.model.variables + state.optimizer.variables):
+    return
+  what = "the loss" if not math.isfinite(loss) else "a weight"
+  last = state.manager.latest_checkpoint
+  raise NonFiniteError(
+      f"training diverged: {what} is not finite (NaN or inf) at step {step}, so no checkpoint "
+      f"was written for it; the last finite checkpoint is {last or 'none (none was written)'}. "
+      "Try a lower --learning_rate or --mixed_precision=none")
+
+
+class LossWatch:
+  """Warns, once, when the loss grows `factor` times above the first: divergence ahead.
+
+  Training lowers the loss from its first value; a loss ten times that is a run blowing up
+  (e.g. --learning_rate=100: 2,600 to 190,000 in four steps), before it turns NaN.
+  """
+
+  def __init__(self, factor: float = 10.0):
+    self.factor = factor
+    self.first = None
+    self.warned = False
+
+  def update(self, step: int, loss: float) -> str | None:
+    """Records the mean loss of the steps up to `step`; returns the warning when it is given."""
+    if not math.isfinite(loss):
+      return None
+    if self.first is None:
+      self.first = loss
+      return None
+    if not self.warned and self.first > 0 and loss > self.factor * self.first:
+      self.warned = True
+      message = (f"The loss grew from {self.first:.4g} to {loss:.4g} by step {step} "
+                 f"(x{loss / self.first:.0f}): training is diverging; a lower --learning_rate "
+                 "may help")
+      logging.warning("%s", message)
+      return message
+    return None
+
+
 # A call of the step loop lasts about this long: long enough that calling costs nothing, short
 # enough to stop soon after SIGTERM (schedulers allow ~30 s before they kill).
 _CALL_SECONDS = 5.0
@@ -334,13 +399,17 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
   restarted run sees exactly the examples and views an uninterrupted one would. Checkpoints and
   summaries come every `state.steps_per_loop` steps (at multiples of it, also after a resume).
 
-  SIGTERM (a scheduler's or a preemption's warning) stops training at the next step boundary,
-  on every worker at the same step, with a checkpoint there: the returned step is then below
-  `state.total_steps`. To answer promptly, the steps between two checkpoints run in calls of
-  about `_CALL_SECONDS` each (the step count inside a call does not change the result).
+  SIGTERM (a scheduler's or a preemption's warning) or SIGINT (Ctrl-C) stops training at the
+  next step boundary, on every worker at the same step, with a checkpoint there: the returned
+  step is then below `state.total_steps`, and `state.stopped_by` names the signal.
+  A loss or weight that is not finite raises NonFiniteError before the checkpoint that would
+  hold it; a loss growing tenfold is logged as a warning. To answer promptly, the steps
+  between two checkpoints run in calls of about `_CALL_SECONDS` each (the step count inside a
+  call does not change the result).
   """
   t = cfg.train
   validate_batch(t.train_batch_size, strategy.num_replicas_in_sync)
+  warn_batch_over_split(t.train_batch_size, source)
   trainer = Trainer(cfg, strategy, state)
   step = int(state.optimizer.iterations.numpy())
   sync = distribute.ClusterSync(strategy)
@@ -361,8 +430,9 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
     progbar.update(step)
   started, first_step = time.time(), step
   call_steps, stop = 1, False  # the first call also traces the step: time the next one
+  loss_watch = LossWatch()
   with distribute.StopSignal() as sigterm:
-    logging.info("Training from step %d to %d", step, state.total_steps)  # SIGTERM handled
+    logging.info("Training from step %d to %d", step, state.total_steps)  # signals handled
     while step < state.total_steps and not stop:
       spl = state.steps_per_loop
       boundary = min(state.total_steps, (step // spl + 1) * spl)
@@ -370,10 +440,12 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
       while step < boundary and not stop:
         n = min(call_steps, boundary - step)
         c0 = time.time()
-        for k, v in trainer.run_loop(iterator, n).items():
-          sums[k] += float(v) * n
+        out = {k: float(v) for k, v in trainer.run_loop(iterator, n).items()}
+        for k, v in out.items():
+          sums[k] += v * n
         wanted = int(_CALL_SECONDS * n / max(time.time() - c0, 1e-3))
         step = int(state.optimizer.iterations.numpy())
+        loss_watch.update(step, out["total_loss"])
         stop, call_steps = _agree(sync, step, sigterm.received, min(max(wanted, 1), spl))
       if step == boundary:
         metrics = {k: v / (step - interval_first) for k, v in sums.items()}
@@ -385,6 +457,7 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
           tf.summary.scalar("learning_rate", metrics_lr)
           tf.summary.scalar("examples_per_second", images_per_s)
         writer.flush()
+      _check_finite(state, sums["total_loss"], step)
       checkpoints.save(state.manager, step, temporary=not is_chief)
       if step < boundary:
         break
@@ -397,8 +470,9 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
       if knn_sources is not None and every and step // every > interval_first // every:
         knn_monitor(cfg, strategy, state, knn_sources, step, is_chief, writer)
   if step < state.total_steps:
-    logging.warning("SIGTERM: stopped at step %d of %d with a checkpoint; the same command "
-                    "resumes", step, state.total_steps)
+    state.stopped_by = sigterm.name or "SIGTERM"
+    logging.warning("%s: stopped at step %d of %d with a checkpoint; the same command "
+                    "resumes", state.stopped_by, step, state.total_steps)
   else:
     logging.info("Training complete at step %d", step)
   return step
