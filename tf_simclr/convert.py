@@ -76,7 +76,8 @@ class _Graph:
   def items(self, names) -> list[int]:
     """Indices of the list at `names` whose items hold variables, in order."""
     found = [int(n) for n in self.children(names) if n.isdigit()]
-    return sorted(i for i in found if export.variable_keys_under(self.graph, list(names) + [str(i)]))
+    return sorted(i for i in found
+                  if export.variable_keys_under(self.graph, list(names) + [str(i)]))
 
   def shape(self, names) -> tuple | None:
     """Shape of the variable at `names`; None when there is none."""
