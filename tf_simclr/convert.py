@@ -155,15 +155,15 @@ def _ratio(pairs, default: float, floor: int) -> float:
   raise NotReferenceError(f"reduced widths {pairs} (filters, width) fit no single ratio")
 
 
-def _blocks(graph: _Graph, depth: int):
-  """(group filters index g, block path) of every residual block."""
+def _blocks(depth: int) -> list[tuple[int, tuple]]:
+  """(group index g, object path) of every residual block of a ResNet of `depth`."""
   return [(g, _block(g, b)) for g, n in enumerate(resnet.DEPTHS[depth][1]) for b in range(n)]
 
 
 def _sk_ratio(graph: _Graph, kind: str, depth: int, filters: list[int]) -> float:
   """Selective kernels (bottleneck branches) or, in basic blocks, the ResNet-D shortcut alone."""
   mids = []
-  for g, path in _blocks(graph, depth):
+  for g, path in _blocks(depth):
     for item_kind, item in _typed_items(graph, path + (_BRANCH[kind],)):
       if item_kind == "sk":
         mids.append((filters[g], graph.shape(item + ("conv2d_0", "kernel"))[-1]))
@@ -176,7 +176,7 @@ def _sk_ratio(graph: _Graph, kind: str, depth: int, filters: list[int]) -> float
 
 def _se_ratio(graph: _Graph, kind: str, depth: int, filters: list[int]) -> float:
   reduced = []
-  for g, path in _blocks(graph, depth):
+  for g, path in _blocks(depth):
     items = _typed_items(graph, path + (_BRANCH[kind],))
     se = [item for k, item in items if k == "se"]
     if "se_layer" in graph.children(path):
@@ -543,6 +543,9 @@ def main(argv=None) -> int:
     config, step = convert(args.src, args.dst, args.ft_proj_selector)
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
+    return 1
+  except tf.errors.OpError as err:  # e.g. DST on storage that refuses the write
+    print(f"error: {type(err).__name__}: {err.message.strip().splitlines()[0]}", file=sys.stderr)
     return 1
   print(f"Found {describe(config)}")
   print(f"Wrote {os.path.join(args.dst, f'ckpt-{step}')} and "
