@@ -11,8 +11,9 @@ optionally mixed with the usual cross-entropy on the labelled examples:
 teacher runs in inference mode (moving BN statistics) and gets no gradient.
 
 The teacher is a tf_simclr checkpoint (its architecture read from the `flags.json` of its
-model_dir, its number of classes from the checkpoint) or one of our exported SavedModels (both
-from its manifest, `export.MANIFEST`). It is rebuilt as a SimCLRModel under the caller's
+model_dir, its number of classes from the checkpoint), one of our exported SavedModels (both
+from its manifest, `export.MANIFEST`), or a google-research/simclr checkpoint or SavedModel
+(both from its variables, `convert`). It is rebuilt as a SimCLRModel under the caller's
 strategy scope, so it runs under any strategy, like the student.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr import checkpoints
+from tf_simclr import convert
 from tf_simclr import datasets
 from tf_simclr import export
 from tf_simclr import model as model_lib
@@ -91,13 +93,15 @@ def teacher_config(path: str) -> ModelConfig:
   Raises:
     ValueError: nothing usable at `path`, or a model without a supervised head.
   """
-  if export.is_saved_model(path):
+  if convert.is_reference(path):
+    config = convert.reference_config(convert.open_source(path).graph)
+  elif export.is_saved_model(path):
     config = export.manifest_model_config(export.read_manifest(path))
-    if config.num_classes == 0:
-      raise ValueError(f"teacher SavedModel {path} has no supervised head (logits); fine-tune "
-                       "it first (--train_mode=finetune)")
   else:
     config = _checkpoint_config(_checkpoint_prefix(path))
+  if config.num_classes == 0:
+    raise ValueError(f"teacher {path} has no supervised head (logits); fine-tune it first "
+                     "(--train_mode=finetune)")
   return dataclasses.replace(config, train_mode="finetune", fine_tune_after_block=-1,
                              global_bn=False)
 
@@ -121,7 +125,9 @@ def load_teacher(path: str) -> model_lib.SimCLRModel:
   """
   config = teacher_config(path)
   teacher = model_lib.build_model(config)
-  if export.is_saved_model(path):
+  if convert.is_reference(path):
+    convert.restore_reference(teacher, path)
+  elif export.is_saved_model(path):
     export.restore_from_saved_model(teacher, path)
   else:
     checkpoints.restore_weights(teacher, _checkpoint_prefix(path))

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tf_simclr import augment
 from tf_simclr import checkpoints
+from tf_simclr import convert
 from tf_simclr import datasets
 from tf_simclr import distill
 from tf_simclr import distribute
@@ -95,14 +96,20 @@ class TrainState:
   stopped_by: str | None = None
 
 
-def init_weights(model: model_lib.SimCLRModel, path: str) -> None:
-  """Initialises `model` from a tf_simclr checkpoint (prefix or directory) or exported SavedModel.
+def init_weights(model: model_lib.SimCLRModel, path: str, new_head: bool = False) -> None:
+  """Initialises `model` from a tf_simclr checkpoint (prefix or directory) or exported SavedModel,
+  or a google-research/simclr checkpoint or SavedModel (converted in memory, `convert`).
+
+  `new_head` (`--zero_init_logits_layer`): a reference model's supervised head is not read, so
+  its number of classes may differ.
 
   Raises:
     ValueError: nothing readable at `path`; checkpoints.CheckpointMismatchError (a ValueError)
       when it holds another model.
   """
-  if export.is_saved_model(path):
+  if convert.is_reference(path):
+    convert.restore_reference(model, path, new_head=new_head)
+  elif export.is_saved_model(path):
     export.restore_from_saved_model(model, path)
   else:
     checkpoints.restore_weights(model, path)
@@ -148,7 +155,7 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
     restored = t.mode == "eval" or checkpoints.restore_latest(checkpoint, manager, t.model_dir)
     if not restored:
       if t.checkpoint:
-        init_weights(model, t.checkpoint)
+        init_weights(model, t.checkpoint, new_head=t.zero_init_logits_layer)
         if t.zero_init_logits_layer and model.supervised_head is not None:
           model.zero_init_supervised_head()
       elif t.train_mode == "finetune":
