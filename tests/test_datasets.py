@@ -46,8 +46,13 @@ def _records_numpy(source):
           "image": out["image"]}
 
 
+def _decoded(source):
+  """The source's decoded examples, in order: {'image': uint8 [H, W, 3], 'label', 'id'}."""
+  return datasets._decode(source, source.records)
+
+
 def _images_numpy(source, limit=None):
-  ds = source.dataset if limit is None else source.dataset.take(limit)
+  ds = _decoded(source) if limit is None else _decoded(source).take(limit)
   batch = next(iter(ds.batch(100_000)))
   return batch["image"].numpy(), batch["label"].numpy(), batch["id"].numpy()
 
@@ -281,7 +286,7 @@ def test_image_folder_labelled(tmp_path):
   assert paths == ["Cat/deeper/g.png", "Cat/x.JPEG", "bird/anim.gif", "dog/a.bmp", "dog/b.PNG"]
   np.testing.assert_array_equal(records["label"], [0, 0, 1, 2, 2])
   np.testing.assert_array_equal(records["id"], np.arange(5))
-  for path, example in zip(paths, source.dataset):
+  for path, example in zip(paths, _decoded(source)):
     image = example["image"].numpy()
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
     if path.endswith("JPEG"):
@@ -313,7 +318,7 @@ def test_image_folder_corrupt_files(tmp_path):
   assert source.num_examples == 5
   names = [os.path.basename(p.decode()) for p in _records_numpy(source)["image"]]
   assert names == ["0.png", "1.png", "1truncated.png", "2.png", "3.png"]
-  ids = [int(ex["id"]) for ex in source.dataset]
+  ids = [int(ex["id"]) for ex in _decoded(source)]
   assert ids == [0, 1, 3, 4]  # Ids stay those of the listing.
   # Training goes on past it: every step still has a full batch, never the bad id.
   batches = _take(datasets.train_dataset(source, 2, 2, 1, 0, seed=0, image_size=8), 6)
@@ -446,7 +451,7 @@ def test_epochs(small, shuffle_buffer):
 def test_view_seeds_contract(small):
   """The views are simclr_augment with the documented seeds."""
   batch = _take(datasets.train_dataset(small, 4, 4, 1, 0, seed=9, image_size=IMAGE_SIZE), 1)[0]
-  images = {int(ex["id"]): ex["image"] for ex in small.dataset}
+  images = {int(ex["id"]): ex["image"] for ex in _decoded(small)}
   for i, example_id in enumerate(batch["id"]):
     for v in range(2):
       key = tf.constant([9, 1], tf.int64)
@@ -463,11 +468,6 @@ def test_example_views(small):
   np.testing.assert_array_equal(shown["id"].numpy(), first["id"][:4])
   np.testing.assert_array_equal(shown["images"].numpy(),
                                 first["views"][:4].reshape(8, IMAGE_SIZE, IMAGE_SIZE, 3))
-
-
-def test_finetune_dataset(small):
-  batch = _take(datasets.finetune_dataset(small, 8, 8, 1, 0, seed=0, image_size=IMAGE_SIZE), 1)[0]
-  assert batch["views"].shape == (8, 1, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 def test_train_dataset_validates_batching(small):
@@ -675,7 +675,9 @@ def test_label_fraction_out_of_range(shapes_dir, tmp_path):
   assert config.data.train_label_fraction == 0.1 and config.data.train_label_file is None
 
 
-def test_finetune_dataset_on_a_subset(small):
+def test_finetune_input_on_a_subset(small):
+  # Fine-tuning on a label subset reads `train_dataset` of `subset_source`, one view, crop and
+  # flip only (`Trainer.input_fn`).
   ids = datasets.label_subset(small, 0.2, seed=0)  # About 20 of the 100 examples.
   n = len(ids)
   assert 15 <= n <= 25
@@ -684,8 +686,9 @@ def test_finetune_dataset_on_a_subset(small):
   np.testing.assert_array_equal(_records_numpy(subset)["id"], ids)  # Ids kept, in order.
 
   # Two epochs of the subset, and nothing else; each epoch in its own order.
-  batches = _take(datasets.finetune_dataset(small, n, n, 1, 0, seed=2, image_size=IMAGE_SIZE,
-                                            subset=ids), 2)
+  kwargs = dict(num_views=1, color_jitter_strength=0.0, use_blur=False)
+  batches = _take(datasets.train_dataset(subset, n, n, 1, 0, seed=2, image_size=IMAGE_SIZE,
+                                         **kwargs), 2)
   labels = _records_numpy(small)["label"]
   for b in batches:
     np.testing.assert_array_equal(np.sort(b["id"]), ids)
@@ -693,15 +696,12 @@ def test_finetune_dataset_on_a_subset(small):
   assert not np.array_equal(batches[0]["id"], batches[1]["id"])
 
   # The contract holds over the subset: pipelines, replicas and restarts do not change it.
-  kwargs = dict(seed=5, num_views=1, color_jitter_strength=0.0, use_blur=False)
+  kwargs = dict(seed=5, **kwargs)
   one = _global_batches(subset, 6, 8, 1, 8, **kwargs)
   _assert_batches_equal(one, _global_batches(subset, 6, 8, 2, 4, **kwargs))
   _assert_batches_equal(one[4:], _global_batches(subset, 2, 8, 1, 8, start_step=4, **kwargs))
-  finetune = _take(datasets.finetune_dataset(small, 8, 8, 1, 0, seed=5, image_size=IMAGE_SIZE,
-                                             subset=ids), 6)
-  _assert_batches_equal(one, finetune)
   # An example's view is the one the full source gives it (seeded by its id, not position).
-  images = {int(ex["id"]): ex["image"] for ex in small.dataset}
+  images = {int(ex["id"]): ex["image"] for ex in _decoded(small)}
   example_id = int(one[0]["id"][0])
   view = augment.simclr_augment(images[example_id], datasets.view_seeds(5, 0, example_id)[0],
                                 IMAGE_SIZE, IMAGE_SIZE, color_jitter_strength=0.0, use_blur=False)
@@ -773,7 +773,7 @@ def test_fifos_are_skipped_and_any_file_name_is_read(tmp_path, caplog):
   source = got[0]
   assert source.num_examples == 2
   assert "1 entries that are not regular files" in caplog.text and "pipe.png" in caplog.text
-  images = {int(ex["id"]): ex["image"].numpy() for ex in source.dataset}
+  images = {int(ex["id"]): ex["image"].numpy() for ex in _decoded(source)}
   np.testing.assert_array_equal(images[0], image)
   np.testing.assert_array_equal(images[1], _random_image(2))
   assert source.files[1].endswith("a/\\xff\\xfe.png")
@@ -789,7 +789,7 @@ def test_undecodable_files_are_named_and_none_decoding_is_an_error(tmp_path, cap
   source = datasets.load_source("image_folder", "train", data_dir=root)
   assert source.num_examples == 5
   caplog.clear()
-  assert sorted(int(ex["id"]) for ex in source.dataset) == [0, 1, 2]
+  assert sorted(int(ex["id"]) for ex in _decoded(source)) == [0, 1, 2]
   warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
   assert len(warnings) == 2, caplog.text
   assert "a/cut1.png; skipped (1 so far)" in warnings[0]

@@ -110,11 +110,6 @@ class Source:
   class_names: tuple = ()
   files: tuple = ()
 
-  @property
-  def dataset(self) -> tf.data.Dataset:
-    """The decoded examples: {'image': uint8 [H, W, 3], 'label': int64 [], 'id': int64 []}."""
-    return _decode(self, self.records)
-
 
 # ----------------------------------------------------------------------------------------------
 # Sources.
@@ -848,31 +843,6 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(per_replica_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def finetune_dataset(source: Source, global_batch_size: int, per_replica_batch_size: int,
-                     num_input_pipelines: int, input_pipeline_id: int, seed: int,
-                     image_size: int, start_step: int = 0, cache: bool = False,
-                     shuffle_buffer: int | None = None, subset=None) -> tf.data.Dataset:
-  """The fine-tuning input: `train_dataset` with one view and crop + flip only.
-
-  As the reference's `preprocess_for_train(color_distort=False)`: colour jitter strength 0 (no
-  jitter, no grayscale) and no blur. Same determinism contract and batching.
-
-  `subset` (ids, e.g. from `label_subset`; None: all) restricts the source first
-  (`subset_source`), before the stream is shuffled and repeated, so the contract holds over the
-  subset: the data of a step depend on (seed, step, subset) only, and epochs count subset
-  examples.
-
-  Returns:
-    tf.data.Dataset of {'views': float32 [b, 1, s, s, 3], 'label': int64 [b], 'id': int64 [b]}.
-  """
-  if subset is not None:
-    source = subset_source(source, subset)
-  return train_dataset(source, global_batch_size, per_replica_batch_size, num_input_pipelines,
-                       input_pipeline_id, seed, image_size, num_views=1, start_step=start_step,
-                       color_jitter_strength=0.0, use_blur=False, cache=cache,
-                       shuffle_buffer=shuffle_buffer)
 
 
 def eval_steps(num_examples: int, global_batch_size: int, num_input_pipelines: int) -> int:
