@@ -405,11 +405,22 @@ def test_pipelines_equal_one_pipeline(small, pipelines, per_replica):
   _assert_batches_equal(one, many)
 
 
+def _distributed(strategy, global_batch_size, dataset_fn):
+  """`strategy`'s distributed dataset of `dataset_fn`, given each pipeline's InputContext."""
+  def fn(context):
+    return dataset_fn(
+        per_replica_batch_size=context.get_per_replica_batch_size(global_batch_size),
+        num_input_pipelines=context.num_input_pipelines,
+        input_pipeline_id=context.input_pipeline_id)
+
+  return strategy.distribute_datasets_from_function(fn)
+
+
 def test_strategy_replicas_equal_one_replica(small, strategies):
   fn = functools.partial(datasets.train_dataset, small, 16, seed=5, image_size=IMAGE_SIZE)
   results = {}
   for replicas in (1, 2):
-    iterator = iter(datasets.make_dataset(strategies[replicas], 16, fn))
+    iterator = iter(_distributed(strategies[replicas], 16, fn))
     steps = []
     for _ in range(3):
       parts = strategies[replicas].experimental_local_results(next(iterator))

@@ -56,7 +56,6 @@ import difflib
 import math
 import os
 import re
-from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -899,29 +898,6 @@ def eval_dataset(source: Source, per_replica_batch_size: int, num_input_pipeline
   ds = ds.concatenate(padding).take(total)
   ds = ds.batch(per_replica_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def make_dataset(strategy: tf.distribute.Strategy, global_batch_size: int,
-                 dataset_fn: Callable[..., tf.data.Dataset]):
-  """Distributes a pipeline builder over `strategy`'s input pipelines.
-
-  Args:
-    strategy: the tf.distribute strategy.
-    global_batch_size: G.
-    dataset_fn: e.g. `functools.partial(train_dataset, source, G, seed=..., image_size=...)`;
-      called with keyword arguments `per_replica_batch_size`, `num_input_pipelines`,
-      `input_pipeline_id` from each pipeline's `tf.distribute.InputContext`.
-
-  Returns:
-    The `tf.distribute.DistributedDataset`: step k's per-replica batches together are global
-    batch k.
-  """
-  def fn(context: tf.distribute.InputContext):
-    return dataset_fn(per_replica_batch_size=context.get_per_replica_batch_size(global_batch_size),
-                      num_input_pipelines=context.num_input_pipelines,
-                      input_pipeline_id=context.input_pipeline_id)
-
-  return strategy.distribute_datasets_from_function(fn)
 
 
 def example_views(source: Source, seed: int, image_size: int, color_jitter_strength: float = 1.0,
