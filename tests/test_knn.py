@@ -29,6 +29,15 @@ def _numpy_knn(query, bank, bank_labels, num_classes, k, temperature, bank_valid
   return np.array(predictions)
 
 
+def _knn_predict(query, bank, bank_labels, num_classes, k=knn.DEFAULT_K,
+                 temperature=knn.DEFAULT_TEMPERATURE):
+  """`knn_accuracy`'s classifier on in-memory features: normalise, neighbours, vote. int32 [b]."""
+  query = tf.math.l2_normalize(tf.constant(query, tf.float32), axis=-1)
+  bank = tf.math.l2_normalize(tf.constant(bank, tf.float32), axis=-1)
+  sims, labels = knn.nearest_neighbours(query, bank, bank_labels, k)
+  return knn.vote(sims, labels, num_classes, temperature)
+
+
 def _random_problem(seed, b=9, m=50, d=6, num_classes=4):
   rng = np.random.default_rng(seed)
   return (rng.normal(size=(b, d)).astype(np.float32), rng.normal(size=(m, d)).astype(np.float32),
@@ -37,17 +46,17 @@ def _random_problem(seed, b=9, m=50, d=6, num_classes=4):
 
 @pytest.mark.parametrize("k", [1, 5, 50, 80])  # 80 > M = 50: clipped to the whole bank.
 @pytest.mark.parametrize("temperature", [0.07, 0.5])
-def test_knn_predict_matches_numpy(k, temperature):
+def test_neighbours_and_vote_match_numpy(k, temperature):
   query, bank, labels, num_classes = _random_problem(k)
-  got = knn.knn_predict(query, bank, labels, num_classes, k=k, temperature=temperature).numpy()
+  got = _knn_predict(query, bank, labels, num_classes, k=k, temperature=temperature).numpy()
   np.testing.assert_array_equal(
       got, _numpy_knn(query, bank, labels, num_classes, k, temperature))
 
 
-def test_knn_predict_depends_on_k():
+def test_neighbours_and_vote_depend_on_k():
   # Guards the reference comparison above against a k that is silently ignored.
   query, bank, labels, num_classes = _random_problem(0, b=200)
-  by_k = [knn.knn_predict(query, bank, labels, num_classes, k=k, temperature=0.5).numpy()
+  by_k = [_knn_predict(query, bank, labels, num_classes, k=k, temperature=0.5).numpy()
           for k in (1, 50)]
   assert (by_k[0] != by_k[1]).any()
 
@@ -103,16 +112,8 @@ def test_well_separated_clusters_are_classified_perfectly():
   bank = centres[bank_labels] + 0.05 * rng.normal(size=(60, 8)).astype(np.float32)
   query_labels = rng.integers(0, 3, 30)
   query = 5.0 * centres[query_labels] + 0.1 * rng.normal(size=(30, 8)).astype(np.float32)
-  predicted = knn.knn_predict(query, bank, bank_labels, 3).numpy()
+  predicted = _knn_predict(query, bank, bank_labels, 3).numpy()
   np.testing.assert_array_equal(predicted, query_labels)
-
-
-def test_knn_predict_validates():
-  query, bank, labels, num_classes = _random_problem(0)
-  with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
-    knn.knn_predict(query, bank, labels, num_classes, k=0)
-  with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
-    knn.knn_predict(query, bank, labels, num_classes, temperature=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +190,10 @@ def test_knn_accuracy_validates(setup, strategies, tmp_path):
   strategy = tf.distribute.get_strategy()
   with pytest.raises(ValueError, match="positive multiple of the 2 replicas, got 5"):
     knn.knn_accuracy(model, strategies[2], train, test, 5, IMAGE_SIZE)
-  with pytest.raises(ValueError, match="k must be an integer >= 1"):
+  with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
     knn.knn_accuracy(model, strategy, train, test, 8, IMAGE_SIZE, k=0)
+  with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
+    knn.knn_accuracy(model, strategy, train, test, 8, IMAGE_SIZE, temperature=0.0)
   with pytest.raises(ValueError, match="max_bank_examples must be >= 1"):
     knn.knn_accuracy(model, strategy, train, test, 8, IMAGE_SIZE, max_bank_examples=0)
   image = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()

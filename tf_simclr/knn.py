@@ -125,29 +125,6 @@ def vote(similarities, labels, num_classes, temperature=DEFAULT_TEMPERATURE):
   return tf.argmax(tf.reshape(votes, [b, num_classes]), axis=1, output_type=tf.int32)
 
 
-def knn_predict(query, bank, bank_labels, num_classes, k=DEFAULT_K,
-                temperature=DEFAULT_TEMPERATURE, bank_chunk_size=None):
-  """kNN classification of `query` by cosine similarity to `bank`.
-
-  Args:
-    query: float [b, d] features (normalised here).
-    bank: float [M, d] features (normalised here), M static.
-    bank_labels: int [M] in [0, num_classes).
-    num_classes: C.
-    k: neighbours; min(k, M) are used.
-    temperature: T of the vote weights exp(sim / T).
-    bank_chunk_size: see `nearest_neighbours`.
-
-  Returns:
-    int32 [b]: predicted classes.
-  """
-  _check_k_temperature(k, temperature)
-  query = tf.math.l2_normalize(tf.cast(query, tf.float32), axis=-1)
-  bank = tf.math.l2_normalize(tf.cast(bank, tf.float32), axis=-1)
-  sims, labels = nearest_neighbours(query, bank, bank_labels, k, chunk_size=bank_chunk_size)
-  return vote(sims, labels, num_classes, temperature)
-
-
 def _replica_id(ctx):
   return tf.cast(ctx.replica_id_in_sync_group, tf.int32)
 
