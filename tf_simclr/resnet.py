@@ -19,6 +19,8 @@ import math
 import keras
 import tensorflow as tf
 
+from tf_simclr import batch_major_conv
+
 BATCH_NORM_EPSILON = 1e-5
 
 # depth -> (block kind, blocks per group). Basic blocks below 50 layers, bottlenecks above.
@@ -200,61 +202,6 @@ def fixed_padding(inputs, kernel_size):
   return tf.pad(inputs, [[0, 0], [pad_beg, pad_end], [pad_beg, pad_end], [0, 0]])
 
 
-# Feature maps of at most this many positions (H * W) take `conv2d_same_batch_major_grad`'s
-# kernel gradient in bfloat16 on CPU: 4x4 and 8x8 (32 px images), 7x7 (224 px).
-_BATCH_MAJOR_GRAD_MAX_POSITIONS = 64
-
-
-def _batch_major_kernel_grad_pays(inputs, kernel_size) -> bool:
-  """Whether a stride-1 conv of `inputs` should use `conv2d_same_batch_major_grad`.
-
-  Only where it was measured faster: bfloat16 3x3 convolutions of small feature maps on a CPU
-  (oneDNN). GPUs and TPUs keep the registered gradient (cuDNN / XLA choose their own).
-  """
-  height, width = inputs.shape[1], inputs.shape[2]
-  return (inputs.dtype == tf.bfloat16 and kernel_size == 3 and height is not None
-          and width is not None and height * width <= _BATCH_MAJOR_GRAD_MAX_POSITIONS
-          and not tf.config.list_logical_devices("GPU")
-          and not tf.config.list_logical_devices("TPU"))
-
-
-def conv2d_same_batch_major_grad(inputs, kernel):
-  """Stride-1 SAME convolution whose kernel gradient is computed as a convolution over the batch.
-
-  The kernel gradient is dW[i, j, c, o] = sum_{b, h, w} x[b, h + i - p, w + j - p, c] *
-  dy[b, h, w, o]. TF's registered gradient (Conv2DBackpropFilter) computes it with oneDNN's
-  bfloat16 backward-weights kernel, which is slow on small feature maps: 2.5x slower than this
-  form at 4x4x512 and 1.4x at 8x8x256, batch 256, measured on one core of the 2-core
-  AVX512-BF16 machine. Here the same sum is a forward convolution in which the batch is the
-  contracted channel axis: input x^T `[C, H, W, B]` (padded by p), filter dy^T `[H, W, B, O]`,
-  output `[C, k, k, O]`. Same products, same float32 accumulation; the forward pass and the
-  input gradient are the ops TF would use.
-
-  Args:
-    inputs: `[B, H, W, C]`.
-    kernel: `[k, k, C, O]`, the dtype of `inputs`.
-  Returns:
-    `[B, H, W, O]`.
-  """
-
-  @tf.custom_gradient
-  def conv(x, w):
-    y = tf.nn.conv2d(x, w, strides=1, padding="SAME")
-
-    def grad(dy):
-      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
-                                          strides=[1, 1, 1, 1], padding="SAME")
-      k = w.shape[0]
-      before, after = (k - 1) // 2, k - 1 - (k - 1) // 2  # SAME's split, as the forward pass
-      dw = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), strides=1,
-                        padding=[[0, 0], [before, after], [before, after], [0, 0]])
-      return dx, tf.transpose(dw, [1, 2, 0, 3])  # [C, k, k, O] -> [k, k, C, O]
-
-    return y, grad
-
-  return conv(inputs, kernel)
-
-
 class Conv2dFixedPadding(keras.layers.Layer):
   """Bias-free conv; strided ones pad explicitly then use VALID, so output size is ceil(H/s)."""
 
@@ -270,12 +217,13 @@ class Conv2dFixedPadding(keras.layers.Layer):
   def call(self, inputs):
     if self.strides > 1:
       inputs = fixed_padding(inputs, self.kernel_size)
-    elif _batch_major_kernel_grad_pays(inputs, self.kernel_size):
+    elif batch_major_conv.kernel_grad_pays(inputs, self.kernel_size):
       if not self.conv.built:
         self.conv.build(inputs.shape)
       # The same convolution as self.conv (stride 1, SAME, no bias, no activation); only the
       # way its kernel gradient is computed differs.
-      return conv2d_same_batch_major_grad(inputs, tf.cast(self.conv.kernel, inputs.dtype))
+      return batch_major_conv.conv2d_same_batch_major_grad(
+          inputs, tf.cast(self.conv.kernel, inputs.dtype))
     return self.conv(inputs)
 
   def get_config(self):
