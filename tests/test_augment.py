@@ -1,7 +1,7 @@
 """Tests of tf_simclr.augment.
 
-Statistics run over >= 1000 seeds through one tf.data map (or the batched
-form), not 1000 eager calls. Binomial frequencies are checked to 4 sigma.
+Statistics run over >= 1000 seeds through one tf.data map, not 1000 eager
+calls. Binomial frequencies are checked to 4 sigma.
 """
 import numpy as np
 import pytest
@@ -37,6 +37,12 @@ def _params(seeds, image_shape, height, width, strength=1.0):
   image_size = tf.constant(image_shape, tf.int32)
   return _map(
       lambda s: augment._draw(s, image_size, height, width, strength), seeds)
+
+
+def _crop_boxes(seeds, image_shape, height, width):
+  """int32 [n, 4]: (offset_y, offset_x, crop_height, crop_width) of each seed's crop."""
+  p = _params(seeds, image_shape, height, width)
+  return np.concatenate([p['begin'][:, :2], p['size'][:, :2]], 1)
 
 
 def _assert_frequency(hits, p, name):
@@ -226,8 +232,7 @@ def _monte_carlo_crop_areas(height, width, n, seed=0):
 
 def test_crop_geometry_matches_the_sampler_distribution():
   side = 200
-  boxes = _map(lambda s: augment._crop_box(s, [side, side, 3], 64, 64),
-               _seeds(N_STATS, stream=12))
+  boxes = _crop_boxes(_seeds(N_STATS, stream=12), [side, side, 3], 64, 64)
   oy, ox, h, w = boxes.T
   assert (oy >= 0).all() and (ox >= 0).all()
   assert (oy + h <= side).all() and (ox + w <= side).all()
@@ -253,8 +258,8 @@ def test_crop_geometry_matches_the_sampler_distribution():
 
 def test_crop_box_is_the_crop_of_the_view():
   image = _random_image((60, 90, 3), seed=4).astype(np.float32) / 255.
-  for seed in _seeds(12, stream=13):
-    oy, ox, h, w = augment._crop_box(seed, image.shape, 32, 32).numpy()
+  seeds = _seeds(12, stream=13)
+  for seed, (oy, ox, h, w) in zip(seeds, _crop_boxes(seeds, image.shape, 32, 32)):
     expected = tf.image.resize(image[None, oy:oy + h, ox:ox + w], [32, 32],
                                'bicubic')[0]
     expected = np.clip(expected.numpy(), 0., 1.)
@@ -346,26 +351,6 @@ def test_planar_colour_ops_match_tf_image_kernels():
       back(augment._grayscale(planes)), tf.concat([gray] * 3, -1), atol=1e-6)
 
 
-def test_batched_resize_is_tf_bicubic_of_the_crop():
-  rng = np.random.default_rng(7)
-  images = rng.random((1, 50, 70, 3)).astype(np.float32)
-  worst = 0.
-  for _ in range(60):
-    h, w = rng.integers(1, 51), rng.integers(1, 71)
-    y, x = rng.integers(0, 51 - h), rng.integers(0, 71 - w)
-    out_h, out_w = (int(v) for v in rng.choice([5, 32, 33, 64, 97], 2))
-    flip = bool(rng.integers(2))
-    expected = tf.image.resize(images[:, y:y + h, x:x + w], [out_h, out_w],
-                               'bicubic')[0].numpy()
-    if flip:
-      expected = expected[:, ::-1]
-    got = augment._crop_resize(images, tf.constant([[y, x, h, w]]),
-                               tf.constant([flip]), out_h, out_w)
-    worst = max(worst, np.abs(np.transpose(got[0], [1, 2, 0]) -
-                              expected).max())
-  assert worst < 1e-6
-
-
 @pytest.mark.parametrize('height', [64, 112])
 def test_blur_kernel_is_the_reference_gaussian(height):
   radius = augment._blur_radius(height)
@@ -391,27 +376,7 @@ def test_blur_kernel_is_the_reference_gaussian(height):
 
 
 # ----------------------------------------------------------------------------
-# Batched form.
-
-
-@pytest.mark.parametrize('source,size,batch', [((32, 32), 32, 64),
-                                               ((72, 90), 64, 32),
-                                               ((128, 160), 112, 12)])
-def test_batched_form_equals_per_image_form(source, size, batch):
-  images = _random_image((batch,) + source + (3,), seed=8)
-  seeds = _seeds(batch, stream=16)
-  fn = tf.function(augment.simclr_augment_batch)
-  for kwargs, as_float in (({}, False), ({}, True),
-                           ({'color_jitter_strength': 0.5,
-                             'use_blur': False}, False)):
-    x = images.astype(np.float32) / 255. if as_float else images
-    x = tf.constant(x)
-    batched = fn(x, seeds, size, size, **kwargs).numpy()
-    per_image = _map(
-        lambda i: augment.simclr_augment(x[i], seeds[i], size, size, **kwargs),
-        tf.range(batch))
-    assert batched.shape == (batch, size, size, 3)
-    assert np.abs(batched - per_image).max() < 1e-4
+# Split form (--augment_on_device).
 
 
 @pytest.mark.parametrize('source,size', [((32, 32), 16), ((32, 32), 32),
@@ -521,5 +486,5 @@ def test_bad_arguments_raise_clear_errors():
     augment.simclr_augment(image, [1, 2], 8, 8, color_jitter_strength=-1.)
   with pytest.raises(ValueError, match='height'):
     augment.simclr_augment(image, [1, 2], 0, 8)
-  with pytest.raises(ValueError, match='seed'):
-    augment.simclr_augment_batch(image[None], [1, 2], 8, 8)
+  with pytest.raises(ValueError, match=r'crops must have rank 4'):
+    augment.distort_batch(image, {})

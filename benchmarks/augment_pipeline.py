@@ -1,4 +1,4 @@
-"""Host augmentation throughput: `python -m tf_simclr.bench_augment`.
+"""Host augmentation throughput: `python -m benchmarks.augment_pipeline` (from the repo root).
 
 Synthetic uint8 images go through a tf.data pipeline shaped like training:
 two `simclr_augment` views per source image in a parallel map (AUTOTUNE),
@@ -11,12 +11,12 @@ giving two views). Configs:
     crop slice, not of the resize and the colour ops on the 224 px view).
 Also timed, in the same run: a reference-like pipeline (the reference's ops,
 stateful, no blur, as its host pipeline), and the views of
-`simclr_augment_batch` (a) mapped over batches in tf.data and (b) in a
-`tf.function` on a fixed batch, as in the model graph. Absolute figures are
-noisy when other processes share the cores; compare ratios of one run.
+`batched_augment.simclr_augment_batch` (a) mapped over batches in tf.data and
+(b) in a `tf.function` on a fixed batch, as in a model graph. Absolute figures
+are noisy when other processes share the cores; compare ratios of one run.
+Bad flags: one `error: ...` line on stderr, exit 1.
 """
 
-import argparse
 import json
 import os
 import time
@@ -26,6 +26,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import benchmarks  # noqa: E402
+from benchmarks import batched_augment  # noqa: E402
 from tf_simclr import augment  # noqa: E402
 
 _NUM_SOURCES = 64  # Distinct synthetic images, cycled.
@@ -137,8 +139,9 @@ def batched_dataset(source_hw, size, batch_size, use_blur):
   def two_views(index):
     batch = tf.gather(images, index % _NUM_SOURCES)
     return tuple(
-        augment.simclr_augment_batch(batch, _batch_seeds(index, v), size, size,
-                                     use_blur=use_blur) for v in range(2))
+        batched_augment.simclr_augment_batch(batch, _batch_seeds(index, v), size,
+                                             size, use_blur=use_blur)
+        for v in range(2))
 
   return (tf.data.Dataset.range(1 << 62)
           .batch(batch_size, drop_remainder=True)
@@ -174,8 +177,8 @@ def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
   def two_views(step):
     index = step * batch_size + tf.range(batch_size, dtype=tf.int64)
     return [
-        augment.simclr_augment_batch(images, _batch_seeds(index, v), size,
-                                     size, use_blur=use_blur)
+        batched_augment.simclr_augment_batch(images, _batch_seeds(index, v),
+                                             size, size, use_blur=use_blur)
         for v in range(2)
     ]
 
@@ -190,18 +193,33 @@ def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
           images * os.cpu_count() / (time.process_time() - cpu_start))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse(argv):
+  """The benchmark's flags; a bad one exits with one `error: ...` line."""
+  parser = benchmarks.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--steps', type=int, default=0,
                       help='timed batches (default: 20 at 32 px, 4 at 224 px)')
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--sizes', default='32,224')
+  parser.add_argument('--sizes', default='32,224', help='view sides, comma-separated')
   parser.add_argument('--skip_batched', action='store_true')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  try:
+    sizes = [int(s) for s in args.sizes.split(',')]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    parser.error(f'--sizes={args.sizes} must be positive integers separated by commas')
+  args.sizes = sizes
+  for name, low in (('batch_size', 1), ('steps', 0), ('warmup', 0)):
+    if getattr(args, name) < low:
+      parser.error(f'--{name}={getattr(args, name)} must be >= {low}')
+  return args
 
+
+def main(argv=None):
+  args = parse(argv)
   configs = {32: (32, 32), 224: (256, 320)}
-  for size in [int(s) for s in args.sizes.split(',')]:
+  for size in args.sizes:
     source_hw = configs.get(size, (size, size))
     steps = args.steps or (20 if size <= 32 else 4)
     runs = [('reference-like per-image map', False),

@@ -1,4 +1,4 @@
-"""Training throughput: `python -m tf_simclr.benchmark [--flags]`.
+"""Training throughput: `python -m benchmarks.train_step [--flags]` (from the repository root).
 
 Runs real training steps -- `train.Trainer`'s step under the chosen strategy, fed by
 `datasets.train_dataset` (decode, two `simclr_augment` views per image, batch, prefetch) -- on
@@ -11,10 +11,12 @@ synthetic uint8 images, and prints one JSON line last:
   achieved_gflop_per_s  gflop_per_step / step_s
   peak_rss_mb           peak resident memory of the process
 Absolute figures are noisy when other processes share the cores; compare runs made together.
+Bad flags: one `error: ...` line on stderr, exit 1.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -22,17 +24,25 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+import benchmarks  # noqa: E402
+
+if typing.TYPE_CHECKING:  # TensorFlow is imported after the flags are parsed: fast refusals.
+  import tensorflow as tf
+  from tf_simclr import train
+
 _NUM_SOURCES = 512  # distinct synthetic images, cycled through by the input pipeline
 _NUM_CLASSES = 10
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv):
+  """The benchmark's flags; a bad one exits with one `error: ...` line."""
+  p = benchmarks.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--resnet_depth", type=int, default=18)
   p.add_argument("--width_multiplier", type=float, default=1)
   p.add_argument("--sk_ratio", type=float, default=0.0)
@@ -54,8 +64,12 @@ def _parse(argv):
   p.add_argument("--strategy", default="auto",
                  choices=["auto", "mirrored", "one_device"])
   args = p.parse_args(argv)
-  if args.steps < 1 or args.train_batch_size < 1 or args.image_size < 1:
-    p.error("--steps, --train_batch_size and --image_size must be positive")
+  for name in ("steps", "train_batch_size", "image_size"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be positive")
+  for name in ("source_size", "cpu_replicas"):
+    if getattr(args, name) < 0:
+      p.error(f"--{name}={getattr(args, name)} must be >= 0")
   return args
 
 
@@ -89,7 +103,7 @@ def _conv_flops(op):
 
 
 def _matmul_flops(op):
-  a, b = op.inputs[0].shape, op.inputs[1].shape
+  a = op.inputs[0].shape
   out = op.outputs[0].shape
   if a.rank is None or out.num_elements() is None:
     return 0
@@ -131,13 +145,33 @@ def step_flops(trainer, per_replica_batch) -> int:
   return count_graph_flops(graph) * trainer.num_replicas
 
 
-def main(argv=None):
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  started = time.time()
+@dataclasses.dataclass
+class Bench:
+  """What `build` sets up: the strategy, the trainer and its input."""
+  strategy: tf.distribute.Strategy
+  trainer: train.Trainer
+  input_fn: typing.Callable[[tf.distribute.InputContext], tf.data.Dataset]
+  source_size: int
+
+  def iterator(self):
+    """The distributed training input, from step 0."""
+    return iter(self.strategy.distribute_datasets_from_function(self.input_fn))
+
+  def per_replica_batch(self):
+    """One replica's batch (a dict of tensors), for `step_flops`."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    context = tf.distribute.InputContext(
+        num_replicas_in_sync=self.strategy.num_replicas_in_sync)
+    return next(iter(self.input_fn(context)))
+
+
+def build(args, model_dir: str) -> Bench:
+  """The run config of `args`, its strategy, state and `train.Trainer` on synthetic images.
+
+  Sets the process-wide CPU devices and dtype policy that `args` asks for.
+  """
   import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_simclr import config as C  # pylint: disable=g-import-not-at-top
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
   from tf_simclr import train  # pylint: disable=g-import-not-at-top
 
@@ -145,53 +179,62 @@ def main(argv=None):
   if args.mixed_precision != "none":
     keras.mixed_precision.set_dtype_policy(args.mixed_precision)
   strategy = distribute.make_strategy(args.strategy, args.cpu_replicas, use_tpu=False)
-  replicas = strategy.num_replicas_in_sync
-  train.validate_batch(args.train_batch_size, replicas)
+  train.validate_batch(args.train_batch_size, strategy.num_replicas_in_sync)
   source_size = args.source_size or (args.image_size if args.image_size <= 64 else 256)
   source = synthetic_source(source_size)
+  cfg = C.RunConfig(
+      C.DataConfig(dataset="synthetic", image_size=args.image_size, use_blur=args.use_blur,
+                   cache_dataset=True),
+      C.ModelConfig(resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
+                    sk_ratio=args.sk_ratio, se_ratio=args.se_ratio,
+                    image_size=args.image_size, global_bn=args.global_bn,
+                    num_classes=_NUM_CLASSES),
+      C.OptimConfig(optimizer=args.optimizer),
+      C.TrainConfig(model_dir=model_dir, train_batch_size=args.train_batch_size,
+                    train_steps=args.steps + 1, checkpoint_steps=1, temperature=0.1),
+      C.RuntimeConfig(strategy=args.strategy, cpu_replicas=args.cpu_replicas,
+                      mixed_precision=args.mixed_precision, jit_compile=args.jit_compile,
+                      augment_on_device=args.augment_on_device))
+  state = train.build_state(cfg, strategy, source.num_examples)
+  trainer = train.Trainer(cfg, strategy, state)
+  return Bench(strategy, trainer, trainer.input_fn(source, start_step=0), source_size)
 
-  with tempfile.TemporaryDirectory() as model_dir:
-    cfg = C.RunConfig(
-        C.DataConfig(dataset="synthetic", image_size=args.image_size, use_blur=args.use_blur,
-                     cache_dataset=True),
-        C.ModelConfig(resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
-                      sk_ratio=args.sk_ratio, se_ratio=args.se_ratio,
-                      image_size=args.image_size, global_bn=args.global_bn,
-                      num_classes=_NUM_CLASSES),
-        C.OptimConfig(optimizer=args.optimizer),
-        C.TrainConfig(model_dir=model_dir, train_batch_size=args.train_batch_size,
-                      train_steps=args.steps + 1, checkpoint_steps=1, temperature=0.1),
-        C.RuntimeConfig(strategy=args.strategy, cpu_replicas=args.cpu_replicas,
-                        mixed_precision=args.mixed_precision, jit_compile=args.jit_compile,
-                        augment_on_device=args.augment_on_device))
-    state = train.build_state(cfg, strategy, source.num_examples)
-    trainer = train.Trainer(cfg, strategy, state)
 
-    input_fn = trainer.input_fn(source, start_step=0)
-    dataset = strategy.distribute_datasets_from_function(input_fn)
-    iterator = iter(dataset)
-    built = time.time()
+def time_steps(trainer, iterator, steps: int):
+  """Runs 1 + `steps` training steps: (first step's seconds, list of the others' seconds)."""
+  times = []
+  for _ in range(steps + 1):
     t0 = time.time()
+    # .numpy() waits for the step: the loop's outputs depend on every op of the step.
     trainer.run_loop(iterator, 1)["total_loss"].numpy()
-    first_step_s = time.time() - t0
-    times = []
-    for _ in range(args.steps):
-      t0 = time.time()
-      # .numpy() waits for the step: the loop's outputs depend on every op of the step.
-      trainer.run_loop(iterator, 1)["total_loss"].numpy()
-      times.append(time.time() - t0)
-    per_replica = next(iter(input_fn(tf.distribute.InputContext(
-        num_replicas_in_sync=replicas))))
-    flops = step_flops(trainer, per_replica)
+    times.append(time.time() - t0)
+  return times[0], times[1:]
+
+
+def main(argv=None):
+  args = parse(sys.argv[1:] if argv is None else argv)
+  started = time.time()
+  try:
+    with tempfile.TemporaryDirectory() as model_dir:
+      bench = build(args, model_dir)
+      iterator = bench.iterator()
+      built = time.time()
+      first_step_s, times = time_steps(bench.trainer, iterator, args.steps)
+      flops = step_flops(bench.trainer, bench.per_replica_batch())
+  except ValueError as err:  # e.g. a batch that does not divide over the replicas
+    sys.stderr.write(f"error: {err}\n")
+    sys.exit(1)
 
   step_s = statistics.median(times)
+  replicas = bench.strategy.num_replicas_in_sync
   result = {
       "resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
-      "image_size": args.image_size, "source_size": source_size,
+      "image_size": args.image_size, "source_size": bench.source_size,
       "train_batch_size": args.train_batch_size, "views": 2 * args.train_batch_size,
       "mixed_precision": args.mixed_precision, "jit_compile": args.jit_compile,
       "augment_on_device": args.augment_on_device, "use_blur": args.use_blur,
-      "optimizer": args.optimizer, "replicas": replicas, "strategy": type(strategy).__name__,
+      "optimizer": args.optimizer, "replicas": replicas,
+      "strategy": type(bench.strategy).__name__,
       "cpus": os.cpu_count(), "timed_steps": args.steps,
       "img_per_s": round(args.train_batch_size / step_s, 2),
       "step_s": round(step_s, 3),
