@@ -38,8 +38,13 @@ Two forms compute the same view, equal up to float rounding (tested):
     shapes): the accelerator path, `--augment_on_device`.
 """
 
+from collections.abc import Mapping
+
 import numpy as np
 import tensorflow as tf
+
+# What the public functions accept where they take a tensor: a tf.Tensor, a NumPy array, a list.
+TensorLike = tf.types.experimental.TensorLike
 
 CROP_PROPORTION = 0.875  # Eval centre crop, standard for ImageNet.
 
@@ -401,12 +406,12 @@ def _resized_crop(image, seed, height, width, color_jitter_strength):
   return tf.ensure_shape(view, [height, width, 3]), p
 
 
-def simclr_augment(image,
-                   seed,
-                   height,
-                   width,
-                   color_jitter_strength=1.0,
-                   use_blur=True):
+def simclr_augment(image: TensorLike,
+                   seed: TensorLike,
+                   height: int,
+                   width: int,
+                   color_jitter_strength: float = 1.0,
+                   use_blur: bool = True) -> tf.Tensor:
   """One SimCLR pretraining view of one image.
 
   Args:
@@ -512,7 +517,8 @@ DISTORT_SIGNATURE = {
 }
 
 
-def crop_view(image, seed, height, width, color_jitter_strength=1.0):
+def crop_view(image: TensorLike, seed: TensorLike, height: int, width: int,
+              color_jitter_strength: float = 1.0) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
   """The host half of one view: random resized crop, and the other draws.
 
   Args:
@@ -530,7 +536,8 @@ def crop_view(image, seed, height, width, color_jitter_strength=1.0):
   return crop, {k: p[k] for k in DISTORT_SIGNATURE}
 
 
-def distort_batch(crops, params, color_jitter_strength=1.0, use_blur=True):
+def distort_batch(crops: TensorLike, params: Mapping[str, tf.Tensor],
+                  color_jitter_strength: float = 1.0, use_blur: bool = True) -> tf.Tensor:
   """The accelerator half: flip, colour jitter, grayscale and blur of a batch.
 
   Args:
@@ -569,7 +576,7 @@ def _center_crop_shape(image_height, image_width, aspect, crop_proportion):
           tf.cast(tf.math.rint(crop_width), tf.int32))
 
 
-def preprocess_eval(image, height, width):
+def preprocess_eval(image: TensorLike, height: int, width: int) -> tf.Tensor:
   """Evaluation preprocessing of one image (no randomness).
 
   Above 32 px: the reference centre crop (keep 0.875 of the side limiting the

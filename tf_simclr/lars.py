@@ -18,7 +18,9 @@ gradient `g`, momentum buffer `v`, learning rate `lr`:
 The weight decay is an L2 term coupled into the gradient (it is then scaled
 by the trust ratio and momentum), not Keras' decoupled `weight_decay`.
 """
+from __future__ import annotations
 
+from collections.abc import Sequence
 import re
 
 import keras
@@ -47,16 +49,16 @@ class LARS(keras.optimizers.Optimizer):
   """
 
   def __init__(self,
-               learning_rate,
-               momentum=0.9,
-               use_nesterov=False,
-               weight_decay=0.0,
-               exclude_from_weight_decay=None,
-               exclude_from_layer_adaptation=None,
-               classic_momentum=True,
-               eeta=EETA_DEFAULT,
-               name="LARS",
-               **kwargs):
+               learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+               momentum: float = 0.9,
+               use_nesterov: bool = False,
+               weight_decay: float = 0.0,
+               exclude_from_weight_decay: Sequence[str] | None = None,
+               exclude_from_layer_adaptation: Sequence[str] | None = None,
+               classic_momentum: bool = True,
+               eeta: float = EETA_DEFAULT,
+               name: str = "LARS",
+               **kwargs) -> None:
     """Creates the optimizer.
 
     Args:
@@ -99,7 +101,7 @@ class LARS(keras.optimizers.Optimizer):
     self._adapt_exclude = list(
         exclude_from_layer_adaptation or self._wd_exclude)
 
-  def build(self, var_list):
+  def build(self, var_list: list[keras.Variable]) -> None:
     """Creates one momentum buffer per variable and resolves the exclusions.
 
     Exclusions are resolved here, once, because `update_step` receives the
@@ -138,7 +140,8 @@ class LARS(keras.optimizers.Optimizer):
         tf.where(x_norm > 0, self.eeta * w_norm / x_norm, one),
         one)
 
-  def update_step(self, gradient, variable, learning_rate):
+  def update_step(self, gradient: tf.Tensor, variable: tf.Variable,
+                  learning_rate: tf.Tensor) -> None:
     """Applies one LARS update to `variable` (called per variable/replica)."""
     index = self._get_variable_index(variable)
     dtype = variable.dtype
@@ -180,7 +183,7 @@ class LARS(keras.optimizers.Optimizer):
     self.assign(v_var, next_v)
     self.assign_sub(variable, update)
 
-  def get_config(self):
+  def get_config(self) -> dict:
     config = super().get_config()
     config.update({
         "momentum": self.momentum,

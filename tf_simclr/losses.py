@@ -22,7 +22,9 @@ def _replica_context():
   return ctx
 
 
-def contrastive_loss(hidden, hidden_norm=True, temperature=1.0):
+def contrastive_loss(hidden: tf.types.experimental.TensorLike, hidden_norm: bool = True,
+                     temperature: float | tf.Tensor = 1.0
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """NT-Xent loss of two views, negatives gathered from all replicas.
 
   Args:
@@ -85,7 +87,7 @@ def contrastive_loss(hidden, hidden_norm=True, temperature=1.0):
   return loss, logits_ab, labels
 
 
-def contrastive_metrics(logits_ab, labels):
+def contrastive_metrics(logits_ab: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """Contrastive accuracy and entropy over the local anchors (the reference's summaries).
 
   Args:
@@ -103,7 +105,8 @@ def contrastive_metrics(logits_ab, labels):
   return accuracy, entropy
 
 
-def supervised_loss(labels, logits, weights=None):
+def supervised_loss(labels: tf.Tensor, logits: tf.Tensor,
+                    weights: tf.Tensor | None = None) -> tf.Tensor:
   """Mean softmax cross-entropy over the local batch.
 
   Args:

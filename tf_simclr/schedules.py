@@ -3,6 +3,7 @@
 Semantics follow google-research/simclr `tf2/model.py` (`get_train_steps`,
 `WarmUpAndCosineDecay`), with the flags turned into explicit arguments.
 """
+from __future__ import annotations
 
 import math
 
@@ -12,8 +13,8 @@ import tensorflow as tf
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")
 
 
-def get_train_steps(num_examples, train_epochs, train_batch_size,
-                    train_steps=0):
+def get_train_steps(num_examples: int, train_epochs: float, train_batch_size: int,
+                    train_steps: int = 0) -> int:
   """Number of optimizer steps of a run.
 
   Args:
@@ -30,7 +31,7 @@ def get_train_steps(num_examples, train_epochs, train_batch_size,
              num_examples * train_epochs // train_batch_size + 1)
 
 
-def scaled_learning_rate(base_learning_rate, batch_size, scaling):
+def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: str) -> float:
   """The peak learning rate for a global batch size.
 
   Args:
@@ -68,14 +69,14 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
   """
 
   def __init__(self,
-               base_learning_rate,
-               num_examples,
-               train_batch_size,
-               warmup_epochs,
-               train_epochs,
-               train_steps=0,
-               learning_rate_scaling="linear",
-               name=None):
+               base_learning_rate: float,
+               num_examples: int,
+               train_batch_size: int,
+               warmup_epochs: float,
+               train_epochs: float,
+               train_steps: int = 0,
+               learning_rate_scaling: str = "linear",
+               name: str | None = None) -> None:
     """Creates the schedule.
 
     Args:
@@ -106,7 +107,7 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     self.total_steps = get_train_steps(
         num_examples, train_epochs, train_batch_size, train_steps)
 
-  def __call__(self, step):
+  def __call__(self, step: tf.types.experimental.TensorLike) -> tf.Tensor:
     """The learning rate at `step` (any int or float scalar), float32 scalar."""
     with tf.name_scope(self.name or "WarmUpAndCosineDecay"):
       step = tf.cast(step, tf.float32)
@@ -127,7 +128,7 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         decay_lr = tf.zeros_like(peak)
       return tf.where(step < warmup_steps, warmup_lr, decay_lr)
 
-  def get_config(self):
+  def get_config(self) -> dict:
     return {
         "base_learning_rate": self.base_learning_rate,
         "num_examples": self.num_examples,
