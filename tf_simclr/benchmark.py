@@ -152,8 +152,7 @@ def main(argv=None):
 
   with tempfile.TemporaryDirectory() as model_dir:
     cfg = C.RunConfig(
-        C.DataConfig(dataset="synthetic", image_size=args.image_size, use_blur=args.use_blur,
-                     cache_dataset=True),
+        C.DataConfig(dataset="synthetic", use_blur=args.use_blur, cache_dataset=True),
         C.ModelConfig(resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
                       sk_ratio=args.sk_ratio, se_ratio=args.se_ratio,
                       image_size=args.image_size, global_bn=args.global_bn,
