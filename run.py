@@ -6,10 +6,8 @@ exit status 1; set TF_SIMCLR_TRACEBACK=1 to see the traceback instead.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import gc
 import os
-import re
 import sys
 import time
 
@@ -76,11 +74,8 @@ def _claim_model_dir(t, flag_values, is_chief):
 def run(cfg, flag_values):
   """Trains and/or evaluates as `cfg.train.mode` says. Returns the final result dict or None."""
   _setup_runtime(cfg)
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
-  from tf_simclr import distill  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
-  from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
-  from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+  from tf_simclr import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
   t = cfg.train
@@ -96,82 +91,59 @@ def run(cfg, flag_values):
   _claim_model_dir(t, flag_values, is_chief)
   distribute.warn_slow_bfloat16(strategy, cfg.runtime.mixed_precision)
 
-  train_source = datasets.load_source(cfg.data.dataset, cfg.data.train_split, cfg.data.data_dir)
-  split = f"{cfg.data.dataset} split {cfg.data.train_split!r}"
-  num_classes = train_source.num_classes  # 0: unlabeled
-  wants_head = t.train_mode != "pretrain" or t.lineareval_while_pretraining
-  if t.train_mode == "distill":
-    # The teacher's classes are the student's; checked before anything is built.
-    teacher = distill.teacher_config(t.teacher_checkpoint)
-    if num_classes:
-      distill.check_classes(teacher, num_classes, t.teacher_checkpoint)
-    elif t.distill_label_weight > 0:
-      raise ValueError(f"--distill_label_weight={t.distill_label_weight} needs labels, but "
-                       f"{split} is unlabeled")
-    num_classes = teacher.num_classes
-  elif wants_head and num_classes == 0:
-    if t.train_mode == "finetune":
-      raise ValueError(f"train_mode=finetune needs labels, but {split} is unlabeled")
-    logging.info("Unlabeled data: pretraining without the linear-evaluation head")
-    wants_head = False
-  if t.knn_eval_every_n_steps and train_source.num_classes == 0:
-    raise ValueError(f"--knn_eval_every_n_steps needs labels, but {split} is unlabeled")
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, num_classes=num_classes if wants_head else 0))
-  eval_source = None
-  if (wants_head and t.mode != "train") or t.knn_eval_every_n_steps:
-    # Image folders: the training split's classes decide the labels of every split.
-    eval_source = datasets.load_source(cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir,
-                                       class_names=train_source.class_names or None)
-    if t.knn_eval_every_n_steps and eval_source.num_classes == 0:
-      raise ValueError(f"--knn_eval_every_n_steps needs labels, but {cfg.data.dataset} split "
-                       f"{cfg.data.eval_split!r} is unlabeled")
-    if eval_source.num_classes == 0:  # Distilling on unlabeled images: nothing to score.
-      logging.info("Unlabeled eval split %r: no evaluation", cfg.data.eval_split)
-      eval_source = None
-
-  # Few labels: fine-tuning trains on the subset; distillation on every image, with labels
-  # (for --distill_label_weight) only on the subset. Not needed to evaluate, unless by kNN.
-  ids, knn_bank = None, train_source
-  if t.train_mode != "pretrain" and (t.mode != "eval" or t.knn_eval_every_n_steps):
-    ids = datasets.label_subset(train_source, cfg.data.train_label_fraction,
-                                cfg.data.train_label_file, seed=t.seed)
-    if ids is not None:
-      knn_bank = datasets.subset_source(train_source, ids)
-      train_source = (knn_bank if t.train_mode == "finetune"
-                      else distill.labels_only_for(train_source, ids))
-
-  state = train_lib.build_state(cfg, strategy, train_source.num_examples, is_chief)
+  plan = plan_lib.make_plan(cfg)
+  state = train_lib.build_state(plan.cfg, strategy, plan.train_source.num_examples, is_chief)
   if is_chief and t.mode != "eval":
-    if t.train_mode != "pretrain":
-      datasets.write_label_subset(t.model_dir, ids)  # Refuses another subset in model_dir.
-    rundir.record_flags(t.model_dir, flag_values)  # Keeps a resumed run's flags.json.
-  knn_sources = (knn_bank, eval_source) if t.knn_eval_every_n_steps else None
-
+    _record_run(plan, flag_values)
   if t.mode in ("train", "train_then_eval"):
-    views = datasets.example_views(train_source, t.seed, cfg.data.image_size,
-                                   cfg.data.color_jitter_strength, cfg.data.use_blur)
-    step = train_lib.train(cfg, strategy, train_source, state, is_chief, views,
-                           knn_sources=knn_sources)
-    if step < state.total_steps:
-      if state.stopped_by == "SIGINT":
-        raise Interrupted(f"Interrupted: SIGINT stopped training at step {step} of "
-                          f"{state.total_steps}, checkpoint saved in {t.model_dir}. Run the same "
-                          "command to resume.")
-      print(f"Preempted: SIGTERM stopped training at step {step} of {state.total_steps}, "
-            f"checkpoint saved in {t.model_dir}. Run the same command to resume.")
-      return None
-    if t.mode == "train":
-      print(f"Trained to step {step}. Checkpoints in {t.model_dir}")
-      return None
-    return _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources)
+    return _train(plan, strategy, state, is_chief)
+  return _evaluate_checkpoints(plan, strategy, state, is_chief)
 
-  # mode=eval, beside a training job: each new checkpoint once, until the last step.
+
+def _record_run(plan, flag_values):
+  """Writes the run's flags.json and label subset into model_dir (a resumed run's are kept)."""
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+  model_dir = plan.cfg.train.model_dir
+  if plan.cfg.model.train_mode != "pretrain":
+    datasets.write_label_subset(model_dir, plan.label_ids)  # Refuses another subset.
+  rundir.record_flags(model_dir, flag_values)
+
+
+def _train(plan, strategy, state, is_chief):
+  """Trains to the last step; with mode=train_then_eval, then evaluates and exports."""
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  cfg, t = plan.cfg, plan.cfg.train
+  views = datasets.example_views(plan.train_source, t.seed, cfg.model.image_size,
+                                 cfg.data.color_jitter_strength, cfg.data.use_blur)
+  step = train_lib.train(cfg, strategy, plan.train_source, state, is_chief, views,
+                         knn_sources=plan.knn_sources)
+  if step < state.total_steps:
+    if state.stopped_by == "SIGINT":
+      raise Interrupted(f"Interrupted: SIGINT stopped training at step {step} of "
+                        f"{state.total_steps}, checkpoint saved in {t.model_dir}. Run the same "
+                        "command to resume.")
+    print(f"Preempted: SIGTERM stopped training at step {step} of {state.total_steps}, "
+          f"checkpoint saved in {t.model_dir}. Run the same command to resume.")
+    return None
+  if t.mode == "train":
+    print(f"Trained to step {step}. Checkpoints in {t.model_dir}")
+    return None
+  return _evaluate_and_export(cfg, strategy, state, plan.eval_source, step, is_chief,
+                              plan.knn_sources)
+
+
+def _evaluate_checkpoints(plan, strategy, state, is_chief):
+  """mode=eval, beside a training job: each new checkpoint once, until the last step."""
+  from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
+  t = plan.cfg.train
   result = None
   for step, _ in evaluate.restored_checkpoints(
       state.checkpoint, t.model_dir, state.total_steps,
       step_of=lambda: state.optimizer.iterations.numpy(), timeout_secs=t.eval_timeout_s):
-    result = _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources)
+    result = _evaluate_and_export(plan.cfg, strategy, state, plan.eval_source, step, is_chief,
+                                  plan.knn_sources)
   return result
 
 
@@ -183,7 +155,7 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
   result = {}
   if eval_source is not None and state.model.supervised_head is not None:
     result = evaluate.evaluate(state.model, strategy, eval_source, cfg.train.eval_batch_size,
-                               cfg.data.image_size, cfg.train.eval_steps,
+                               cfg.model.image_size, cfg.train.eval_steps,
                                cfg.optim.weight_decay, cfg.optim.optimizer)
   else:
     logging.info("No linear-evaluation head: skipping eval")
@@ -205,15 +177,6 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
       target = os.path.join(cfg.train.model_dir, "saved_model", str(step))
     print(f"SavedModel: {target}")
   return result or None
-
-
-def _first_line(text):
-  """The first informative line of a TensorFlow error message (not where the graph failed)."""
-  for line in text.splitlines():
-    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line.strip())
-    if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
-      return line
-  return ""
 
 
 def main(argv):
@@ -238,7 +201,8 @@ def main(argv):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     if not isinstance(err, tf.errors.OpError) or os.environ.get("TF_SIMCLR_TRACEBACK"):
       raise
-    message = f"error: {type(err).__name__}: {_first_line(err.message)}"
+    from tf_simclr import errors  # pylint: disable=g-import-not-at-top
+    message = f"error: {type(err).__name__}: {errors.first_line(err)}"
     lost_peer = (tf.errors.UnavailableError, tf.errors.AbortedError,
                  tf.errors.DeadlineExceededError, tf.errors.CancelledError)
     if FLAGS.strategy == "multi_worker" and isinstance(err, lost_peer):

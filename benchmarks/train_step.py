@@ -183,8 +183,7 @@ def build(args, model_dir: str) -> Bench:
   source_size = args.source_size or (args.image_size if args.image_size <= 64 else 256)
   source = synthetic_source(source_size)
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic", image_size=args.image_size, use_blur=args.use_blur,
-                   cache_dataset=True),
+      C.DataConfig(dataset="synthetic", use_blur=args.use_blur, cache_dataset=True),
       C.ModelConfig(resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
                     sk_ratio=args.sk_ratio, se_ratio=args.se_ratio,
                     image_size=args.image_size, global_bn=args.global_bn,

@@ -10,10 +10,16 @@ import math
 from absl import flags
 
 from tf_simclr import config as config_lib
+# The lists of choices come from the modules that define them (these import TensorFlow).
+from tf_simclr import datasets
+from tf_simclr import distribute
+from tf_simclr import model as model_lib
+from tf_simclr import optimizers
+from tf_simclr import schedules
 
 # --- The reference's flags (google-research/simclr tf2/run.py), unchanged. ---
 flags.DEFINE_float("learning_rate", 0.3, "Initial learning rate per batch size of 256.")
-flags.DEFINE_enum("learning_rate_scaling", "linear", ["linear", "sqrt"],
+flags.DEFINE_enum("learning_rate_scaling", "linear", schedules.LEARNING_RATE_SCALINGS,
                   "How to scale the learning rate as a function of batch size.")
 flags.DEFINE_float("warmup_epochs", 10, "Number of epochs of warmup.")
 flags.DEFINE_float("weight_decay", 1e-6, "Amount of weight decay to use.")
@@ -31,14 +37,14 @@ flags.DEFINE_integer("checkpoint_steps", 0, "Number of steps between checkpoints
                      "provided, overrides checkpoint_epochs.")
 flags.DEFINE_string("eval_split", "validation", "Split for evaluation.")
 flags.DEFINE_string("dataset", "imagenet2012", "Name of a dataset: any tensorflow-datasets name, "
-                    "'image_folder' (images under data_dir/<split>/<class>/), or a built-in: "
-                    "'deadleaves10' (the quick start's) or 'shapes10'.")
+                    f"'{datasets.IMAGE_FOLDER}' (images under data_dir/<split>/<class>/), or a "
+                    f"built-in ({', '.join(datasets.BUILT_IN)}: generated, no download).")
 flags.DEFINE_bool("cache_dataset", False, "Whether to cache the entire dataset in memory. If the "
                   "dataset is ImageNet, this is a very bad idea, but for smaller datasets it can "
                   "improve performance.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "train_then_eval"],
+flags.DEFINE_enum("mode", "train", config_lib.MODES,
                   "Whether to perform training or evaluation.")
-flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
+flags.DEFINE_enum("train_mode", "pretrain", config_lib.TRAIN_MODES,
                   "The train mode controls different objectives and trainable components.")
 flags.DEFINE_bool("lineareval_while_pretraining", True,
                   "Whether to finetune supervised head while pretraining.")
@@ -61,15 +67,16 @@ flags.DEFINE_string("tpu_name", None, "The Cloud TPU to use for training. This s
 flags.DEFINE_string("tpu_zone", None, "[Optional] GCE zone where the Cloud TPU is located in.")
 flags.DEFINE_string("gcp_project", None,
                     "[Optional] Project name for the Cloud TPU-enabled project.")
-flags.DEFINE_enum("optimizer", "lars", ["momentum", "adam", "lars"], "Optimizer to use.")
+flags.DEFINE_enum("optimizer", "lars", optimizers.OPTIMIZERS, "Optimizer to use.")
 flags.DEFINE_float("momentum", 0.9, "Momentum parameter.")
-flags.DEFINE_string("eval_name", None, "Name for eval.")
+flags.DEFINE_string("eval_name", None, "Name for eval. tf_simclr: kept so that the "
+                    "reference's command lines parse; stored in flags.json, never read.")
 flags.DEFINE_integer("keep_checkpoint_max", 5, "Maximum number of checkpoints to keep.")
 flags.DEFINE_integer("keep_hub_module_max", 1, "Maximum number of Hub modules to keep.")
 flags.DEFINE_float("temperature", 0.1, "Temperature parameter for contrastive loss.")
 flags.DEFINE_boolean("hidden_norm", True,
                      "Whether to L2-normalise the hidden vectors in the contrastive loss.")
-flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"],
+flags.DEFINE_enum("proj_head_mode", "nonlinear", model_lib.PROJ_HEAD_MODES,
                   "How the head projection is done.")
 flags.DEFINE_integer("proj_out_dim", 128, "Number of head projection dimension.")
 flags.DEFINE_integer("num_proj_layers", 3, "Number of non-linear head layers.")
@@ -94,7 +101,7 @@ flags.DEFINE_boolean("zero_init_residual", True,
                      "Start the last batch-norm gamma of every residual branch at 0 (the "
                      "reference's ResNet). False starts it at 1, which learns much faster in "
                      "runs of a few hundred steps (the CPU quick start).")
-flags.DEFINE_enum("strategy", "auto", ["auto", "tpu", "multi_worker", "mirrored", "one_device"],
+flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES,
                   "tf.distribute strategy. auto: a TPU if one is named or attached (and "
                   "--use_tpu), else all GPUs, else the CPU.")
 flags.DEFINE_integer("cpu_replicas", 0, "Split the host CPU into N logical devices and mirror "
@@ -118,7 +125,7 @@ flags.DEFINE_float("distill_temperature", 1.0, "Temperature of the teacher's and
                    "softmax in the distillation loss.")
 flags.DEFINE_float("distill_label_weight", 0.0, "Distillation loss = (1 - w) * distillation + "
                    "w * cross-entropy on the labelled examples (the label subset), w in [0, 1].")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_bfloat16", "mixed_float16"],
+flags.DEFINE_enum("mixed_precision", "none", config_lib.MIXED_PRECISION_POLICIES,
                   "Keras dtype policy; BN statistics, losses and the optimizer stay float32.")
 flags.DEFINE_bool("jit_compile", False, "Compile the per-replica forward and backward pass with "
                   "XLA (one replica per process; TPUs always compile). Slower on CPU: see README.")
@@ -129,9 +136,6 @@ flags.DEFINE_bool("augment_on_device", False, "Crop on the host, flip/colour/blu
                   "the training step, on the accelerator: for hosts that cannot keep up.")
 
 FLAGS = flags.FLAGS
-
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
-
 
 def _pick(cls, values):
   names = {f.name for f in dataclasses.fields(cls)}
@@ -147,7 +151,7 @@ def validate(values: dict) -> None:
     # `not > 0` also refuses NaN.
     if not values[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {values[name]}")
-  from tf_simclr import resnet  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  from tf_simclr import resnet  # pylint: disable=g-import-not-at-top
   try:
     resnet.check_width(values["width_multiplier"], values["sk_ratio"])
   except ValueError as err:
@@ -197,14 +201,9 @@ def validate(values: dict) -> None:
 def to_config(values: dict) -> config_lib.RunConfig:
   """absl flag values (`FLAGS.flag_values_dict()`) -> RunConfig. Raises ValueError."""
   validate(values)
-  model_values = {k: v for k, v in values.items() if k in _MODEL_FIELDS}
-  model_values["global_bn"] = values["global_bn"]
-  # Integer widths stay ints, so flags of reference runs describe the same ModelConfig.
-  width = model_values["width_multiplier"]
-  model_values["width_multiplier"] = int(width) if float(width).is_integer() else width
   return config_lib.RunConfig(
       data=_pick(config_lib.DataConfig, values),
-      model=config_lib.ModelConfig(**model_values),
+      model=_pick(config_lib.ModelConfig, values),
       optim=_pick(config_lib.OptimConfig, values),
       train=_pick(config_lib.TrainConfig, values),
       runtime=_pick(config_lib.RuntimeConfig, values))

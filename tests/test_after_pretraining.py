@@ -22,8 +22,8 @@ import tensorflow as tf
 
 import runs
 from test_run_e2e import COMMON, run_py_concurrently
+from tf_simclr import checkpoints
 from tf_simclr import datasets
-from tf_simclr import export
 
 # xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
 # so that its runs are made once (conftest.py).
@@ -67,7 +67,7 @@ def after(pretrained, data_dir, tmp_path_factory):
 def _checkpoint_values(prefix, root):
   """{object path under `root` (e.g. 'model/encoder'): array} of a training checkpoint."""
   reader = tf.train.load_checkpoint(prefix)
-  graph = export.object_graph(reader)
+  graph = checkpoints.object_graph(reader)
   node_ids = [0]
   for name in root.split("/"):
     node_ids = [c.node_id for c in graph.nodes[node_ids[0]].children if c.local_name == name]

@@ -70,9 +70,10 @@ def test_mismatched_model_is_refused(tmp_path):
   _save_three(d)
   model = _model(width=5)  # another experiment's shapes
   ckpt, manager, _ = _manager(model, d)
+  before = sorted(os.listdir(d))
   with pytest.raises(checkpoints.CheckpointMismatchError, match="does not match"):
     checkpoints.restore_latest(ckpt, manager, d)
-  assert sorted(os.listdir(d)) == sorted(os.listdir(d))  # untouched
+  assert sorted(os.listdir(d)) == before  # untouched
   assert not any(".corrupt" in f for f in os.listdir(d))
 
 

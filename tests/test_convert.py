@@ -126,7 +126,7 @@ def _train_like_the_reference(name, tmp_path, strategy):
   """
   d, c = _fixture(name)
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic", image_size=c["image_size"], use_blur=False),
+      C.DataConfig(dataset="synthetic", use_blur=False),
       C.ModelConfig(resnet_depth=c["resnet_depth"], width_multiplier=c["width_multiplier"],
                     image_size=c["image_size"], sk_ratio=c["sk_ratio"], se_ratio=c["se_ratio"],
                     proj_head_mode=c["proj_head_mode"], proj_out_dim=c["proj_out_dim"],

@@ -133,10 +133,10 @@ def test_distill_step_learns_the_teacher(exported, strategies, tmp_path):
   # the teacher's weights (BN statistics included) do not move.
   _, teacher_path = exported
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic", image_size=16),
+      C.DataConfig(dataset="synthetic"),
       C.ModelConfig(**dict(SMALL, train_mode="distill")),
       C.OptimConfig(optimizer="adam", learning_rate=0.02, warmup_epochs=0, weight_decay=0.0),
-      C.TrainConfig(model_dir=str(tmp_path), train_mode="distill", train_batch_size=16,
+      C.TrainConfig(model_dir=str(tmp_path), train_batch_size=16,
                     train_steps=30, checkpoint_steps=10, teacher_checkpoint=teacher_path,
                     distill_temperature=2.0),
       C.RuntimeConfig())

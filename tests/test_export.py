@@ -1,4 +1,5 @@
 """The reusable SavedModel: outputs, variables, fine-tuning without tf_simclr, strategies, dirs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ from tf_simclr.config import ModelConfig
 
 # global_bn=True (the default) so that every export goes through the synchronized -> plain BN
 # twin; train_mode="pretrain" so that the stop-gradient in front of the head is exercised too.
-CONFIG = ModelConfig(resnet_depth=18, image_size=16, num_classes=10)
+# A fractional width, which the manifest must record as it is to rebuild the model.
+CONFIG = ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16, num_classes=10)
 WEIGHT_DECAY = 1e-4
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -64,6 +66,13 @@ def exported(tmp_path_factory):
 
 def test_outputs_match_model(exported):
   assert os.listdir(exported.parent) == ["100"]  # no temporary directory left behind.
+  # The manifest records the architecture, fractional width included, for rebuilding it.
+  manifest = export.read_manifest(exported.dir)
+  assert manifest["model_config"]["width_multiplier"] == exported.model.config.width_multiplier
+  assert exported.model.config.width_multiplier == 0.25
+  assert export.manifest_model_config(manifest) == dataclasses.replace(
+      exported.model.config, global_bn=False, train_mode="finetune")  # the twin's
+  assert exported.loaded(exported.images)["final_avg_pool"].shape == (4, 128)  # 512 * 0.25
   default = _numpy(exported.loaded(exported.images))
   explicit = _numpy(exported.loaded(exported.images, training=False))
   assert set(default) == set(explicit) == set(model_lib.OUTPUTS)
@@ -192,7 +201,8 @@ def test_export_strategy_model_with_global_bn(strategies, tmp_path):
   strategy = strategies[2]
   with strategy.scope():
     tf.keras.utils.set_random_seed(1)
-    model = model_lib.build_model(CONFIG)
+    # An integer width spelt as a float, as --width_multiplier gives it.
+    model = model_lib.build_model(dataclasses.replace(CONFIG, width_multiplier=1.0))
     _perturb_batch_norm(model, seed=1)
   assert isinstance(model.weights[0].value, tf.distribute.DistributedValues)
   images = _images(seed=2)
@@ -205,6 +215,9 @@ def test_export_strategy_model_with_global_bn(strategies, tmp_path):
   assert not (tmp_path / "inside").exists()
 
   loaded = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "7")))
+  # An integer width stays an integer, as the reference's configs have it.
+  width = export.read_manifest(str(tmp_path / "7"))["model_config"]["width_multiplier"]
+  assert width == 1 and isinstance(width, int)
   assert loaded.regularization_losses == []
   out = _numpy(loaded(images, training=False))
   for expected in replicas:

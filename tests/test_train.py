@@ -12,7 +12,7 @@ def test_step_learns_a_fixed_batch(tmp_path):
   # Contrastive accuracy on one repeated batch rises from chance to near 1 only if gradients
   # reach the encoder through the loss, the step applies them, and the pairs line up.
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic", image_size=16),
+      C.DataConfig(dataset="synthetic"),
       C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
       C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0, weight_decay=0.0),
       C.TrainConfig(model_dir=str(tmp_path), train_batch_size=32, train_steps=30,
@@ -47,7 +47,7 @@ def _fixed_batch_run(tmp_path, policy, steps, jit_compile=False, strategy=None):
   keras.mixed_precision.set_dtype_policy("float32" if policy == "none" else policy)
   try:
     cfg = C.RunConfig(
-        C.DataConfig(dataset="synthetic", image_size=16),
+        C.DataConfig(dataset="synthetic"),
         C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
         C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0,
                       weight_decay=0.0),
@@ -110,9 +110,9 @@ def test_non_finite_training_stops_before_its_checkpoint(tmp_path):
   start = tf.train.Checkpoint(model=model_lib.build_model(model_cfg)).save(
       str(tmp_path / "start"))
   cfg = C.RunConfig(
-      C.DataConfig(dataset="image_folder", image_size=16), model_cfg,
+      C.DataConfig(dataset="image_folder"), model_cfg,
       C.OptimConfig(learning_rate=float("nan"), warmup_epochs=0),
-      C.TrainConfig(model_dir=model_dir, train_mode="finetune", checkpoint=start,
+      C.TrainConfig(model_dir=model_dir, checkpoint=start,
                     train_batch_size=4, train_steps=3, checkpoint_steps=1),
       C.RuntimeConfig())
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")

@@ -13,6 +13,10 @@
   removing its own temporary files; the earlier checkpoints and the index are untouched.
 * In multi-worker training every worker restores from the chief's `model_dir`; the others
   write their (identical) copies to `workertemp_<task>/`, deleted after each save.
+
+Also the reading of other checkpoints: `resolve_prefix` (a prefix, one of its files or a
+directory) and the object graph a TF2 checkpoint stores (`object_graph`, `variable_key`), by
+which distillation, `convert` and `export` find values without building the saved objects.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import re
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from tf_simclr import errors
 
 # Reading errors that mean "this file is damaged", as opposed to "this is another model" or
 # "the storage cannot be reached now" (UNAVAILABLE, PERMISSION_DENIED: raised, not skipped).
@@ -49,15 +56,8 @@ def worker_dir(model_dir: str) -> str:
   return os.path.join(model_dir, f"workertemp_{task}")
 
 
-def _first_line(err) -> str:
-  """The first line of an error's message, without TF's `{{function_node ...}}` prefix."""
-  text = err.message if isinstance(err, tf.errors.OpError) else str(err)
-  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.strip())
-  return text.splitlines()[0] if text else type(err).__name__
-
-
 def _mismatch(path, err):
-  first = _first_line(err)
+  first = errors.first_line(err)
   return CheckpointMismatchError(
       f"checkpoint {path} does not match the model asked for ({first[:200]}); use the flags it "
       "was trained with, or a new --model_dir")
@@ -150,21 +150,38 @@ def checkpoint_prefix(path: str) -> str:
   return path
 
 
+def resolve_prefix(path: str, flag: str = "--checkpoint", also: str = "") -> str:
+  """The checkpoint `path` stands for: a prefix, one of its files, or a directory (its newest).
+
+  Args:
+    path: as the user gave it.
+    flag: the flag that gave it, to name it in messages.
+    also: what else the flag accepts, for the messages (e.g. "an exported SavedModel").
+
+  Raises:
+    ValueError: a directory without a checkpoint, or no checkpoint at `path`.
+  """
+  prefix = checkpoint_prefix(path)
+  if tf.io.gfile.isdir(prefix):
+    latest = tf.train.latest_checkpoint(prefix)
+    if latest is None:
+      raise ValueError(f"{flag}={prefix} is a directory without a checkpoint"
+                       f"{f' (nor {also})' if also else ''}")
+    return latest
+  if not tf.io.gfile.exists(prefix + ".index"):
+    raise ValueError(f"{flag}={prefix} does not exist (expected a checkpoint prefix such as "
+                     "model_dir/ckpt-1000, a directory holding checkpoints"
+                     f"{f', or {also}' if also else ''})")
+  return prefix
+
+
 def restore_weights(model, path: str) -> None:
-  """Initialises `model` from a tf_simclr checkpoint (prefix or directory): weights only.
+  """Initialises `model` from a tf_simclr checkpoint (see `resolve_prefix`): weights only.
 
   Variables of the checkpoint the model does not have (e.g. optimizer slots) are ignored; a
   model variable the checkpoint lacks, or of another shape, is a CheckpointMismatchError.
   """
-  path = checkpoint_prefix(path)
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise ValueError(f"--checkpoint={path} is a directory without a checkpoint")
-    path = latest
-  elif not tf.io.gfile.exists(path + ".index"):
-    raise ValueError(f"--checkpoint={path} does not exist (expected a checkpoint prefix such "
-                     "as model_dir/ckpt-1000, or a directory holding checkpoints)")
+  path = resolve_prefix(path)
   try:
     _restore(tf.train.Checkpoint(model=model), path)
   except _CORRUPT_ERRORS as err:
@@ -203,7 +220,7 @@ def save(manager: tf.train.CheckpointManager, step: int, temporary: bool = False
     except tf.errors.OpError:
       pass
     # TF says "<temporary file>; File too large [Op:SaveV2]": keep the reason.
-    reason = re.sub(r"\s*\[Op:\w+\]$", "", _first_line(err)).rsplit("; ", 1)[-1]
+    reason = re.sub(r"\s*\[Op:\w+\]$", "", errors.first_line(err)).rsplit("; ", 1)[-1]
     raise CheckpointWriteError(
         f"cannot write checkpoint {prefix} ({type(err).__name__}: {reason[:300]}); is the disk "
         "full or the directory read-only? The earlier checkpoints are intact") from None
@@ -212,3 +229,60 @@ def save(manager: tf.train.CheckpointManager, step: int, temporary: bool = False
   else:
     logging.info("Saved %s", path)
   return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The object graph of a TF2 checkpoint: values by object path, without building the objects.
+
+
+def object_graph(reader) -> trackable_object_graph_pb2.TrackableObjectGraph:
+  """The object graph a TF2 checkpoint stores (`reader`: `tf.train.load_checkpoint`)."""
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  return graph
+
+
+def object_node(graph, names):
+  """The node of `graph` at object path `names` (attribute names from the root; KeyError)."""
+  node = graph.nodes[0]
+  for name in names:
+    ids = [c.node_id for c in node.children if c.local_name == name]
+    if not ids:
+      raise KeyError("/".join(names))
+    node = graph.nodes[ids[0]]
+  return node
+
+
+def variable_key(graph, names) -> str:
+  """Key in a TF2 checkpoint of the variable at object path `names` from the root.
+
+  A checkpoint keys each value by one of the paths that reach it (the shortest, e.g. through
+  the optimizer); the object graph it stores resolves any path. A SavedModel's `variables/`
+  is such a checkpoint: `variable_key(graph, ["variables", "3"])` is `obj.variables[3]`.
+
+  Args:
+    graph: `object_graph(reader)`.
+    names: attribute names (list indices as strings), e.g. ["model", "supervised_head",
+      "dense", "kernel"].
+
+  Raises:
+    KeyError: no such path.
+  """
+  keys = [a.checkpoint_key for a in object_node(graph, names).attributes
+          if a.name == "VARIABLE_VALUE"]
+  if not keys:
+    raise KeyError("/".join(names))
+  return keys[0]
+
+
+def variable_keys_under(graph, names) -> list[str]:
+  """Keys of every variable reachable from the object at path `names` (KeyError: no such)."""
+  keys, seen, stack = [], set(), [object_node(graph, names)]
+  while stack:
+    node = stack.pop()
+    keys += [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
+    for child in node.children:
+      if child.node_id not in seen:
+        seen.add(child.node_id)
+        stack.append(graph.nodes[child.node_id])
+  return keys

@@ -6,18 +6,31 @@ from __future__ import annotations
 
 import dataclasses
 
+# Choices of settings that no other module owns (flags/definitions.py offers these).
+MODES = ("train", "eval", "train_then_eval")
 TRAIN_MODES = ("pretrain", "finetune", "distill")
+MIXED_PRECISION_POLICIES = ("none", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Encoder and heads.
 
-  `image_size` decides the stem: the CIFAR stem (3x3 stride 1, no max pool) for 32 px or less,
-  as the reference does. `num_classes=0` means no supervised head.
+  `num_classes=0` means no supervised head.
+
+  Two settings of the run live here, and only here, because the model cannot be rebuilt
+  without them (export manifests, a teacher's or a converted model's config record them):
+  * `image_size`: the side of the model's input. It decides the stem, as in the reference (the
+    CIFAR stem, 3x3 stride 1 and no max pool, for 32 px or less); the data pipelines make their
+    training views and evaluation crops this size.
+  * `train_mode`: the objective (`TRAIN_MODES`). The forward pass depends on it: pretraining
+    puts a stop-gradient in front of the supervised head, and only fine-tuning may freeze
+    layers. The training step reads it here too, so model and step cannot disagree.
   """
   resnet_depth: int = 50
-  width_multiplier: float = 1  # channels round(c * w): 1, 2, 4 or a fraction (resnet.channels)
+  # Channels round(c * w): 1, 2, 4 or a fraction (resnet.channels). An integral value is kept
+  # as an int (2.0 -> 2), however it was spelt, so configs and manifests say 2 as the reference.
+  width_multiplier: float = 1
   image_size: int = 224
   sk_ratio: float = 0.0
   se_ratio: float = 0.0
@@ -37,6 +50,9 @@ class ModelConfig:
     return self.image_size <= 32
 
   def __post_init__(self):
+    width = self.width_multiplier
+    if isinstance(width, float) and width.is_integer():
+      object.__setattr__(self, "width_multiplier", int(width))  # frozen: set once, here
     if self.train_mode not in TRAIN_MODES:
       raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
     if self.train_mode == "pretrain" and self.fine_tune_after_block != -1:
@@ -46,12 +62,11 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """What to read and how to augment it."""
+  """What to read and how to augment it (the image side is `ModelConfig.image_size`)."""
   dataset: str = "imagenet2012"
   data_dir: str | None = None
   train_split: str = "train"
   eval_split: str = "validation"
-  image_size: int = 224
   color_jitter_strength: float = 1.0
   use_blur: bool = True
   cache_dataset: bool = False
@@ -73,10 +88,12 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The run: objective, length, checkpoints, evaluation, export."""
+  """The run: length, checkpoints, evaluation, export.
+
+  The objective is `ModelConfig.train_mode` (see there why).
+  """
   model_dir: str = ""
-  mode: str = "train"
-  train_mode: str = "pretrain"
+  mode: str = "train"  # one of MODES
   lineareval_while_pretraining: bool = True
   temperature: float = 0.1
   hidden_norm: bool = True
@@ -91,7 +108,7 @@ class TrainConfig:
   keep_hub_module_max: int = 1
   checkpoint: str | None = None
   zero_init_logits_layer: bool = False
-  eval_name: str | None = None
+  eval_name: str | None = None  # the reference's flag, kept for its command lines; never read
   eval_timeout_s: float = 0.0  # --mode=eval: longest wait for a new checkpoint; 0: no limit
   seed: int = 0
   deterministic: bool = False
@@ -116,7 +133,7 @@ class RuntimeConfig:
   tpu_zone: str | None = None
   gcp_project: str | None = None
   master: str | None = None
-  mixed_precision: str = "none"
+  mixed_precision: str = "none"  # one of MIXED_PRECISION_POLICIES
   jit_compile: bool = False
   augment_on_device: bool = False
 

@@ -7,7 +7,7 @@ with flags.json beside it) and DST/saved_model/<step>/ (our export). `run.py --c
 `--teacher_checkpoint` take the same sources through `restore_reference`.
 
 The reference's values are addressed by object path in the checkpoint's object graph, which a
-training checkpoint and a SavedModel's `variables/` both store (`export.variable_key`):
+training checkpoint and a SavedModel's `variables/` both store (`checkpoints.variable_key`):
 
   model/resnet_model/initial_conv_relu_max_pool/<i>         stem: convs and BNs by list index
   model/resnet_model/block_groups/<g>/layers/<b>/
@@ -60,12 +60,12 @@ class _Graph:
 
   def __init__(self, prefix: str):
     self.reader = tf.train.load_checkpoint(prefix)
-    self.graph = export.object_graph(self.reader)
+    self.graph = checkpoints.object_graph(self.reader)
     self.shapes = self.reader.get_variable_to_shape_map()
 
   def node(self, names):
     try:
-      return export._node(self.graph, list(names))  # pylint: disable=protected-access
+      return checkpoints.object_node(self.graph, list(names))
     except KeyError:
       return None
 
@@ -77,17 +77,17 @@ class _Graph:
     """Indices of the list at `names` whose items hold variables, in order."""
     found = [int(n) for n in self.children(names) if n.isdigit()]
     return sorted(i for i in found
-                  if export.variable_keys_under(self.graph, list(names) + [str(i)]))
+                  if checkpoints.variable_keys_under(self.graph, list(names) + [str(i)]))
 
   def shape(self, names) -> tuple | None:
     """Shape of the variable at `names`; None when there is none."""
     try:
-      return tuple(self.shapes[export.variable_key(self.graph, list(names))])
+      return tuple(self.shapes[checkpoints.variable_key(self.graph, list(names))])
     except KeyError:
       return None
 
   def value(self, names):
-    return self.reader.get_tensor(export.variable_key(self.graph, list(names)))
+    return self.reader.get_tensor(checkpoints.variable_key(self.graph, list(names)))
 
 
 def _kind(graph: _Graph, names) -> str:
@@ -143,7 +143,7 @@ def _width(filters: list[int]) -> float:
   """The width multiplier w with `resnet.channels(64 * 2**g, w) == filters[g]` for each group."""
   for w in (filters[0] / 64, filters[3] / 512):
     if all(resnet.channels(64 * 2 ** g, w) == f for g, f in enumerate(filters)):
-      return int(w) if w == int(w) else w
+      return w  # ModelConfig keeps an integral width as an int
   raise NotReferenceError(f"block groups of {filters} channels are no width multiplier's")
 
 

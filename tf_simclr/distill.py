@@ -38,19 +38,9 @@ _HEAD = ("model", "supervised_head")
 
 
 def _checkpoint_prefix(path: str) -> str:
-  """A checkpoint prefix from a prefix, one of its files or a directory (its newest)."""
-  path = checkpoints.checkpoint_prefix(path)
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise ValueError(f"--teacher_checkpoint={path} is a directory with neither a checkpoint "
-                       "nor a SavedModel")
-    return latest
-  if not tf.io.gfile.exists(path + ".index"):
-    raise ValueError(f"--teacher_checkpoint={path} does not exist (expected a checkpoint "
-                     "prefix such as model_dir/ckpt-1000, a model_dir, or an exported "
-                     "SavedModel model_dir/saved_model/<step>)")
-  return path
+  """The teacher's checkpoint prefix (`checkpoints.resolve_prefix`)."""
+  return checkpoints.resolve_prefix(path, "--teacher_checkpoint",
+                                    also="an exported SavedModel, model_dir/saved_model/<step>")
 
 
 def _checkpoint_config(prefix: str) -> ModelConfig:
@@ -64,7 +54,8 @@ def _checkpoint_config(prefix: str) -> ModelConfig:
   try:
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
-    kernels = [shapes[k] for k in export.variable_keys_under(export.object_graph(reader), _HEAD)
+    graph = checkpoints.object_graph(reader)
+    kernels = [shapes[k] for k in checkpoints.variable_keys_under(graph, _HEAD)
                if len(shapes[k]) == 2]
     if len(kernels) != 1:
       raise KeyError("no kernel")

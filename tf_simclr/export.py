@@ -36,7 +36,6 @@ import uuid
 
 import keras
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tf_simclr import checkpoints
 from tf_simclr import model as model_lib
@@ -245,58 +244,6 @@ def manifest_model_config(manifest: dict) -> ModelConfig:
   return ModelConfig(**{k: v for k, v in manifest["model_config"].items() if k in known})
 
 
-def object_graph(reader) -> trackable_object_graph_pb2.TrackableObjectGraph:
-  """The object graph a TF2 checkpoint stores (`reader`: `tf.train.load_checkpoint`)."""
-  graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-  return graph
-
-
-def variable_key(graph, names) -> str:
-  """Key in a TF2 checkpoint of the variable at object path `names` from the root.
-
-  A checkpoint keys each value by one of the paths that reach it (the shortest, e.g. through
-  the optimizer); the object graph it stores resolves any path. A SavedModel's `variables/`
-  is such a checkpoint: `variable_key(graph, ["variables", "3"])` is `obj.variables[3]`.
-
-  Args:
-    graph: `object_graph(reader)`.
-    names: attribute names (list indices as strings), e.g. ["model", "supervised_head",
-      "dense", "kernel"].
-
-  Raises:
-    KeyError: no such path.
-  """
-  keys = [a.checkpoint_key for a in _node(graph, names).attributes
-          if a.name == "VARIABLE_VALUE"]
-  if not keys:
-    raise KeyError("/".join(names))
-  return keys[0]
-
-
-def variable_keys_under(graph, names) -> list[str]:
-  """Keys of every variable reachable from the object at path `names` (KeyError: no such)."""
-  keys, seen, stack = [], set(), [_node(graph, names)]
-  while stack:
-    node = stack.pop()
-    keys += [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
-    for child in node.children:
-      if child.node_id not in seen:
-        seen.add(child.node_id)
-        stack.append(graph.nodes[child.node_id])
-  return keys
-
-
-def _node(graph, names):
-  node = graph.nodes[0]
-  for name in names:
-    ids = [c.node_id for c in node.children if c.local_name == name]
-    if not ids:
-      raise KeyError("/".join(names))
-    node = graph.nodes[ids[0]]
-  return node
-
-
 def restore_from_saved_model(model: model_lib.SimCLRModel, export_dir: str) -> None:
   """Initialises `model`'s weights from one of our exports, matching variables by path.
 
@@ -316,7 +263,7 @@ def restore_from_saved_model(model: model_lib.SimCLRModel, export_dir: str) -> N
   by_path = {e["path"]: (i, tuple(e["shape"])) for i, e in enumerate(manifest["variables"])}
   try:
     reader = tf.train.load_checkpoint(os.path.join(export_dir, "variables", "variables"))
-    graph = object_graph(reader)
+    graph = checkpoints.object_graph(reader)
   except (tf.errors.OpError, ValueError) as err:
     raise ValueError(f"SavedModel {export_dir} has unreadable variables "
                      f"({type(err).__name__})") from None
@@ -330,7 +277,7 @@ def restore_from_saved_model(model: model_lib.SimCLRModel, export_dir: str) -> N
           f"(its {MANIFEST} lists them)")
   for v in model.weights:
     index, _ = by_path[v.path]
-    v.assign(reader.get_tensor(variable_key(graph, ["variables", str(index)])))
+    v.assign(reader.get_tensor(checkpoints.variable_key(graph, ["variables", str(index)])))
 
 
 def prune_exports(parent_dir: str, keep_max: int) -> list[str]:

@@ -29,7 +29,7 @@ import tensorflow as tf
 EETA_DEFAULT = 0.001
 
 
-def _variable_path(variable):
+def variable_path(variable):
   """The name that exclusion patterns are searched in: the Keras path.
 
   Keras 3 variables have `path`, e.g. "model/dense/kernel"; a raw
@@ -118,7 +118,7 @@ class LARS(keras.optimizers.Optimizer):
     self._decay_flags = []
     self._adapt_flags = []
     for variable in var_list:
-      path = _variable_path(variable)
+      path = variable_path(variable)
       self._decay_flags.append(
           bool(self.weight_decay)
           and not any(re.search(r, path) for r in self._wd_exclude)

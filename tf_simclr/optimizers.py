@@ -50,8 +50,7 @@ def build_optimizer(name, learning_rate, momentum=0.9, weight_decay=0.0):
   raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}.")
 
 
-def _path(variable):
-  return getattr(variable, "path", None) or variable.name
+_path = lars.variable_path  # what the exclusion patterns search, here as in LARS
 
 
 def supervised_head_l2(variables, weight_decay, optimizer_name):

@@ -158,11 +158,11 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
         init_weights(model, t.checkpoint, new_head=t.zero_init_logits_layer)
         if t.zero_init_logits_layer and model.supervised_head is not None:
           model.zero_init_supervised_head()
-      elif t.train_mode == "finetune":
+      elif cfg.model.train_mode == "finetune":
         raise ValueError("train_mode=finetune needs --checkpoint (a pretrained checkpoint or "
                          f"SavedModel) or a checkpoint of its own in model_dir={t.model_dir}")
     teacher = None
-    if t.train_mode == "distill" and t.mode != "eval":
+    if cfg.model.train_mode == "distill" and t.mode != "eval":
       teacher = distill.load_teacher(t.teacher_checkpoint)
       distill.check_classes(teacher.config, cfg.model.num_classes, t.teacher_checkpoint)
   return TrainState(model, optimizer, learning_rate, checkpoint, manager, total_steps,
@@ -187,7 +187,7 @@ def knn_monitor(cfg: RunConfig, strategy: tf.distribute.Strategy, state: TrainSt
     return state.knn_result[1]
   t = cfg.train
   result = knn.knn_accuracy(state.model, strategy, sources[0], sources[1], t.eval_batch_size,
-                            cfg.data.image_size, k=t.knn_k, temperature=t.knn_temperature)
+                            cfg.model.image_size, k=t.knn_k, temperature=t.knn_temperature)
   state.knn_result = (step, result)
   if is_chief and writer is not None:
     evaluate.write_results(t.model_dir, result, step, writer, merge=True)
@@ -204,8 +204,8 @@ class Trainer:
     self.strategy = strategy
     self.state = state
     self.num_replicas = strategy.num_replicas_in_sync
-    self.pretrain = cfg.train.train_mode == "pretrain"
-    self.distill = cfg.train.train_mode == "distill"
+    self.pretrain = cfg.model.train_mode == "pretrain"
+    self.distill = cfg.model.train_mode == "distill"
     if self.distill and (state.teacher is None or state.model.supervised_head is None):
       raise ValueError("train_mode=distill needs a teacher and a student with a supervised head")
     self.has_sup_head = state.model.supervised_head is not None
@@ -237,7 +237,8 @@ class Trainer:
           source, global_batch_size=t.train_batch_size,
           per_replica_batch_size=ctx.get_per_replica_batch_size(t.train_batch_size),
           num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
-          seed=t.seed, image_size=data.image_size, num_views=num_views(t.train_mode),
+          seed=t.seed, image_size=self.cfg.model.image_size,
+          num_views=num_views(self.cfg.model.train_mode),
           start_step=start_step, color_jitter_strength=self.color_jitter_strength,
           use_blur=self.use_blur, cache=data.cache_dataset,
           augment_on_device=self.cfg.runtime.augment_on_device)
