@@ -211,13 +211,6 @@ def test_shapes10_class_is_the_shape_not_the_colour():
   assert np.abs(class_means - colours.mean(0)).max() < 15, class_means
 
 
-def test_shapes10_generation_is_fast():
-  started = time.time()
-  shapes10.generate("train")
-  shapes10.generate("test")
-  assert time.time() - started < 10
-
-
 # ----------------------------------------------------------------------------------------------
 # deadleaves10.
 

@@ -31,18 +31,19 @@ def test_parameter_counts_match_reference(kwargs, size, count):
   assert out["final_avg_pool"].shape == (1, net.output_dim)
 
 
-def _resnet18_cifar_count(w):
-  """Trainable parameters of ResNet-18 (CIFAR stem) at width w, written out by hand.
+def _basic_cifar_count(w, blocks=2):
+  """Trainable parameters of a basic-block ResNet (CIFAR stem) at width w, written out by hand.
 
-  Conv kernels have no bias; every BN has gamma and beta. Channels are round(c * w).
+  `blocks` per group: 2 is ResNet-18, 1 ResNet-10. Conv kernels have no bias; every BN has gamma
+  and beta. Channels are round(c * w).
   """
   conv_bn = lambda k, cin, cout: k * k * cin * cout + 2 * cout
   c = [round(base * w) for base in (64, 128, 256, 512)]
   total = conv_bn(3, 3, c[0])  # stem
   cin = c[0]
-  for f in c:  # two basic blocks per group; the first has a 1x1 projection shortcut
+  for f in c:  # the first block of a group has a 1x1 projection shortcut
     total += conv_bn(1, cin, f) + conv_bn(3, cin, f) + conv_bn(3, f, f)
-    total += conv_bn(3, f, f) + conv_bn(3, f, f)
+    total += (blocks - 1) * (conv_bn(3, f, f) + conv_bn(3, f, f))
     cin = f
   return total
 
@@ -50,14 +51,26 @@ def _resnet18_cifar_count(w):
 @pytest.mark.parametrize("w", [1, 0.5, 0.25, 0.125, 0.3])
 def test_fractional_width_channels_and_count(w):
   # The hand count reproduces the pinned reference count at w = 1, so it is the same formula.
-  assert _resnet18_cifar_count(1) == REFERENCE_COUNTS[0][2]
+  assert _basic_cifar_count(1) == REFERENCE_COUNTS[0][2]
   net = resnet.ResNet(depth=18, width_multiplier=w, cifar_stem=True)
   out = net(tf.zeros([1, 8, 8, 3]), training=False)
-  assert _count(net.trainable_variables) == _resnet18_cifar_count(w)
+  assert _count(net.trainable_variables) == _basic_cifar_count(w)
   widths = [round(c * w) for c in (64, 128, 256, 512)]
   assert [out[f"block_group{g + 1}"].shape[-1] for g in range(4)] == widths
   assert out["initial_conv"].shape[-1] == widths[0]
   assert out["final_avg_pool"].shape == (1, widths[3]) and net.output_dim == widths[3]
+
+
+@pytest.mark.parametrize("w", [1, 0.25])
+def test_resnet10_one_block_per_group(w):
+  # ResNet-10 (the quick start's CPU-sized encoder): ResNet-18 with one basic block per group.
+  net = resnet.ResNet(depth=10, width_multiplier=w, cifar_stem=True)
+  out = net(tf.zeros([2, 16, 16, 3]), training=False)
+  assert _count(net.trainable_variables) == _basic_cifar_count(w, blocks=1)
+  # At w = 1: the reference ResNet-18 less the second basic block (2 conv + BN) of each group.
+  second_blocks = sum(2 * (9 * f * f + 2 * f) for f in (64, 128, 256, 512))
+  assert _basic_cifar_count(1, blocks=1) == REFERENCE_COUNTS[0][2] - second_blocks == 4_902_336
+  assert out["final_avg_pool"].shape == (2, round(512 * w))
 
 
 def test_fractional_width_bottleneck_and_selective_kernel():

@@ -119,8 +119,8 @@ def load_source(name: str, split: str, data_dir: str | None = None,
   """Returns the split `split` of the dataset `name`.
 
   Args:
-    name: 'image_folder', a built-in ('deadleaves10', 'shapes10') or a tensorflow-datasets name, optionally with a config
-      ('imagenet2012_subset/1pct') or version ('cifar10:3.0.2').
+    name: 'image_folder', a built-in ('deadleaves10', 'shapes10') or a tensorflow-datasets name,
+      optionally with a config ('imagenet2012_subset/1pct') or version ('cifar10:3.0.2').
     split: a split name ('train', 'test', 'validation', ...); TFDS splits may be sliced and
       combined ('train[:10%]', 'train+test').
     data_dir: the image folder's root for 'image_folder'; the TFDS data directory otherwise

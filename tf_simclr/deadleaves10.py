@@ -7,28 +7,29 @@ over a random grey background, with a little pixel noise. Leaves fill the image,
 of it shows several leaves of its class; the arrangement of leaves and their grey levels is the
 detail two crops of one image share, and what tells its instances apart. The images are grey
 (stored as RGB): colour carries nothing, so colour jitter removes no class information. (With
-coloured leaves, SimCLR matched views by colour and learnt shape far more slowly: README.)
+coloured leaves, SimCLR matched views by colour and learnt shape far more slowly:
+docs/quickstart_design.md.)
 Dead leaves are a known pretraining signal for contrastive methods (Baradad et al., "Learning
 to See by Looking at Noise", NeurIPS 2021); this is a class-conditional version of them.
 
 Generation is NumPy with a fixed seed per split: every machine builds the same images, in a few
 seconds. Edges are antialiased from each leaf's signed distance and leaves are composited with
 the `over` operator. 5,000 'train' and 1,000 'test' examples, exactly class-balanced, in a seeded
-random class order. `Deadleaves10` is a real TFDS builder registered as 'deadleaves10' when this
-module is imported, prepared like any TFDS dataset (`~/tensorflow_datasets/deadleaves10/1.0.0/`).
+random class order. `Deadleaves10` is a TFDS builder (`offline_builder.OfflineBuilder`) registered
+as 'deadleaves10' when this module is imported, prepared like any TFDS dataset
+(`~/tensorflow_datasets/deadleaves10/1.0.0/`).
 """
 from __future__ import annotations
 
-from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
 
+from tf_simclr import offline_builder
 from tf_simclr import shapes10
 
 CLASS_NAMES = shapes10.CLASS_NAMES
 NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SIZE = 32
-SPLIT_SIZES = {"train": 5_000, "test": 1_000}
+IMAGE_SIZE = offline_builder.IMAGE_SIZE
+SPLIT_SIZES = offline_builder.SPLIT_SIZES
 _SPLIT_SEEDS = {"train": 10, "test": 11}  # not shapes10's, so no draw is shared with it
 LEAVES = 48
 # Leaf radius in pixels: density proportional to r^-2 on [R_MIN, R_MAX].
@@ -82,54 +83,17 @@ def _render(labels, rng):
 
 
 def generate(split):
-  """All images of a split, drawn deterministically.
-
-  Args:
-    split: 'train' or 'test'.
-
-  Returns:
-    (images uint8 [N, 32, 32, 3], labels int64 [N]), N = SPLIT_SIZES[split], N / 10 per class.
-  """
-  if split not in SPLIT_SIZES:
-    raise ValueError(f"deadleaves10 has splits {sorted(SPLIT_SIZES)}, got {split!r}")
-  n = SPLIT_SIZES[split]
-  rng = np.random.default_rng(_SPLIT_SEEDS[split])
-  labels = rng.permutation(np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), n // NUM_CLASSES))
-  return _render(labels, rng), labels
+  """All images of a split: (images uint8 [N, 32, 32, 3], labels int64 [N]), N / 10 per class."""
+  return offline_builder.balanced_split("deadleaves10", split, _SPLIT_SEEDS, NUM_CLASSES, _render)
 
 
-class Deadleaves10(tfds.core.GeneratorBasedBuilder):
+class Deadleaves10(offline_builder.OfflineBuilder):
   """TFDS builder of deadleaves10 (registered as 'deadleaves10')."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)  # nothing to download: no checksums file to look up
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "deadleaves10: 32x32 grey (RGB) class-conditional dead-leaves images: many "
-            "overlapping leaves of one shape family (" + ", ".join(CLASS_NAMES) + ") of random "
-            "size, position, small rotation and grey level over a grey background. Built "
-            "offline and deterministically by tf_simclr; the class is the leaves' shape."),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # the split is already in a seeded random order
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(split) for split in SPLIT_SIZES}
-
-  def _generate_examples(self, split):
-    images, labels = generate(split)
-    for i, (image, label) in enumerate(zip(images, labels)):
-      yield i, {"image": image, "label": int(label)}
+  CLASS_NAMES = CLASS_NAMES
+  DESCRIPTION = (
+      "deadleaves10: 32x32 grey (RGB) class-conditional dead-leaves images: many overlapping "
+      "leaves of one shape family (" + ", ".join(CLASS_NAMES) + ") of random size, position, "
+      "small rotation and grey level over a grey background. Built offline and "
+      "deterministically by tf_simclr; the class is the leaves' shape.")
+  generate = staticmethod(generate)

@@ -1,4 +1,4 @@
-"""ResNet-18..200 encoders (post-activation, He et al. 2016) as used by SimCLR and SimCLRv2.
+"""ResNet-10..200 encoders (post-activation, He et al. 2016) as used by SimCLR and SimCLRv2.
 
 The topology is the reference's (google-research/simclr tf2/resnet.py) layer for layer, so that
 parameter counts agree and its released weights can be mapped onto ours:
@@ -25,6 +25,7 @@ BATCH_NORM_EPSILON = 1e-5
 
 # depth -> (block kind, blocks per group). Basic blocks below 50 layers, bottlenecks above.
 DEPTHS = {
+    10: ("basic", (1, 1, 1, 1)),  # not the reference's: a CPU-sized encoder (the quick start)
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -397,7 +398,7 @@ class ResNet(keras.layers.Layer):
   """ResNet encoder returning a dict of named endpoints.
 
   Args:
-    depth: one of `DEPTHS` (18, 34, 50, 101, 152, 200).
+    depth: one of `DEPTHS` (10, 18, 34, 50, 101, 152, 200; 10 is not the reference's).
     width_multiplier: positive channel multiplier: SimCLR's 1x, 2x, 4x models, or a fraction
       (0.25, 0.5) for CPU-sized encoders. See `channels`.
     cifar_stem: 3x3 stride-1 stem without max pool (for images of 32 px or less).

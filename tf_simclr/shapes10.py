@@ -9,21 +9,21 @@ Generation is pure NumPy with a fixed seed per split, so every machine builds th
 (bit for bit), in about a second. Edges are antialiased from each shape's signed distance.
 5,000 'train' and 1,000 'test' examples, exactly class-balanced, in a seeded random class order.
 
-`Shapes10` is a real `tfds.core.GeneratorBasedBuilder` registered as 'shapes10' when this
-module is imported: `tfds.builder('shapes10', data_dir=...).download_and_prepare()` writes it like
-any other TFDS dataset (default `~/tensorflow_datasets/shapes10/1.0.0/`).
+`Shapes10` is a TFDS builder (`offline_builder.OfflineBuilder`) registered as 'shapes10' when
+this module is imported: `tfds.builder('shapes10', data_dir=...).download_and_prepare()` writes it
+like any other TFDS dataset (default `~/tensorflow_datasets/shapes10/1.0.0/`).
 """
 from __future__ import annotations
 
-from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
+
+from tf_simclr import offline_builder
 
 CLASS_NAMES = ("circle", "square", "triangle", "plus", "ring", "star", "diamond",
                "horizontal_bar", "crescent", "x_cross")
 NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SIZE = 32
-SPLIT_SIZES = {"train": 5_000, "test": 1_000}
+IMAGE_SIZE = offline_builder.IMAGE_SIZE
+SPLIT_SIZES = offline_builder.SPLIT_SIZES
 # One fixed generator seed per split, so the splits are different images.
 _SPLIT_SEEDS = {"train": 0, "test": 1}
 _MIN_COLOUR_DISTANCE = 100.0  # Euclidean RGB distance between shape and background colour.
@@ -134,57 +134,17 @@ def _render(labels, rng):
 
 
 def generate(split):
-  """All images of a split, drawn deterministically.
-
-  Args:
-    split: 'train' or 'test'.
-
-  Returns:
-    (images uint8 [N, 32, 32, 3], labels int64 [N]), N = SPLIT_SIZES[split], N / 10 per class.
-  """
-  if split not in SPLIT_SIZES:
-    raise ValueError(f"shapes10 has splits {sorted(SPLIT_SIZES)}, got {split!r}")
-  n = SPLIT_SIZES[split]
-  rng = np.random.default_rng(_SPLIT_SEEDS[split])
-  labels = rng.permutation(np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), n // NUM_CLASSES))
-  return _render(labels, rng), labels
+  """All images of a split: (images uint8 [N, 32, 32, 3], labels int64 [N]), N / 10 per class."""
+  return offline_builder.balanced_split("shapes10", split, _SPLIT_SEEDS, NUM_CLASSES, _render)
 
 
-class Shapes10(tfds.core.GeneratorBasedBuilder):
+class Shapes10(offline_builder.OfflineBuilder):
   """TFDS builder of shapes10 (registered as 'shapes10')."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS's default looks the module up with `importlib_resources` (an optional extra of etils)
-    # to find a checksums file; this dataset downloads nothing, so point at this file directly.
-    return epath.Path(__file__)
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "shapes10: 32x32 RGB images of 10 shapes (" + ", ".join(CLASS_NAMES) + ") in "
-            "random colours, sizes, positions and small rotations over random backgrounds "
-            "with a gradient and noise. Built offline and deterministically by tf_simclr; "
-            "the class is the shape, colour is a nuisance."),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
-        # Keep generation order on disk: the split is already in a seeded random order.
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(split) for split in SPLIT_SIZES}
-
-  def _generate_examples(self, split):
-    images, labels = generate(split)
-    for i, (image, label) in enumerate(zip(images, labels)):
-      yield i, {"image": image, "label": int(label)}
+  CLASS_NAMES = CLASS_NAMES
+  DESCRIPTION = (
+      "shapes10: 32x32 RGB images of 10 shapes (" + ", ".join(CLASS_NAMES) + ") in random "
+      "colours, sizes, positions and small rotations over random backgrounds with a gradient "
+      "and noise. Built offline and deterministically by tf_simclr; the class is the shape, "
+      "colour is a nuisance.")
+  generate = staticmethod(generate)
