@@ -63,8 +63,8 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
       break
     totals += step(batch)
   top1, top5, count = (float(v) for v in totals.numpy())
-  reg = float(optimizers.supervised_head_l2(model.trainable_variables, weight_decay,
-                                            optimizer_name))
+  reg = float(optimizers.explicit_weight_decay(model.trainable_variables, weight_decay,
+                                               optimizer_name))
   if count == 0:
     raise ValueError(f"the eval split {source.split!r} of {source.name} has no examples")
   return {"eval/label_top_1_accuracy": top1 / count, "eval/label_top_5_accuracy": top5 / count,

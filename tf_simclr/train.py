@@ -295,10 +295,10 @@ class Trainer:
               tf.equal(tf.argmax(logits, 1), tf.argmax(teacher_logits, 1)), tf.float32))
         else:
           loss += sup_loss
-      # LARS decays the other weights itself; the supervised head's decay is an L2 term here.
-      weight_decay = optimizers.supervised_head_l2(model.trainable_variables,
-                                                   self.cfg.optim.weight_decay,
-                                                   self.cfg.optim.optimizer)
+      # The decay the optimizer does not apply itself (with LARS, the supervised head's).
+      weight_decay = optimizers.explicit_weight_decay(model.trainable_variables,
+                                                      self.cfg.optim.weight_decay,
+                                                      self.cfg.optim.optimizer)
       loss += weight_decay
       scaled_loss = loss / self.num_replicas
       if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
