@@ -178,7 +178,7 @@ def run(cfg, flag_values):
 def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources=None):
   """Top-1/top-5 of the supervised head (and the kNN monitor's figure), then the export."""
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
-  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr import knn  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   result = {}
   if eval_source is not None and state.model.supervised_head is not None:
@@ -189,7 +189,7 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
     logging.info("No linear-evaluation head: skipping eval")
   if knn_sources is not None:
     # Computed once per step (the monitor may have run at this step); written below.
-    result.update(train_lib.knn_monitor(cfg, strategy, state, knn_sources, step, is_chief))
+    result.update(knn.knn_monitor(cfg, strategy, state, knn_sources, step, is_chief))
   if is_chief and result:
     writer = tf.summary.create_file_writer(cfg.train.model_dir)
     evaluate.write_results(cfg.train.model_dir, result, step, writer)
