@@ -85,8 +85,8 @@ def run(cfg, flag_values):
       gcp_project=cfg.runtime.gcp_project, master=cfg.runtime.master)
   replicas = strategy.num_replicas_in_sync
   logging.info("Strategy %s with %d replicas", type(strategy).__name__, replicas)
-  train_lib.validate_batch(t.train_batch_size, replicas, "train_batch_size")
-  train_lib.validate_batch(t.eval_batch_size, replicas, "eval_batch_size")
+  distribute.check_batch(t.train_batch_size, replicas, "train_batch_size")
+  distribute.check_batch(t.eval_batch_size, replicas, "eval_batch_size")
   is_chief = distribute.is_chief(strategy)
   _claim_model_dir(t, flag_values, is_chief)
   distribute.warn_slow_bfloat16(strategy, cfg.runtime.mixed_precision)
@@ -150,7 +150,7 @@ def _evaluate_checkpoints(plan, strategy, state, is_chief):
 def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources=None):
   """Top-1/top-5 of the supervised head (and the kNN monitor's figure), then the export."""
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
-  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr import knn  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   result = {}
   if eval_source is not None and state.model.supervised_head is not None:
@@ -161,7 +161,7 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
     logging.info("No linear-evaluation head: skipping eval")
   if knn_sources is not None:
     # Computed once per step (the monitor may have run at this step); written below.
-    result.update(train_lib.knn_monitor(cfg, strategy, state, knn_sources, step, is_chief))
+    result.update(knn.knn_monitor(cfg, strategy, state, knn_sources, step, is_chief))
   if is_chief and result:
     writer = tf.summary.create_file_writer(cfg.train.model_dir)
     evaluate.write_results(cfg.train.model_dir, result, step, writer)

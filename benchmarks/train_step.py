@@ -179,7 +179,7 @@ def build(args, model_dir: str) -> Bench:
   if args.mixed_precision != "none":
     keras.mixed_precision.set_dtype_policy(args.mixed_precision)
   strategy = distribute.make_strategy(args.strategy, args.cpu_replicas, use_tpu=False)
-  train.validate_batch(args.train_batch_size, strategy.num_replicas_in_sync)
+  distribute.check_batch(args.train_batch_size, strategy.num_replicas_in_sync)
   source_size = args.source_size or (args.image_size if args.image_size <= 64 else 256)
   source = synthetic_source(source_size)
   cfg = C.RunConfig(

@@ -475,7 +475,8 @@ def test_example_views(small):
 
 
 def test_train_dataset_validates_batching(small):
-  with pytest.raises(ValueError, match="not divisible by the 3 input pipelines"):
+  with pytest.raises(ValueError, match=r"global_batch_size=16 must be a positive multiple of "
+                                       r"the number of input pipelines \(3\)"):
     datasets.train_dataset(small, 16, 4, 3, 0, seed=0, image_size=8)
   with pytest.raises(ValueError, match="per-replica batch size 3 does not divide the 8"):
     datasets.train_dataset(small, 16, 3, 2, 0, seed=0, image_size=8)

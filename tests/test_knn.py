@@ -174,6 +174,42 @@ def test_knn_accuracy_one_and_two_replicas_equal_numpy(setup, strategies):
                       "knn/num_examples": 60, "knn/bank_size": 200}
 
 
+def test_knn_monitor_traces_once_and_reads_the_current_weights(setup, strategies):
+  # A run calls its monitor after each interval, with new weights: the bank and query steps
+  # are traced at the first call only, and a later call still matches the NumPy kNN of the
+  # weights it sees then (not the first call's).
+  config, model, train, test = setup
+  with strategies[2].scope():
+    replicated = model_lib.build_model(config)
+  saved = model.get_weights()
+  rng = np.random.default_rng(1)
+  moved = [w + rng.normal(0.0, 0.3, w.shape).astype(w.dtype)
+           if v.path.endswith(("gamma", "beta")) else w
+           for v, w in zip(model.weights, saved)]  # new BN scales and offsets
+  try:
+    for m, strategy in ((model, tf.distribute.get_strategy()), (replicated, strategies[2])):
+      m.set_weights(saved)
+      monitor = knn.KnnMonitor(m, strategy, train, test, batch_size=16, image_size=IMAGE_SIZE,
+                               k=10, max_bank_examples=200)
+      steps = (monitor.embed_step, monitor.query_step)
+      first = monitor.at(1)
+      traces = [f.experimental_get_tracing_count() for f in steps]
+      assert traces == [1, 1]
+      assert monitor.at(1) is first  # the same step: not computed again
+      m.set_weights(moved)
+      second = monitor.at(2)
+      assert [f.experimental_get_tracing_count() for f in steps] == traces
+      assert monitor.last == (2, second)
+      bank, bank_labels = _eager_features(m, train, 200)
+      query, query_labels = _eager_features(m, test, 60)
+      expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
+      assert expected != first["knn/top_1_accuracy"]  # the new weights change the figure
+      assert second == {"knn/top_1_accuracy": pytest.approx(expected, abs=1e-9), "knn/k": 10,
+                        "knn/num_examples": 60, "knn/bank_size": 200}
+  finally:
+    model.set_weights(saved)  # the module's other tests use the fixture's weights
+
+
 def test_knn_accuracy_clips_k_to_the_bank(setup):
   _, model, train, test = setup
   bank, bank_labels = _eager_features(model, train, 40)
@@ -188,7 +224,8 @@ def test_knn_accuracy_clips_k_to_the_bank(setup):
 def test_knn_accuracy_validates(setup, strategies, tmp_path):
   _, model, train, test = setup
   strategy = tf.distribute.get_strategy()
-  with pytest.raises(ValueError, match="positive multiple of the 2 replicas, got 5"):
+  with pytest.raises(ValueError, match=r"kNN batch_size=5 must be a positive multiple of the "
+                                       r"number of replicas \(2\)"):
     knn.knn_accuracy(model, strategies[2], train, test, 5, IMAGE_SIZE)
   with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
     knn.knn_accuracy(model, strategy, train, test, 8, IMAGE_SIZE, k=0)

@@ -323,7 +323,7 @@ def test_build_optimizer():
     optimizers.build_optimizer("sgd", 0.1)
 
 
-def test_supervised_head_l2():
+def test_explicit_weight_decay():
   keras.utils.set_random_seed(0)
   inputs = keras.Input((3,))
   x = keras.layers.Dense(4, bias_initializer="ones", name="dense")(inputs)
@@ -340,22 +340,22 @@ def test_supervised_head_l2():
   def l2(*names):
     return sum(0.5 * np.sum(values[n] ** 2) for n in names)
 
-  got = optimizers.supervised_head_l2(model.trainable_variables, 0.1, "lars")
+  got = optimizers.explicit_weight_decay(model.trainable_variables, 0.1, "lars")
   assert got.dtype == tf.float32 and got.shape == ()
   np.testing.assert_allclose(float(got), 0.1 * l2("head_supervised/kernel"),
                              rtol=1e-6)
 
-  got = optimizers.supervised_head_l2(model.trainable_variables, 0.1, "adam")
+  got = optimizers.explicit_weight_decay(model.trainable_variables, 0.1, "adam")
   np.testing.assert_allclose(
       float(got),
       0.1 * l2("dense/kernel", "dense/bias", "head_supervised/kernel",
                "head_supervised/bias"), rtol=1e-6)
 
   # No supervised head: 0.0 as a float32 scalar tensor.
-  got = optimizers.supervised_head_l2(model.trainable_variables[:4], 0.1,
-                                      "lars")
+  got = optimizers.explicit_weight_decay(model.trainable_variables[:4], 0.1,
+                                         "lars")
   assert got.dtype == tf.float32 and float(got) == 0.0
-  got = optimizers.supervised_head_l2([], 0.1, "momentum")
+  got = optimizers.explicit_weight_decay([], 0.1, "momentum")
   assert got.dtype == tf.float32 and float(got) == 0.0
 
 

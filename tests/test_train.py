@@ -41,6 +41,93 @@ def test_step_learns_a_fixed_batch(tmp_path):
   assert last["supervised_acc"] > 0.5, last
 
 
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(axis=1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _numpy_l2(values, names):
+  return sum(0.5 * np.sum(np.asarray(values[n], np.float64) ** 2) for n in names)
+
+
+@pytest.fixture
+def loss_inputs():
+  """A replica's batch of N = 4 examples, 2 views (rows view-major), 3 classes, no model."""
+  rng = np.random.default_rng(3)
+  labels = np.tile([0, -1, 2, 1], 2)  # example 1 is unlabelled, in both its views
+  values = {"head_supervised/kernel": rng.normal(size=(5, 3)), "head_supervised/bias":
+            rng.normal(size=3), "conv/kernel": rng.normal(size=(2, 5)),
+            "batch_normalization/gamma": rng.normal(size=5)}
+  logits = rng.normal(size=(8, 3)).astype(np.float32)
+  logits[labels < 0, 0] += 5.0  # class 0 (label -1 clipped to 0) for the unlabelled rows
+  return {"proj": rng.normal(size=(8, 6)).astype(np.float32), "logits": logits,
+          "teacher": (2 * rng.normal(size=(8, 3))).astype(np.float32), "labels": labels,
+          "values": values,
+          "variables": [tf.Variable(v.astype(np.float32), name=n) for n, v in values.items()]}
+
+
+def test_compute_losses_pretraining_matches_numpy(loss_inputs):
+  # Contrastive loss (Algorithm 1) + linear head's cross-entropy on the labelled rows only
+  # + LARS's leftover weight decay (the supervised head's kernel alone).
+  from test_losses import numpy_nt_xent  # pylint: disable=g-import-not-at-top
+  x = loss_inputs
+  outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
+  with tf.GradientTape() as tape:
+    tape.watch(outputs["logits_sup"])
+    loss, metrics = train.compute_losses(
+        outputs, tf.constant(x["labels"], tf.int64), x["variables"], temperature=0.5,
+        hidden_norm=True, weight_decay=0.1, optimizer_name="lars")
+  con, sim = numpy_nt_xent(x["proj"], True, 0.5)
+  labelled = x["labels"] >= 0
+  log_p = _log_softmax(x["logits"])[labelled]
+  sup = -np.mean(log_p[np.arange(len(log_p)), x["labels"][labelled]])
+  sup_acc = np.mean(np.argmax(x["logits"], 1)[labelled] == x["labels"][labelled])
+  decay = 0.1 * _numpy_l2(x["values"], ["head_supervised/kernel"])
+  logits_ab = sim[:4, 4:]
+  p = np.exp(_log_softmax(logits_ab))
+  want = {"contrast_loss": con, "contrast_acc": np.mean(np.argmax(logits_ab, 1) == np.arange(4)),
+          "contrast_entropy": -np.mean(np.sum(p * np.log(p + 1e-8), 1)),
+          "supervised_loss": sup, "supervised_acc": sup_acc, "weight_decay": decay,
+          "total_loss": con + sup + decay}
+  assert sorted(metrics) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, err_msg=k)
+  assert float(loss) == float(metrics["total_loss"])
+  # The unlabelled rows (1 and 5) get no gradient: only the labelled ones are in the loss.
+  grad = tape.gradient(loss, outputs["logits_sup"]).numpy()
+  np.testing.assert_array_equal(grad[~labelled], 0.0)
+  assert np.all(np.abs(grad[labelled]).sum(1) > 0)
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 0.3])
+def test_compute_losses_distillation_matches_numpy(loss_inputs, label_weight):
+  # (1 - w) * distillation on every row + w * cross-entropy on the labelled rows, + every
+  # non-BN weight's decay for momentum (biases included); no contrastive loss.
+  x = loss_inputs
+  outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
+  for labels in (x["labels"], np.full(8, -1)):  # some labels; none (distillation alone)
+    loss, metrics = train.compute_losses(
+        outputs, tf.constant(labels, tf.int64), x["variables"], tf.constant(x["teacher"]),
+        contrastive=False, distill_temperature=2.0, distill_label_weight=label_weight,
+        weight_decay=0.01, optimizer_name="momentum")
+    targets = np.exp(_log_softmax(x["teacher"] / 2.0))
+    distill = -np.mean(np.sum(targets * _log_softmax(x["logits"] / 2.0), 1))
+    labelled = labels >= 0
+    log_p = _log_softmax(x["logits"])[labelled]
+    sup = -np.mean(log_p[np.arange(len(log_p)), labels[labelled]]) if labelled.any() else 0.0
+    decay = 0.01 * _numpy_l2(x["values"], ["head_supervised/kernel", "head_supervised/bias",
+                                           "conv/kernel"])
+    want = {"distill_loss": distill, "supervised_loss": sup, "weight_decay": decay,
+            "teacher_agreement": np.mean(np.argmax(x["logits"], 1) == np.argmax(x["teacher"], 1)),
+            "total_loss": (1 - label_weight) * distill + label_weight * sup + decay}
+    assert sorted(metrics) == sorted([*want, "supervised_acc"])
+    for k, v in want.items():
+      np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert float(loss) == float(metrics["total_loss"])
+  assert float(metrics["supervised_acc"]) == 0.0  # no labelled row: 0, not NaN
+
+
 def _fixed_batch_run(tmp_path, policy, steps, jit_compile=False, strategy=None):
   """Contrastive losses of `steps` steps on one fixed batch under a Keras dtype policy."""
   import keras  # pylint: disable=g-import-not-at-top

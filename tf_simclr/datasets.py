@@ -63,6 +63,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr import augment
+from tf_simclr import distribute
 # Imported for their side effect: they register the built-in TFDS builders.
 from tf_simclr import deadleaves10  # pylint: disable=unused-import
 from tf_simclr import shapes10  # pylint: disable=unused-import
@@ -723,16 +724,15 @@ def view_seeds(seed: int, epoch, example_id, num_views: int = 2) -> tf.Tensor:
 
 def _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
                     input_pipeline_id):
+  """Refuses inconsistent batching arguments; returns G / P, a pipeline's share of a batch."""
   if global_batch_size <= 0 or per_replica_batch_size <= 0:
     raise ValueError(f"batch sizes must be positive, got global {global_batch_size} and "
                      f"per replica {per_replica_batch_size}")
   if num_input_pipelines <= 0 or not 0 <= input_pipeline_id < num_input_pipelines:
     raise ValueError(f"input_pipeline_id must be in [0, {num_input_pipelines}), got "
                      f"{input_pipeline_id}")
-  if global_batch_size % num_input_pipelines:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{num_input_pipelines} input pipelines")
-  share = global_batch_size // num_input_pipelines
+  share = distribute.check_batch(global_batch_size, num_input_pipelines, "global_batch_size",
+                                 "input pipelines")
   if share % per_replica_batch_size:
     raise ValueError(f"per-replica batch size {per_replica_batch_size} does not divide the "
                      f"{share} examples of each global batch that an input pipeline serves "

@@ -135,6 +135,55 @@ def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool |
   return tf.distribute.OneDeviceStrategy("/cpu:0")
 
 
+def check_batch(batch_size: int, parts: int, what: str = "train_batch_size",
+                parts_name: str = "replicas") -> int:
+  """Refuses a batch that does not split evenly into `parts`; returns the share of each.
+
+  Args:
+    batch_size: B, e.g. the global batch.
+    parts: P, e.g. the replicas or the input pipelines that share it.
+    what, parts_name: the names in the message, e.g. 'eval_batch_size', 'input pipelines'.
+  Returns:
+    B // P.
+  Raises:
+    ValueError: B <= 0, or B not a multiple of P.
+  """
+  if batch_size <= 0 or batch_size % parts:
+    raise ValueError(f"{what}={batch_size} must be a positive multiple of the number of "
+                     f"{parts_name} ({parts})")
+  return batch_size // parts
+
+
+def input_fn(global_batch_size: int, make_dataset):
+  """The argument of `strategy.distribute_datasets_from_function`: one dataset per pipeline.
+
+  Args:
+    global_batch_size: G, examples per step over all replicas.
+    make_dataset: called with keyword arguments `per_replica_batch_size` (G / replicas),
+      `num_input_pipelines` and `input_pipeline_id` (from the `tf.distribute.InputContext`);
+      returns that pipeline's tf.data.Dataset of per-replica batches.
+  Returns:
+    A function of a `tf.distribute.InputContext` returning a tf.data.Dataset.
+  """
+  def fn(ctx: tf.distribute.InputContext):
+    return make_dataset(per_replica_batch_size=ctx.get_per_replica_batch_size(global_batch_size),
+                        num_input_pipelines=ctx.num_input_pipelines,
+                        input_pipeline_id=ctx.input_pipeline_id)
+  return fn
+
+
+def distribute_input(strategy: tf.distribute.Strategy, global_batch_size: int, make_dataset,
+                     what: str = "batch_size") -> tf.distribute.DistributedDataset:
+  """`make_dataset` (see `input_fn`) distributed over the replicas of `strategy`.
+
+  Raises:
+    ValueError: `global_batch_size` (named `what` in the message) does not split evenly over
+      the replicas.
+  """
+  check_batch(global_batch_size, strategy.num_replicas_in_sync, what)
+  return strategy.distribute_datasets_from_function(input_fn(global_batch_size, make_dataset))
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """Whether this process writes what there is one of: summaries, results, exports, flags.
 

@@ -6,6 +6,7 @@ every replica runs the same number of steps and the counts are exact on any stra
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_simclr import datasets
+from tf_simclr import distribute
 from tf_simclr import optimizers
 
 
@@ -35,13 +37,9 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
   num_classes = model.config.num_classes
   top_k = min(5, num_classes)
 
-  def input_fn(ctx):
-    return datasets.eval_dataset(
-        source, per_replica_batch_size=ctx.get_per_replica_batch_size(eval_batch_size),
-        num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
-        image_size=image_size, global_batch_size=eval_batch_size)
-
-  dist = strategy.distribute_datasets_from_function(input_fn)
+  make_dataset = functools.partial(datasets.eval_dataset, source, image_size=image_size,
+                                   global_batch_size=eval_batch_size)
+  dist = distribute.distribute_input(strategy, eval_batch_size, make_dataset, "eval_batch_size")
 
   def replica_step(batch):
     logits = model(batch["image"], training=False)["logits_sup"]
@@ -63,8 +61,8 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
       break
     totals += step(batch)
   top1, top5, count = (float(v) for v in totals.numpy())
-  reg = float(optimizers.supervised_head_l2(model.trainable_variables, weight_decay,
-                                            optimizer_name))
+  reg = float(optimizers.explicit_weight_decay(model.trainable_variables, weight_decay,
+                                               optimizer_name))
   if count == 0:
     raise ValueError(f"the eval split {source.split!r} of {source.name} has no examples")
   return {"eval/label_top_1_accuracy": top1 / count, "eval/label_top_5_accuracy": top5 / count,

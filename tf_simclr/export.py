@@ -121,7 +121,7 @@ def _regularization_losses(twin, weight_decay, optimizer_name):
 
   @tf.function(input_signature=[])
   def l2_term():
-    return optimizers.supervised_head_l2(variables, weight_decay, optimizer_name)
+    return optimizers.explicit_weight_decay(variables, weight_decay, optimizer_name)
 
   return [l2_term]
 
@@ -135,7 +135,7 @@ def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_dec
   stores such as gs:// it is a copy). An existing export is never touched.
 
   `regularization_losses` holds one function when `weight_decay > 0`, returning exactly the L2
-  term training adds to its loss (`optimizers.supervised_head_l2`, the reference's
+  term training adds to its loss (`optimizers.explicit_weight_decay`, the reference's
   `add_weight_decay`), with `l2_loss(v) = sum(v**2) / 2`:
     * `optimizer_name="lars"`: `weight_decay * l2_loss` of the supervised head's kernel (LARS
       decays every other non-BN, non-bias weight itself, inside the update);

@@ -16,13 +16,18 @@ Padded eval examples (mask 0, `datasets.eval_dataset`) are neither in the bank n
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from tf_simclr import datasets
+from tf_simclr import distribute
+from tf_simclr import evaluate
+from tf_simclr.config import RunConfig
 
 DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.07
@@ -129,15 +134,160 @@ def _replica_id(ctx):
   return tf.cast(ctx.replica_id_in_sync_group, tf.int32)
 
 
+class KnnMonitor:
+  """kNN top-1 of an eval split against a bank of a train split's features, under a strategy.
+
+  Both splits go through eval preprocessing (`datasets.eval_dataset`: centre crop, resize)
+  and `model(images, training=False)`. The two steps (embed the bank, classify the eval split)
+  are tf.functions made here, so they are traced once for all the calls of a run: the model's
+  variables are read, not captured, so each call sees the current weights.
+  """
+
+  def __init__(self, model, strategy: tf.distribute.Strategy, train_source: datasets.Source,
+               eval_source: datasets.Source, batch_size: int, image_size: int,
+               k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+               max_bank_examples: int | None = None, feature_key: str = "final_avg_pool",
+               bank_chunk_size: int = DEFAULT_BANK_CHUNK):
+    """Checks the arguments and makes the steps; see `knn_accuracy` for their meaning.
+
+    Raises:
+      ValueError: bad k, temperature, batch size, bank_chunk_size or max_bank_examples; an
+        unlabelled split.
+    """
+    _check_k_temperature(k, temperature)
+    distribute.check_batch(batch_size, strategy.num_replicas_in_sync, "kNN batch_size")
+    if bank_chunk_size < 1:
+      raise ValueError(f"bank_chunk_size must be >= 1, got {bank_chunk_size}")
+    for source in (train_source, eval_source):
+      if source.num_classes == 0:
+        raise ValueError(f"the kNN monitor needs labels, but {source.name} {source.split!r} is "
+                         "unlabelled")
+    if max_bank_examples is not None:
+      if max_bank_examples < 1:
+        raise ValueError(f"max_bank_examples must be >= 1, got {max_bank_examples}")
+      if max_bank_examples < train_source.num_examples:
+        train_source = datasets.subset_source(train_source, np.arange(max_bank_examples))
+    self.model, self.strategy = model, strategy
+    self.train_source, self.eval_source = train_source, eval_source
+    self.batch_size, self.image_size = batch_size, image_size
+    self.k, self.temperature, self.feature_key = k, temperature, feature_key
+    self.bank_chunk_size = bank_chunk_size
+    self.num_classes = train_source.num_classes
+    self.embed_step = tf.function(self._embed_step)
+    self.query_step = tf.function(self._query_step)
+    # The last (step, result) of `at`, so that a second call at one step need not redo it.
+    self.last = None
+
+  def _distributed(self, source):
+    make_dataset = functools.partial(datasets.eval_dataset, source, image_size=self.image_size,
+                                     global_batch_size=self.batch_size)
+    return distribute.distribute_input(self.strategy, self.batch_size, make_dataset,
+                                       "kNN batch_size")
+
+  def _features(self, images):
+    out = self.model(images, training=False)[self.feature_key]
+    return tf.math.l2_normalize(tf.cast(out, tf.float32), axis=-1)
+
+  def _embed_step(self, batch):
+    """A batch's features, labels and validity, left on each replica; and its valid count."""
+    def replica_fn(batch):
+      ctx = tf.distribute.get_replica_context()
+      valid = batch["mask"] > 0
+      return (_replica_id(ctx), self._features(batch["image"]),
+              tf.cast(batch["label"], tf.int32), valid, tf.reduce_sum(tf.cast(valid, tf.int32)))
+    out = self.strategy.run(replica_fn, args=(batch,))
+    return out[:4], self.strategy.reduce(tf.distribute.ReduceOp.SUM, out[4], axis=None)
+
+  def _query_step(self, batch, bank, k, chunk):
+    """(correct, counted) of an eval batch against the sharded bank: float32 [2]."""
+    def replica_fn(batch, bank):
+      ctx = tf.distribute.get_replica_context()
+      many = ctx.num_replicas_in_sync > 1
+      query = self._features(batch["image"])  # [b, d]
+      queries = ctx.all_gather(query, axis=0) if many else query  # [B, d]
+      sims, labels = nearest_neighbours(queries, bank[0], bank[1], k, bank[2],
+                                        chunk_size=chunk)  # [B, k']
+      if many:  # Merge the shards' candidates: [B, R k'] -> [B, k].
+        sims = ctx.all_gather(sims, axis=1)
+        labels = ctx.all_gather(labels, axis=1)
+        sims, index = tf.math.top_k(sims, k)
+        labels = tf.gather(labels, index, batch_dims=1)
+      predicted = vote(sims, labels, self.num_classes, self.temperature)  # [B]
+      if many:  # This replica's rows of the gathered batch.
+        b = tf.shape(query)[0]
+        predicted = predicted[_replica_id(ctx) * b:(_replica_id(ctx) + 1) * b]
+      mask = batch["mask"]
+      correct = tf.cast(tf.equal(predicted, tf.cast(batch["label"], tf.int32)), tf.float32)
+      return tf.stack([tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
+    return self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                self.strategy.run(replica_fn, args=(batch, bank)), axis=None)
+
+  def _bank(self):
+    """The bank, each replica's features kept on its device: (bank, size, chunk).
+
+    bank: per replica (features [m, d], labels [m], valid [m]), m a multiple of chunk.
+    """
+    strategy = self.strategy
+    parts, bank_size = {}, 0  # parts: global replica id -> [(features, labels, valid), ...]
+    for batch in self._distributed(self.train_source):
+      local, count = self.embed_step(batch)
+      bank_size += int(count)
+      for rid, *rows in zip(*(strategy.experimental_local_results(v) for v in local)):
+        parts.setdefault(int(rid), []).append(rows)
+    if bank_size == 0:
+      raise ValueError(f"the kNN bank is empty: {self.train_source.name} "
+                       f"{self.train_source.split!r} has no examples")
+    # Every replica's shard has eval_steps * b rows (eval_dataset pads all pipelines alike).
+    chunk = min(self.bank_chunk_size, max(sum(int(r[0].shape[0]) for r in rows)
+                                          for rows in parts.values()))
+    shards = {}
+    for rid, rows in parts.items():
+      with tf.device(rows[0][0].device):
+        bank, labels, valid = (tf.concat(column, 0) for column in zip(*rows))
+        pad = -int(bank.shape[0]) % chunk  # Padded once here rather than at every eval step.
+        shards[rid] = (tf.pad(bank, [[0, pad], [0, 0]]), tf.pad(labels, [[0, pad]]),
+                       tf.pad(valid, [[0, pad]]))
+    bank = strategy.experimental_distribute_values_from_function(
+        lambda ctx: shards[ctx.replica_id_in_sync_group])
+    return bank, bank_size, chunk
+
+  def accuracy(self) -> dict:
+    """kNN top-1 with the model's current weights: embeds the bank, classifies the eval split.
+
+    Returns:
+      {'knn/top_1_accuracy': float, 'knn/k': int (the k used), 'knn/num_examples': int (eval
+       examples counted), 'knn/bank_size': int}.
+    Raises:
+      ValueError: an empty bank or eval split.
+    """
+    bank, bank_size, chunk = self._bank()
+    k_used = min(self.k, bank_size)
+    totals = np.zeros([2])
+    for batch in self._distributed(self.eval_source):
+      # k and chunk are Python ints, fixed by the splits: the step is traced for them once.
+      totals += self.query_step(batch, bank, k_used, chunk).numpy()
+    correct, count = totals
+    if count == 0:
+      raise ValueError(f"the kNN eval split {self.eval_source.name} "
+                       f"{self.eval_source.split!r} has no examples")
+    return {"knn/top_1_accuracy": float(correct / count), "knn/k": int(k_used),
+            "knn/num_examples": int(count), "knn/bank_size": int(bank_size)}
+
+  def at(self, step: int) -> dict:
+    """`accuracy()` at training step `step`, computed once per step (`last` keeps it)."""
+    if self.last is None or self.last[0] != step:
+      self.last = (step, self.accuracy())
+    return self.last[1]
+
+
 def knn_accuracy(model, strategy: tf.distribute.Strategy, train_source: datasets.Source,
                  eval_source: datasets.Source, batch_size: int, image_size: int,
                  k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                  max_bank_examples: int | None = None, feature_key: str = "final_avg_pool",
                  bank_chunk_size: int = DEFAULT_BANK_CHUNK) -> dict:
-  """kNN top-1 of `eval_source` against a bank of `train_source`, under `strategy`.
+  """kNN top-1 of `eval_source` against a bank of `train_source`, under `strategy`, once.
 
-  Both splits go through eval preprocessing (`datasets.eval_dataset`: centre crop, resize)
-  and `model(images, training=False)`.
+  A `KnnMonitor` used once; a run that monitors training keeps one (`knn_monitor`).
 
   Args:
     model: a SimCLRModel (or any model returning a dict with `feature_key`: float [b, d]),
@@ -161,102 +311,37 @@ def knn_accuracy(model, strategy: tf.distribute.Strategy, train_source: datasets
     ValueError: bad k, temperature, batch size or max_bank_examples; an unlabelled split;
       an empty bank or eval split.
   """
-  _check_k_temperature(k, temperature)
-  replicas = strategy.num_replicas_in_sync
-  if batch_size < 1 or batch_size % replicas:
-    raise ValueError(f"kNN batch size must be a positive multiple of the {replicas} replicas, "
-                     f"got {batch_size}")
-  if bank_chunk_size < 1:
-    raise ValueError(f"bank_chunk_size must be >= 1, got {bank_chunk_size}")
-  for source in (train_source, eval_source):
-    if source.num_classes == 0:
-      raise ValueError(f"the kNN monitor needs labels, but {source.name} {source.split!r} is "
-                       "unlabelled")
-  num_classes = train_source.num_classes
-  if max_bank_examples is not None:
-    if max_bank_examples < 1:
-      raise ValueError(f"max_bank_examples must be >= 1, got {max_bank_examples}")
-    if max_bank_examples < train_source.num_examples:
-      train_source = datasets.subset_source(train_source, np.arange(max_bank_examples))
+  return KnnMonitor(model, strategy, train_source, eval_source, batch_size, image_size, k=k,
+                    temperature=temperature, max_bank_examples=max_bank_examples,
+                    feature_key=feature_key, bank_chunk_size=bank_chunk_size).accuracy()
 
-  def distributed(source):
-    def input_fn(ctx):
-      return datasets.eval_dataset(
-          source, per_replica_batch_size=ctx.get_per_replica_batch_size(batch_size),
-          num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
-          image_size=image_size, global_batch_size=batch_size)
-    return strategy.distribute_datasets_from_function(input_fn)
 
-  def features(images):
-    out = model(images, training=False)[feature_key]
-    return tf.math.l2_normalize(tf.cast(out, tf.float32), axis=-1)
+def knn_monitor(cfg: RunConfig, strategy: tf.distribute.Strategy, state, sources: tuple,
+                step: int, is_chief: bool = True, writer=None) -> dict:
+  """kNN top-1 of the eval split against the train split's features, during a run.
 
-  # 1. The bank: each replica's features stay on its device.
-  @tf.function
-  def embed_step(batch):
-    def replica_fn(batch):
-      ctx = tf.distribute.get_replica_context()
-      valid = batch["mask"] > 0
-      return (_replica_id(ctx), features(batch["image"]), tf.cast(batch["label"], tf.int32),
-              valid, tf.reduce_sum(tf.cast(valid, tf.int32)))
-    out = strategy.run(replica_fn, args=(batch,))
-    return out[:4], strategy.reduce(tf.distribute.ReduceOp.SUM, out[4], axis=None)
+  The run's `KnnMonitor` is made at the first call and kept in `state.knn` (so its steps are
+  traced once per run). Runs on every worker (its collectives need them all), once per step:
+  a second call at the same step returns the first's result. The chief adds the figures to
+  `result.json` / `result_<step>.json` (keeping what they hold of that step) and to
+  TensorBoard, when given a `writer`.
 
-  parts, bank_size = {}, 0  # parts: global replica id -> [(features, labels, valid), ...]
-  for batch in distributed(train_source):
-    local, count = embed_step(batch)
-    bank_size += int(count)
-    for rid, *rows in zip(*(strategy.experimental_local_results(v) for v in local)):
-      parts.setdefault(int(rid), []).append(rows)
-  if bank_size == 0:
-    raise ValueError(f"the kNN bank is empty: {train_source.name} {train_source.split!r} has "
-                     "no examples")
-  k_used = min(k, bank_size)
-
-  # Every replica's shard has eval_steps * b rows (eval_dataset pads all pipelines alike).
-  chunk = min(bank_chunk_size, max(sum(int(r[0].shape[0]) for r in rows)
-                                   for rows in parts.values()))
-  shards = {}
-  for rid, rows in parts.items():
-    with tf.device(rows[0][0].device):
-      bank, labels, valid = (tf.concat(column, 0) for column in zip(*rows))
-      pad = -int(bank.shape[0]) % chunk  # Padded once here rather than at every eval step.
-      shards[rid] = (tf.pad(bank, [[0, pad], [0, 0]]), tf.pad(labels, [[0, pad]]),
-                     tf.pad(valid, [[0, pad]]))
-  bank = strategy.experimental_distribute_values_from_function(
-      lambda ctx: shards[ctx.replica_id_in_sync_group])
-
-  # 2. Classify the eval split against the sharded bank.
-  @tf.function
-  def query_step(batch, bank):
-    def replica_fn(batch, bank):
-      ctx = tf.distribute.get_replica_context()
-      many = ctx.num_replicas_in_sync > 1
-      query = features(batch["image"])  # [b, d]
-      queries = ctx.all_gather(query, axis=0) if many else query  # [B, d]
-      sims, labels = nearest_neighbours(queries, bank[0], bank[1], k_used, bank[2],
-                                        chunk_size=chunk)  # [B, k']
-      if many:  # Merge the shards' candidates: [B, R k'] -> [B, k].
-        sims = ctx.all_gather(sims, axis=1)
-        labels = ctx.all_gather(labels, axis=1)
-        sims, index = tf.math.top_k(sims, k_used)
-        labels = tf.gather(labels, index, batch_dims=1)
-      predicted = vote(sims, labels, num_classes, temperature)  # [B]
-      if many:  # This replica's rows of the gathered batch.
-        b = tf.shape(query)[0]
-        predicted = predicted[_replica_id(ctx) * b:(_replica_id(ctx) + 1) * b]
-      mask = batch["mask"]
-      correct = tf.cast(tf.equal(predicted, tf.cast(batch["label"], tf.int32)), tf.float32)
-      return tf.stack([tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
-    return strategy.reduce(tf.distribute.ReduceOp.SUM,
-                           strategy.run(replica_fn, args=(batch, bank)), axis=None)
-
-  totals = np.zeros([2])
-  for batch in distributed(eval_source):
-    totals += query_step(batch, bank).numpy()
-  correct, count = totals
-  if count == 0:
-    raise ValueError(f"the kNN eval split {eval_source.name} {eval_source.split!r} has no "
-                     "examples")
-  return {"knn/top_1_accuracy": float(correct / count), "knn/k": int(k_used),
-          "knn/num_examples": int(count), "knn/bank_size": int(bank_size)}
+  Args:
+    cfg: the run's configuration (eval_batch_size, image_size, knn_k, knn_temperature).
+    state: the run's `train.TrainState` (its model, and `state.knn` to keep the monitor in).
+    sources: (bank source, eval source), both labelled.
+  Returns:
+    {'knn/top_1_accuracy', 'knn/k', 'knn/num_examples', 'knn/bank_size'}.
+  """
+  t = cfg.train
+  if state.knn is None:
+    state.knn = KnnMonitor(state.model, strategy, sources[0], sources[1], t.eval_batch_size,
+                           cfg.model.image_size, k=t.knn_k, temperature=t.knn_temperature)
+  if state.knn.last is not None and state.knn.last[0] == step:
+    return state.knn.last[1]
+  result = state.knn.at(step)
+  if is_chief and writer is not None:
+    evaluate.write_results(t.model_dir, result, step, writer, merge=True)
+  logging.info("Step %d: kNN top-1 %.4f (k=%d, bank %d)", step, result["knn/top_1_accuracy"],
+               result["knn/k"], result["knn/bank_size"])
+  return result

@@ -14,7 +14,7 @@ OPTIMIZERS = ("momentum", "adam", "lars")
 # Regular expressions searched in variable paths: batch norm, biases and the
 # supervised head get no LARS weight decay (and, by LARS' default, no layer
 # adaptation). The supervised head's decay is added to the loss instead, see
-# `supervised_head_l2`.
+# `explicit_weight_decay`.
 LARS_EXCLUDE_FROM_WEIGHT_DECAY = ("batch_normalization", "bias",
                                   "head_supervised")
 
@@ -27,7 +27,7 @@ def build_optimizer(name, learning_rate, momentum=0.9, weight_decay=0.0):
     learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
     momentum: momentum of 'momentum' and 'lars' (unused by 'adam').
     weight_decay: L2 coefficient applied by 'lars' itself; the other
-      optimizers get theirs through `supervised_head_l2` in the loss.
+      optimizers get theirs through `explicit_weight_decay` in the loss.
 
   Returns:
     A `keras.optimizers.Optimizer`.
@@ -53,8 +53,14 @@ def build_optimizer(name, learning_rate, momentum=0.9, weight_decay=0.0):
 _path = lars.variable_path  # what the exclusion patterns search, here as in LARS
 
 
-def supervised_head_l2(variables, weight_decay, optimizer_name):
-  """The weight-decay term to add to the loss (reference `add_weight_decay`).
+def explicit_weight_decay(variables, weight_decay, optimizer_name):
+  """The weight decay the optimizer does not apply itself, as an L2 term of the loss.
+
+  The reference's `add_weight_decay`. LARS decays the non-BN, non-bias weights
+  of encoder and projection head inside its update, so only the supervised
+  head's kernel is left for the loss; momentum and Adam decay nothing
+  themselves, so every trainable weight but batch norm's (biases included, as
+  in the reference) is in the term.
 
   Args:
     variables: the model's trainable variables.
@@ -62,12 +68,11 @@ def supervised_head_l2(variables, weight_decay, optimizer_name):
     optimizer_name: the optimizer's name (see `build_optimizer`).
 
   Returns:
-    A float32 scalar tensor. If the optimizer is LARS, which decays everything
-    else itself: `weight_decay * sum(l2_loss(v))` over the variables whose
-    path contains 'head_supervised' and not 'bias'. Otherwise the same sum
-    over all trainable variables whose path does not contain
-    'batch_normalization'. `l2_loss(v) = sum(v**2) / 2`. 0.0 if no variable
-    qualifies.
+    A float32 scalar tensor, `weight_decay * sum(l2_loss(v))` with
+    `l2_loss(v) = sum(v**2) / 2`, over: with LARS, the variables whose path
+    contains 'head_supervised' and not 'bias'; otherwise, all trainable
+    variables whose path does not contain 'batch_normalization'. 0.0 if no
+    variable qualifies.
   """
   if "lars" in optimizer_name:
     chosen = [v for v in variables

@@ -7,6 +7,7 @@ across replicas when they are applied, so the applied gradient is that of the gl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,6 @@ from tf_simclr import convert
 from tf_simclr import datasets
 from tf_simclr import distill
 from tf_simclr import distribute
-from tf_simclr import evaluate
 from tf_simclr import export
 from tf_simclr import knn
 from tf_simclr import losses
@@ -37,12 +37,6 @@ def num_views(train_mode: str) -> int:
   """Two augmented views per example when pretraining, one when fine-tuning."""
   return 2 if train_mode == "pretrain" else 1
 
-
-def validate_batch(global_batch_size: int, num_replicas: int, what: str = "train_batch_size"):
-  """Refuses a global batch that does not divide evenly over the replicas."""
-  if global_batch_size <= 0 or global_batch_size % num_replicas:
-    raise ValueError(f"{what}={global_batch_size} must be a positive multiple of the number of "
-                     f"replicas ({num_replicas})")
 
 
 def warn_batch_over_split(global_batch_size: int, source: datasets.Source) -> str | None:
@@ -78,6 +72,78 @@ def step_images(batch, color_jitter_strength: float = 1.0, use_blur: bool = True
   return images, tf.tile(batch["label"], [v])
 
 
+def _labelled_cross_entropy(logits, labels):
+  """(mean cross-entropy, accuracy) over the rows with a label: logits [B, C], labels [B].
+
+  Unlabelled rows carry label -1; they count in neither mean (0 when no row has a label).
+  """
+  labelled = tf.cast(labels >= 0, tf.float32)
+  loss = losses.supervised_loss(tf.maximum(labels, 0), logits, weights=labelled)
+  correct = tf.cast(tf.equal(tf.argmax(logits, 1), tf.maximum(labels, 0)), tf.float32)
+  accuracy = tf.math.divide_no_nan(tf.reduce_sum(correct * labelled), tf.reduce_sum(labelled))
+  return loss, accuracy
+
+
+def compute_losses(outputs: dict, labels, variables, teacher_logits=None, *,
+                   contrastive: bool = True, temperature: float = 0.1, hidden_norm: bool = True,
+                   distill_temperature: float = 1.0, distill_label_weight: float = 0.0,
+                   weight_decay: float = 0.0, optimizer_name: str = "lars"):
+  """The objective of one replica's batch (Algorithm 1, and SimCLRv2's): (loss, metrics).
+
+    loss = contrastive loss of the projections (pretraining)
+         + cross-entropy of the supervised head on the labelled rows, or, when distilling,
+           (1 - w) * distillation loss on every row + w * that cross-entropy
+         + the weight decay the optimizer does not apply (`optimizers.explicit_weight_decay`).
+
+  A function of tensors (the step calls it inside its tape): no model, no division by the
+  number of replicas, no loss scaling.
+
+  Args:
+    outputs: the model's endpoints for the replica's V*b views (rows view-major): uses
+      'proj_head_output' float [V*b, p] when `contrastive`, 'logits_sup' float [V*b, C] if any.
+    labels: int [V*b]; -1 marks an unlabelled row.
+    variables: the trainable variables, for the weight-decay term.
+    teacher_logits: float [V*b, C], the teacher's on the same views; None: no distillation.
+    contrastive: add `losses.contrastive_loss` (with `temperature`, `hidden_norm`).
+    distill_temperature, distill_label_weight: tau of `distill.distillation_loss`, and w.
+    weight_decay, optimizer_name: of `optimizers.explicit_weight_decay`.
+  Returns:
+    (loss, metrics): float32 scalars; metrics has 'total_loss' (the loss) and 'weight_decay';
+    with `contrastive`, 'contrast_loss', 'contrast_acc', 'contrast_entropy'; with 'logits_sup',
+    'supervised_loss' and 'supervised_acc' (over the labelled rows); when distilling,
+    'distill_loss' and 'teacher_agreement' (student's argmax = teacher's, over every row).
+  """
+  metrics = {}
+  loss = tf.constant(0.0)
+  if contrastive:
+    con_loss, logits_ab, labels_con = losses.contrastive_loss(
+        outputs["proj_head_output"], hidden_norm=hidden_norm, temperature=temperature)
+    metrics["contrast_acc"], metrics["contrast_entropy"] = losses.contrastive_metrics(
+        logits_ab, labels_con)
+    metrics["contrast_loss"] = con_loss
+    loss += con_loss
+  if "logits_sup" in outputs:
+    logits = outputs["logits_sup"]
+    sup_loss, metrics["supervised_acc"] = _labelled_cross_entropy(logits, labels)
+    metrics["supervised_loss"] = sup_loss
+    if teacher_logits is not None:
+      distill_loss = distill.distillation_loss(teacher_logits, logits, distill_temperature)
+      w = distill_label_weight
+      loss += (1.0 - w) * distill_loss + w * sup_loss
+      metrics["distill_loss"] = distill_loss
+      metrics["teacher_agreement"] = tf.reduce_mean(tf.cast(
+          tf.equal(tf.argmax(logits, 1), tf.argmax(teacher_logits, 1)), tf.float32))
+    else:
+      loss += sup_loss
+  elif teacher_logits is not None:
+    raise ValueError("distillation needs a student with a supervised head ('logits_sup')")
+  metrics["weight_decay"] = optimizers.explicit_weight_decay(variables, weight_decay,
+                                                             optimizer_name)
+  loss += metrics["weight_decay"]
+  metrics["total_loss"] = loss
+  return loss, metrics
+
+
 @dataclasses.dataclass
 class TrainState:
   """What the loop and the evaluation share: built under the strategy's scope."""
@@ -90,8 +156,9 @@ class TrainState:
   steps_per_loop: int
   # Distillation's teacher (inference only, not in the checkpoint); None otherwise.
   teacher: model_lib.SimCLRModel | None = None
-  # The kNN monitor's last (step, result), so the evaluation at that step need not redo it.
-  knn_result: tuple | None = None
+  # The run's kNN monitor (`knn.knn_monitor`), made at its first use; it keeps its last
+  # (step, result), so the evaluation at that step need not redo it.
+  knn: knn.KnnMonitor | None = None
   # The signal that stopped training early ('SIGTERM', 'SIGINT'), set by `train`.
   stopped_by: str | None = None
 
@@ -169,33 +236,6 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
                     max(1, steps_per_loop), teacher)
 
 
-def knn_monitor(cfg: RunConfig, strategy: tf.distribute.Strategy, state: TrainState,
-                sources: tuple, step: int, is_chief: bool = True, writer=None) -> dict:
-  """kNN top-1 of the eval split against the train split's features (`knn.knn_accuracy`).
-
-  Runs on every worker (its collectives need them all), once per step: a second call at the
-  same step returns `state.knn_result`. The chief adds the figures to `result.json` /
-  `result_<step>.json` (keeping what they hold of that step) and to TensorBoard, when given
-  a `writer`.
-
-  Args:
-    sources: (bank source, eval source), both labelled.
-  Returns:
-    {'knn/top_1_accuracy', 'knn/k', 'knn/num_examples', 'knn/bank_size'}.
-  """
-  if state.knn_result is not None and state.knn_result[0] == step:
-    return state.knn_result[1]
-  t = cfg.train
-  result = knn.knn_accuracy(state.model, strategy, sources[0], sources[1], t.eval_batch_size,
-                            cfg.model.image_size, k=t.knn_k, temperature=t.knn_temperature)
-  state.knn_result = (step, result)
-  if is_chief and writer is not None:
-    evaluate.write_results(t.model_dir, result, step, writer, merge=True)
-  logging.info("Step %d: kNN top-1 %.4f (k=%d, bank %d)", step, result["knn/top_1_accuracy"],
-               result["knn/k"], result["knn/bank_size"])
-  return result
-
-
 class Trainer:
   """Runs training steps of one configuration under one strategy."""
 
@@ -231,18 +271,12 @@ class Trainer:
   def input_fn(self, source: datasets.Source, start_step: int):
     """The `distribute_datasets_from_function` argument feeding this step from `start_step`."""
     t, data = self.cfg.train, self.cfg.data
-
-    def fn(ctx: tf.distribute.InputContext):
-      return datasets.train_dataset(
-          source, global_batch_size=t.train_batch_size,
-          per_replica_batch_size=ctx.get_per_replica_batch_size(t.train_batch_size),
-          num_input_pipelines=ctx.num_input_pipelines, input_pipeline_id=ctx.input_pipeline_id,
-          seed=t.seed, image_size=self.cfg.model.image_size,
-          num_views=num_views(self.cfg.model.train_mode),
-          start_step=start_step, color_jitter_strength=self.color_jitter_strength,
-          use_blur=self.use_blur, cache=data.cache_dataset,
-          augment_on_device=self.cfg.runtime.augment_on_device)
-    return fn
+    make_dataset = functools.partial(
+        datasets.train_dataset, source, global_batch_size=t.train_batch_size, seed=t.seed,
+        image_size=self.cfg.model.image_size, num_views=num_views(self.cfg.model.train_mode), start_step=start_step,
+        color_jitter_strength=self.color_jitter_strength, use_blur=self.use_blur,
+        cache=data.cache_dataset, augment_on_device=self.cfg.runtime.augment_on_device)
+    return distribute.input_fn(t.train_batch_size, make_dataset)
 
   def replica_step(self, batch):
     """One optimisation step on this replica's batch.
@@ -262,51 +296,23 @@ class Trainer:
   def compute_gradients(self, batch):
     """Forward and backward pass of one replica: (gradients, metrics); see `replica_step`."""
     model, optimizer = self.state.model, self.state.optimizer
+    t, o = self.cfg.train, self.cfg.optim
     images, labels = step_images(batch, self.color_jitter_strength, self.use_blur)
-    t = self.cfg.train
-    metrics = {}
+    teacher_logits = None
     if self.distill:
       # Outside the tape: the teacher is a fixed function of the same view, in inference mode.
       teacher_logits = self.state.teacher(images, training=False)["logits_sup"]
     with tf.GradientTape() as tape:
-      out = model(images, training=True)
-      loss = tf.constant(0.0)
-      if self.pretrain:
-        con_loss, logits_ab, labels_con = losses.contrastive_loss(
-            out["proj_head_output"], hidden_norm=t.hidden_norm, temperature=t.temperature)
-        metrics["contrast_acc"], metrics["contrast_entropy"] = losses.contrastive_metrics(
-            logits_ab, labels_con)
-        metrics["contrast_loss"] = con_loss
-        loss += con_loss
-      if self.has_sup_head:
-        labelled = tf.cast(labels >= 0, tf.float32)  # unlabeled examples carry label -1
-        logits = out["logits_sup"]
-        sup_loss = losses.supervised_loss(tf.maximum(labels, 0), logits, weights=labelled)
-        correct = tf.cast(tf.equal(tf.argmax(logits, 1), tf.maximum(labels, 0)), tf.float32)
-        metrics["supervised_loss"] = sup_loss
-        metrics["supervised_acc"] = tf.math.divide_no_nan(tf.reduce_sum(correct * labelled),
-                                                          tf.reduce_sum(labelled))
-        if self.distill:
-          distill_loss = distill.distillation_loss(teacher_logits, logits, t.distill_temperature)
-          w = t.distill_label_weight
-          # (1 - w) * distillation on every view + w * cross-entropy on the labelled ones.
-          loss += (1.0 - w) * distill_loss + w * sup_loss
-          metrics["distill_loss"] = distill_loss
-          metrics["teacher_agreement"] = tf.reduce_mean(tf.cast(
-              tf.equal(tf.argmax(logits, 1), tf.argmax(teacher_logits, 1)), tf.float32))
-        else:
-          loss += sup_loss
-      # LARS decays the other weights itself; the supervised head's decay is an L2 term here.
-      weight_decay = optimizers.supervised_head_l2(model.trainable_variables,
-                                                   self.cfg.optim.weight_decay,
-                                                   self.cfg.optim.optimizer)
-      loss += weight_decay
-      scaled_loss = loss / self.num_replicas
+      outputs = model(images, training=True)
+      loss, metrics = compute_losses(
+          outputs, labels, model.trainable_variables, teacher_logits, contrastive=self.pretrain,
+          temperature=t.temperature, hidden_norm=t.hidden_norm,
+          distill_temperature=t.distill_temperature, distill_label_weight=t.distill_label_weight,
+          weight_decay=o.weight_decay, optimizer_name=o.optimizer)
+      scaled_loss = loss / self.num_replicas  # the replicas' gradients are summed (docstring)
       if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         scaled_loss = optimizer.scale_loss(scaled_loss)
     grads = tape.gradient(scaled_loss, model.trainable_variables)
-    metrics["weight_decay"] = weight_decay
-    metrics["total_loss"] = loss
     return grads, metrics
 
   def _train_loop(self, iterator, num_steps):
@@ -395,12 +401,101 @@ class LossWatch:
 _CALL_SECONDS = 5.0
 
 
+class _StepCalls:
+  """The steps of a checkpoint interval, in calls of the step loop of about `_CALL_SECONDS`.
+
+  After each call the workers agree on the steps of the next (the fewest any wants, from the
+  time its last call took) and on whether one of them got a stop signal, so that all run the
+  same calls and stop at the same step.
+  """
+
+  def __init__(self, trainer: Trainer, iterator, sync: distribute.ClusterSync,
+               stop_signal: distribute.StopSignal):
+    self.trainer, self.iterator, self.sync, self.stop_signal = trainer, iterator, sync, stop_signal
+    self.call_steps = 1  # the first call also traces the step: time the next one
+    self.loss_watch = LossWatch()
+
+  def run(self, step: int, boundary: int) -> tuple[int, dict, bool]:
+    """Steps from `step` to `boundary`, or fewer when stopping: (step reached, sums, stop).
+
+    `sums` holds each metric's sum over the steps run (a call's mean times its steps).
+    """
+    state = self.trainer.state
+    sums, stop = dict.fromkeys(self.trainer.metric_names, 0.0), False
+    while step < boundary and not stop:
+      n = min(self.call_steps, boundary - step)
+      c0 = time.time()
+      out = {k: float(v) for k, v in self.trainer.run_loop(self.iterator, n).items()}
+      for k, v in out.items():
+        sums[k] += v * n
+      wanted = int(_CALL_SECONDS * n / max(time.time() - c0, 1e-3))
+      step = int(state.optimizer.iterations.numpy())
+      self.loss_watch.update(step, out["total_loss"])
+      stop, self.call_steps = _agree(self.sync, step, self.stop_signal.received,
+                                     min(max(wanted, 1), state.steps_per_loop))
+    return step, sums, stop
+
+
+class _IntervalEnd:
+  """The work at the end of a checkpoint interval: summaries, checkpoint, progress, kNN."""
+
+  def __init__(self, cfg: RunConfig, strategy: tf.distribute.Strategy, state: TrainState,
+               metric_names: list, step: int, is_chief: bool, view_examples: dict | None,
+               knn_sources: tuple | None):
+    self.cfg, self.strategy, self.state = cfg, strategy, state
+    self.is_chief, self.knn_sources = is_chief, knn_sources
+    self.writer = (tf.summary.create_file_writer(cfg.train.model_dir) if is_chief
+                   else tf.summary.create_noop_writer())
+    if is_chief and view_examples is not None and step == 0:
+      with self.writer.as_default():
+        tf.summary.image("augmented_views", view_examples["images"], step=0, max_outputs=8)
+    self.progbar = (keras.utils.Progbar(state.total_steps, stateful_metrics=metric_names)
+                    if sys.stdout.isatty() and is_chief else None)
+    if self.progbar is not None:
+      self.progbar.update(step)
+    self.started, self.first_step = time.time(), step
+
+  def __call__(self, step: int, boundary: int, first: int, started: float, sums: dict) -> bool:
+    """Ends the interval of steps `first` to `step` (begun at time `started`).
+
+    Summaries when it reached `boundary`; the finiteness check and the checkpoint always;
+    then, unless it stopped short of `boundary`, the progress line and the kNN monitor.
+    Returns whether training goes on (it reached `boundary`).
+    """
+    if step == boundary:
+      metrics = {k: v / (step - first) for k, v in sums.items()}
+      images_per_s = (step - first) * self.cfg.train.train_batch_size / (time.time() - started)
+      self._summaries(step, metrics, images_per_s)
+    _check_finite(self.state, sums["total_loss"], step)
+    checkpoints.save(self.state.manager, step, temporary=not self.is_chief)
+    if step < boundary:
+      return False
+    if self.progbar is not None:
+      self.progbar.update(step, [(k, v) for k, v in metrics.items()])
+    else:
+      logging.info("%s", _progress_line(step, self.state.total_steps, metrics, images_per_s,
+                                        self.started, self.first_step))
+    every = self.cfg.train.knn_eval_every_n_steps
+    if self.knn_sources is not None and every and step // every > first // every:
+      knn.knn_monitor(self.cfg, self.strategy, self.state, self.knn_sources, step,
+                      self.is_chief, self.writer)
+    return True
+
+  def _summaries(self, step: int, metrics: dict, images_per_s: float) -> None:
+    with self.writer.as_default(step=step):
+      for k, v in metrics.items():
+        tf.summary.scalar(f"train/{k}", v)
+      tf.summary.scalar("learning_rate", float(self.state.learning_rate(step)))
+      tf.summary.scalar("examples_per_second", images_per_s)
+    self.writer.flush()
+
+
 def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Source,
           state: TrainState, is_chief: bool = True, view_examples: dict | None = None,
           knn_sources: tuple | None = None) -> int:
   """Trains from the restored step to `state.total_steps`; returns the step reached.
 
-  `knn_sources` (bank, eval split) turn on the kNN monitor (`knn_monitor`) after each
+  `knn_sources` (bank, eval split) turn on the kNN monitor (`knn.knn_monitor`) after each
   checkpoint interval that crosses a multiple of `cfg.train.knn_eval_every_n_steps`.
 
   The input resumes at the restored step: the data order is a function of (seed, step), so a
@@ -415,9 +510,8 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
   between two checkpoints run in calls of about `_CALL_SECONDS` each (the step count inside a
   call does not change the result).
   """
-  t = cfg.train
-  validate_batch(t.train_batch_size, strategy.num_replicas_in_sync)
-  warn_batch_over_split(t.train_batch_size, source)
+  distribute.check_batch(cfg.train.train_batch_size, strategy.num_replicas_in_sync)
+  warn_batch_over_split(cfg.train.train_batch_size, source)
   trainer = Trainer(cfg, strategy, state)
   step = int(state.optimizer.iterations.numpy())
   sync = distribute.ClusterSync(strategy)
@@ -427,58 +521,20 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
     return step
 
   iterator = iter(strategy.distribute_datasets_from_function(trainer.input_fn(source, step)))
-  writer = (tf.summary.create_file_writer(t.model_dir) if is_chief
-            else tf.summary.create_noop_writer())
-  if is_chief and view_examples is not None and step == 0:
-    with writer.as_default():
-      tf.summary.image("augmented_views", view_examples["images"], step=0, max_outputs=8)
-  progbar = (keras.utils.Progbar(state.total_steps, stateful_metrics=trainer.metric_names)
-             if sys.stdout.isatty() and is_chief else None)
-  if progbar is not None:
-    progbar.update(step)
-  started, first_step = time.time(), step
-  call_steps, stop = 1, False  # the first call also traces the step: time the next one
-  loss_watch = LossWatch()
-  with distribute.StopSignal() as sigterm:
+  end_interval = _IntervalEnd(cfg, strategy, state, trainer.metric_names, step, is_chief,
+                              view_examples, knn_sources)
+  with distribute.StopSignal() as stop_signal:
     logging.info("Training from step %d to %d", step, state.total_steps)  # signals handled
+    calls, stop = _StepCalls(trainer, iterator, sync, stop_signal), False
     while step < state.total_steps and not stop:
       spl = state.steps_per_loop
       boundary = min(state.total_steps, (step // spl + 1) * spl)
-      sums, interval_first, t0 = dict.fromkeys(trainer.metric_names, 0.0), step, time.time()
-      while step < boundary and not stop:
-        n = min(call_steps, boundary - step)
-        c0 = time.time()
-        out = {k: float(v) for k, v in trainer.run_loop(iterator, n).items()}
-        for k, v in out.items():
-          sums[k] += v * n
-        wanted = int(_CALL_SECONDS * n / max(time.time() - c0, 1e-3))
-        step = int(state.optimizer.iterations.numpy())
-        loss_watch.update(step, out["total_loss"])
-        stop, call_steps = _agree(sync, step, sigterm.received, min(max(wanted, 1), spl))
-      if step == boundary:
-        metrics = {k: v / (step - interval_first) for k, v in sums.items()}
-        images_per_s = (step - interval_first) * t.train_batch_size / (time.time() - t0)
-        metrics_lr = float(state.learning_rate(step))
-        with writer.as_default(step=step):
-          for k, v in metrics.items():
-            tf.summary.scalar(f"train/{k}", v)
-          tf.summary.scalar("learning_rate", metrics_lr)
-          tf.summary.scalar("examples_per_second", images_per_s)
-        writer.flush()
-      _check_finite(state, sums["total_loss"], step)
-      checkpoints.save(state.manager, step, temporary=not is_chief)
-      if step < boundary:
+      first, started = step, time.time()
+      step, sums, stop = calls.run(step, boundary)
+      if not end_interval(step, boundary, first, started, sums):
         break
-      if progbar is not None:
-        progbar.update(step, [(k, v) for k, v in metrics.items()])
-      else:
-        logging.info("%s", _progress_line(step, state.total_steps, metrics, images_per_s,
-                                          started, first_step))
-      every = t.knn_eval_every_n_steps
-      if knn_sources is not None and every and step // every > interval_first // every:
-        knn_monitor(cfg, strategy, state, knn_sources, step, is_chief, writer)
   if step < state.total_steps:
-    state.stopped_by = sigterm.name or "SIGTERM"
+    state.stopped_by = stop_signal.name or "SIGTERM"
     logging.warning("%s: stopped at step %d of %d with a checkpoint; the same command "
                     "resumes", state.stopped_by, step, state.total_steps)
   else:
