@@ -3,6 +3,7 @@
 Parses flags into a RunConfig and calls the library. Bad input ends with one line on stderr and
 exit status 1; set TF_SIMCLR_TRACEBACK=1 to see the traceback instead.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -29,7 +30,9 @@ def _setup_runtime(cfg):
   """Process-wide settings that must precede any TensorFlow op."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
+
   distribute.configure_cpu_replicas(cfg.runtime.cpu_replicas)
   keras.utils.set_random_seed(cfg.train.seed)
   if cfg.train.deterministic:
@@ -40,18 +43,23 @@ def _setup_runtime(cfg):
 
 def _export(cfg, model, step):
   from tf_simclr import export  # pylint: disable=g-import-not-at-top
+
   parent = os.path.join(cfg.train.model_dir, "saved_model")
   target = os.path.join(parent, str(step))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   if tf.io.gfile.exists(target):
     logging.info("An export for step %d exists at %s; kept as it is", step, target)
     return target
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+
   if not train_lib.all_finite(model.variables):
-    raise ValueError(f"not exporting step {step}: the model has weights that are not finite "
-                     "(NaN or inf)")
-  export.export_saved_model(model, target, weight_decay=cfg.optim.weight_decay,
-                            optimizer_name=cfg.optim.optimizer)
+    raise ValueError(
+      f"not exporting step {step}: the model has weights that are not finite (NaN or inf)"
+    )
+  export.export_saved_model(
+    model, target, weight_decay=cfg.optim.weight_decay, optimizer_name=cfg.optim.optimizer
+  )
   export.prune_exports(parent, cfg.train.keep_hub_module_max)
   return target
 
@@ -62,6 +70,7 @@ def _claim_model_dir(t, flag_values, is_chief):
   Before anything is written. Evaluation (`--mode=eval`) may join a training job: no check.
   """
   from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+
   if t.mode == "eval":
     return
   rundir.check_resume(t.model_dir, flag_values)
@@ -80,9 +89,14 @@ def run(cfg, flag_values):
 
   t = cfg.train
   strategy = distribute.make_strategy(
-      cfg.runtime.strategy, cfg.runtime.cpu_replicas, use_tpu=cfg.runtime.use_tpu,
-      tpu_name=cfg.runtime.tpu_name, tpu_zone=cfg.runtime.tpu_zone,
-      gcp_project=cfg.runtime.gcp_project, master=cfg.runtime.master)
+    cfg.runtime.strategy,
+    cfg.runtime.cpu_replicas,
+    use_tpu=cfg.runtime.use_tpu,
+    tpu_name=cfg.runtime.tpu_name,
+    tpu_zone=cfg.runtime.tpu_zone,
+    gcp_project=cfg.runtime.gcp_project,
+    master=cfg.runtime.master,
+  )
   replicas = strategy.num_replicas_in_sync
   logging.info("Strategy %s with %d replicas", type(strategy).__name__, replicas)
   distribute.check_batch(t.train_batch_size, replicas, "train_batch_size")
@@ -104,6 +118,7 @@ def _record_run(plan, flag_values):
   """Writes the run's flags.json and label subset into model_dir (a resumed run's are kept)."""
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+
   model_dir = plan.cfg.train.model_dir
   if plan.cfg.model.train_mode != "pretrain":
     datasets.write_label_subset(model_dir, plan.label_ids)  # Refuses another subset.
@@ -114,49 +129,76 @@ def _train(plan, strategy, state, is_chief):
   """Trains to the last step; with mode=train_then_eval, then evaluates and exports."""
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+
   cfg, t = plan.cfg, plan.cfg.train
-  views = datasets.example_views(plan.train_source, t.seed, cfg.model.image_size,
-                                 cfg.data.color_jitter_strength, cfg.data.use_blur)
-  step = train_lib.train(cfg, strategy, plan.train_source, state, is_chief, views,
-                         knn_sources=plan.knn_sources)
+  views = datasets.example_views(
+    plan.train_source,
+    t.seed,
+    cfg.model.image_size,
+    cfg.data.color_jitter_strength,
+    cfg.data.use_blur,
+  )
+  step = train_lib.train(
+    cfg, strategy, plan.train_source, state, is_chief, views, knn_sources=plan.knn_sources
+  )
   if step < state.total_steps:
     if state.stopped_by == "SIGINT":
-      raise Interrupted(f"Interrupted: SIGINT stopped training at step {step} of "
-                        f"{state.total_steps}, checkpoint saved in {t.model_dir}. Run the same "
-                        "command to resume.")
-    print(f"Preempted: SIGTERM stopped training at step {step} of {state.total_steps}, "
-          f"checkpoint saved in {t.model_dir}. Run the same command to resume.")
+      raise Interrupted(
+        f"Interrupted: SIGINT stopped training at step {step} of "
+        f"{state.total_steps}, checkpoint saved in {t.model_dir}. Run the same "
+        "command to resume."
+      )
+    print(
+      f"Preempted: SIGTERM stopped training at step {step} of {state.total_steps}, "
+      f"checkpoint saved in {t.model_dir}. Run the same command to resume."
+    )
     return None
   if t.mode == "train":
     print(f"Trained to step {step}. Checkpoints in {t.model_dir}")
     return None
-  return _evaluate_and_export(cfg, strategy, state, plan.eval_source, step, is_chief,
-                              plan.knn_sources)
+  return _evaluate_and_export(
+    cfg, strategy, state, plan.eval_source, step, is_chief, plan.knn_sources
+  )
 
 
 def _evaluate_checkpoints(plan, strategy, state, is_chief):
   """mode=eval, beside a training job: each new checkpoint once, until the last step."""
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
+
   t = plan.cfg.train
   result = None
   for step, _ in evaluate.restored_checkpoints(
-      state.checkpoint, t.model_dir, state.total_steps,
-      step_of=lambda: state.optimizer.iterations.numpy(), timeout_secs=t.eval_timeout_s):
-    result = _evaluate_and_export(plan.cfg, strategy, state, plan.eval_source, step, is_chief,
-                                  plan.knn_sources)
+    state.checkpoint,
+    t.model_dir,
+    state.total_steps,
+    step_of=lambda: state.optimizer.iterations.numpy(),
+    timeout_secs=t.eval_timeout_s,
+  ):
+    result = _evaluate_and_export(
+      plan.cfg, strategy, state, plan.eval_source, step, is_chief, plan.knn_sources
+    )
   return result
 
 
 def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources=None):
   """Top-1/top-5 of the supervised head (and the kNN monitor's figure), then the export."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
   from tf_simclr import knn  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   result = {}
   if eval_source is not None and state.model.supervised_head is not None:
-    result = evaluate.evaluate(state.model, strategy, eval_source, cfg.train.eval_batch_size,
-                               cfg.model.image_size, cfg.train.eval_steps,
-                               cfg.optim.weight_decay, cfg.optim.optimizer)
+    result = evaluate.evaluate(
+      state.model,
+      strategy,
+      eval_source,
+      cfg.train.eval_batch_size,
+      cfg.model.image_size,
+      cfg.train.eval_steps,
+      cfg.optim.weight_decay,
+      cfg.optim.optimizer,
+    )
   else:
     logging.info("No linear-evaluation head: skipping eval")
   if knn_sources is not None:
@@ -165,11 +207,19 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
   if is_chief and result:
     writer = tf.summary.create_file_writer(cfg.train.model_dir)
     evaluate.write_results(cfg.train.model_dir, result, step, writer)
-    figures = [f"{name} {result[key]:.4f}" for name, key in (
-        ("top-1", "eval/label_top_1_accuracy"), ("top-5", "eval/label_top_5_accuracy"),
-        ("kNN top-1", "knn/top_1_accuracy")) if key in result]
-    print(f"Step {step}: {', '.join(figures)} on {eval_source.name}/{eval_source.split}. "
-          f"Results: {os.path.join(cfg.train.model_dir, 'result.json')}")
+    figures = [
+      f"{name} {result[key]:.4f}"
+      for name, key in (
+        ("top-1", "eval/label_top_1_accuracy"),
+        ("top-5", "eval/label_top_5_accuracy"),
+        ("kNN top-1", "knn/top_1_accuracy"),
+      )
+      if key in result
+    ]
+    print(
+      f"Step {step}: {', '.join(figures)} on {eval_source.name}/{eval_source.split}. "
+      f"Results: {os.path.join(cfg.train.model_dir, 'result.json')}"
+    )
   if is_chief:
     try:
       target = _export(cfg, state.model, step)
@@ -190,8 +240,12 @@ def main(argv):
     run(cfg, flag_values)
   except (Interrupted, KeyboardInterrupt) as err:
     # 128 + SIGINT, as shells report a process that Ctrl-C ended.
-    print(str(err) or "Interrupted: SIGINT before training began or after it ended; nothing "
-          "to save. Run the same command to start again.", file=sys.stderr)
+    print(
+      str(err)
+      or "Interrupted: SIGINT before training began or after it ended; nothing "
+      "to save. Run the same command to start again.",
+      file=sys.stderr,
+    )
     sys.exit(130)
   except (ValueError, OSError) as err:
     if os.environ.get("TF_SIMCLR_TRACEBACK"):
@@ -199,18 +253,26 @@ def main(argv):
     message = f"error: {err}"
   except Exception as err:  # TensorFlow's errors (disk full, permissions) are not ValueErrors.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     if not isinstance(err, tf.errors.OpError) or os.environ.get("TF_SIMCLR_TRACEBACK"):
       raise
     from tf_simclr import errors  # pylint: disable=g-import-not-at-top
+
     message = f"error: {type(err).__name__}: {errors.first_line(err)}"
-    lost_peer = (tf.errors.UnavailableError, tf.errors.AbortedError,
-                 tf.errors.DeadlineExceededError, tf.errors.CancelledError)
+    lost_peer = (
+      tf.errors.UnavailableError,
+      tf.errors.AbortedError,
+      tf.errors.DeadlineExceededError,
+      tf.errors.CancelledError,
+    )
     if FLAGS.strategy == "multi_worker" and isinstance(err, lost_peer):
       # What the other workers see when one dies: its connections reset, or the coordination
       # service misses its heartbeats (10 s) and aborts every collective.
-      message = (f"error: lost contact with another worker of the cluster ({message[7:]}); "
-                 "restart every worker with the same command to resume from the last "
-                 "checkpoint")
+      message = (
+        f"error: lost contact with another worker of the cluster ({message[7:]}); "
+        "restart every worker with the same command to resume from the last "
+        "checkpoint"
+      )
   if message is not None:
     # Leaving the except block freed the traceback; half-restored checkpoint objects it held
     # log warnings when collected. Let that happen first, so the error is the last line.

@@ -6,6 +6,7 @@
 `batched_augment` is an alternative, batched form of the augmentation that only the
 augmentation benchmark compares against.
 """
+
 import argparse
 import sys
 

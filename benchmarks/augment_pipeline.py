@@ -21,7 +21,7 @@ import json
 import os
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -35,8 +35,7 @@ _NUM_SOURCES = 64  # Distinct synthetic images, cycled.
 
 def _sources(source_hw):
   rng = np.random.default_rng(0)
-  return tf.constant(
-      rng.integers(0, 256, (_NUM_SOURCES,) + source_hw + (3,), np.uint8))
+  return tf.constant(rng.integers(0, 256, (_NUM_SOURCES,) + source_hw + (3,), np.uint8))
 
 
 def _seed(index, view):
@@ -46,9 +45,7 @@ def _seed(index, view):
 
 def _batch_seeds(indices, view):
   """int64 [B, 2] seeds (index, view) for int64 [B] indices."""
-  return tf.stack(
-      [indices, tf.fill(tf.shape(indices), tf.constant(view, tf.int64))],
-      axis=1)
+  return tf.stack([indices, tf.fill(tf.shape(indices), tf.constant(view, tf.int64))], axis=1)
 
 
 def reference_like_view(image, size):
@@ -61,12 +58,16 @@ def reference_like_view(image, size):
   """
   image = tf.image.convert_image_dtype(image, tf.float32)
   begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-      tf.shape(image), tf.constant([[[0., 0., 1., 1.]]]),
-      min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-      area_range=(0.08, 1.0), max_attempts=100,
-      use_image_if_no_bounding_boxes=True)
+    tf.shape(image),
+    tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    min_object_covered=0.1,
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    area_range=(0.08, 1.0),
+    max_attempts=100,
+    use_image_if_no_bounding_boxes=True,
+  )
   image = tf.slice(image, begin, crop_size)
-  image = tf.image.resize([image], [size, size], method='bicubic')[0]
+  image = tf.image.resize([image], [size, size], method="bicubic")[0]
   image = tf.image.random_flip_left_right(image)
 
   def jitter(x):
@@ -83,29 +84,32 @@ def reference_like_view(image, size):
       def hue():
         return tf.image.random_hue(x, 0.2)
 
-      return tf.cond(i < 2, lambda: tf.cond(i < 1, brightness, contrast),
-                     lambda: tf.cond(i < 3, saturation, hue))
+      return tf.cond(
+        i < 2, lambda: tf.cond(i < 1, brightness, contrast), lambda: tf.cond(i < 3, saturation, hue)
+      )
 
     perm = tf.random.shuffle(tf.range(4))
     for i in range(4):
-      x = tf.clip_by_value(apply(perm[i], x), 0., 1.)
+      x = tf.clip_by_value(apply(perm[i], x), 0.0, 1.0)
     return x
 
-  image = tf.cond(tf.random.uniform([]) < 0.8, lambda: jitter(image),
-                  lambda: image)
-  image = tf.cond(tf.random.uniform([]) < 0.2,
-                  lambda: tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3]),
-                  lambda: image)
-  return tf.clip_by_value(tf.reshape(image, [size, size, 3]), 0., 1.)
+  image = tf.cond(tf.random.uniform([]) < 0.8, lambda: jitter(image), lambda: image)
+  image = tf.cond(
+    tf.random.uniform([]) < 0.2,
+    lambda: tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3]),
+    lambda: image,
+  )
+  return tf.clip_by_value(tf.reshape(image, [size, size, 3]), 0.0, 1.0)
 
 
 def _per_index_pipeline(two_views, batch_size):
   """Endless indices -> parallel `two_views(index)` map -> batch -> prefetch."""
-  return (tf.data.Dataset.range(1 << 62)
-          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
-               deterministic=False)
-          .batch(batch_size, drop_remainder=True)
-          .prefetch(tf.data.AUTOTUNE))
+  return (
+    tf.data.Dataset.range(1 << 62)
+    .map(two_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    .batch(batch_size, drop_remainder=True)
+    .prefetch(tf.data.AUTOTUNE)
+  )
 
 
 def reference_dataset(source_hw, size, batch_size):
@@ -126,8 +130,9 @@ def per_image_dataset(source_hw, size, batch_size, use_blur):
   def two_views(index):
     image = images[index % _NUM_SOURCES]
     return tuple(
-        augment.simclr_augment(image, _seed(index, v), size, size,
-                               use_blur=use_blur) for v in range(2))
+      augment.simclr_augment(image, _seed(index, v), size, size, use_blur=use_blur)
+      for v in range(2)
+    )
 
   return _per_index_pipeline(two_views, batch_size)
 
@@ -139,15 +144,18 @@ def batched_dataset(source_hw, size, batch_size, use_blur):
   def two_views(index):
     batch = tf.gather(images, index % _NUM_SOURCES)
     return tuple(
-        batched_augment.simclr_augment_batch(batch, _batch_seeds(index, v), size,
-                                             size, use_blur=use_blur)
-        for v in range(2))
+      batched_augment.simclr_augment_batch(
+        batch, _batch_seeds(index, v), size, size, use_blur=use_blur
+      )
+      for v in range(2)
+    )
 
-  return (tf.data.Dataset.range(1 << 62)
-          .batch(batch_size, drop_remainder=True)
-          .map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
-               deterministic=False)
-          .prefetch(tf.data.AUTOTUNE))
+  return (
+    tf.data.Dataset.range(1 << 62)
+    .batch(batch_size, drop_remainder=True)
+    .map(two_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    .prefetch(tf.data.AUTOTUNE)
+  )
 
 
 def time_dataset(dataset, batch_size, warmup, steps):
@@ -165,8 +173,10 @@ def time_dataset(dataset, batch_size, warmup, steps):
     views = next(iterator)
   views[0].numpy()
   images = steps * batch_size
-  return (images / (time.perf_counter() - start),
-          images * os.cpu_count() / (time.process_time() - cpu_start))
+  return (
+    images / (time.perf_counter() - start),
+    images * os.cpu_count() / (time.process_time() - cpu_start),
+  )
 
 
 def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
@@ -177,9 +187,10 @@ def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
   def two_views(step):
     index = step * batch_size + tf.range(batch_size, dtype=tf.int64)
     return [
-        batched_augment.simclr_augment_batch(images, _batch_seeds(index, v),
-                                             size, size, use_blur=use_blur)
-        for v in range(2)
+      batched_augment.simclr_augment_batch(
+        images, _batch_seeds(index, v), size, size, use_blur=use_blur
+      )
+      for v in range(2)
     ]
 
   for step in range(warmup):
@@ -189,30 +200,33 @@ def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
     out = two_views(tf.constant(warmup + step, tf.int64))
   out[0].numpy()
   images = steps * batch_size
-  return (images / (time.perf_counter() - start),
-          images * os.cpu_count() / (time.process_time() - cpu_start))
+  return (
+    images / (time.perf_counter() - start),
+    images * os.cpu_count() / (time.process_time() - cpu_start),
+  )
 
 
 def parse(argv):
   """The benchmark's flags; a bad one exits with one `error: ...` line."""
-  parser = benchmarks.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--steps', type=int, default=0,
-                      help='timed batches (default: 20 at 32 px, 4 at 224 px)')
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--sizes', default='32,224', help='view sides, comma-separated')
-  parser.add_argument('--skip_batched', action='store_true')
+  parser = benchmarks.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument(
+    "--steps", type=int, default=0, help="timed batches (default: 20 at 32 px, 4 at 224 px)"
+  )
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--sizes", default="32,224", help="view sides, comma-separated")
+  parser.add_argument("--skip_batched", action="store_true")
   args = parser.parse_args(argv)
   try:
-    sizes = [int(s) for s in args.sizes.split(',')]
+    sizes = [int(s) for s in args.sizes.split(",")]
   except ValueError:
     sizes = []
   if not sizes or min(sizes) < 1:
-    parser.error(f'--sizes={args.sizes} must be positive integers separated by commas')
+    parser.error(f"--sizes={args.sizes} must be positive integers separated by commas")
   args.sizes = sizes
-  for name, low in (('batch_size', 1), ('steps', 0), ('warmup', 0)):
+  for name, low in (("batch_size", 1), ("steps", 0), ("warmup", 0)):
     if getattr(args, name) < low:
-      parser.error(f'--{name}={getattr(args, name)} must be >= {low}')
+      parser.error(f"--{name}={getattr(args, name)} must be >= {low}")
   return args
 
 
@@ -222,42 +236,55 @@ def main(argv=None):
   for size in args.sizes:
     source_hw = configs.get(size, (size, size))
     steps = args.steps or (20 if size <= 32 else 4)
-    runs = [('reference-like per-image map', False),
-            ('tf.data per-image map', True), ('tf.data per-image map', False)]
+    runs = [
+      ("reference-like per-image map", False),
+      ("tf.data per-image map", True),
+      ("tf.data per-image map", False),
+    ]
     if not args.skip_batched:
-      runs += [('tf.data batched map', True), ('tf.function batched', True)]
+      runs += [("tf.data batched map", True), ("tf.function batched", True)]
     baseline = None
     for form, use_blur in runs:
-      if form == 'reference-like per-image map':
+      if form == "reference-like per-image map":
         wall, cpu = time_dataset(
-            reference_dataset(source_hw, size, args.batch_size),
-            args.batch_size, args.warmup, steps)
+          reference_dataset(source_hw, size, args.batch_size), args.batch_size, args.warmup, steps
+        )
         baseline = wall
-      elif form == 'tf.data per-image map':
+      elif form == "tf.data per-image map":
         wall, cpu = time_dataset(
-            per_image_dataset(source_hw, size, args.batch_size, use_blur),
-            args.batch_size, args.warmup, steps)
-      elif form == 'tf.data batched map':
+          per_image_dataset(source_hw, size, args.batch_size, use_blur),
+          args.batch_size,
+          args.warmup,
+          steps,
+        )
+      elif form == "tf.data batched map":
         wall, cpu = time_dataset(
-            batched_dataset(source_hw, size, args.batch_size, use_blur),
-            args.batch_size, args.warmup, steps)
+          batched_dataset(source_hw, size, args.batch_size, use_blur),
+          args.batch_size,
+          args.warmup,
+          steps,
+        )
       else:
-        wall, cpu = time_function(source_hw, size, args.batch_size, use_blur,
-                                  args.warmup, steps)
-      print(json.dumps({
-          'form': form,
-          'size': size,
-          'source': f'{source_hw[0]}x{source_hw[1]} uint8',
-          'use_blur': use_blur,
-          'views_per_image': 2,
-          'batch_size': args.batch_size,
-          'timed_batches': steps,
-          'images_per_s': round(wall, 1),
-          'images_per_cpu_s_x_cores': round(cpu, 1),
-          'vs_reference_like': round(wall / baseline, 2),
-          'cpus': os.cpu_count(),
-      }), flush=True)
+        wall, cpu = time_function(source_hw, size, args.batch_size, use_blur, args.warmup, steps)
+      print(
+        json.dumps(
+          {
+            "form": form,
+            "size": size,
+            "source": f"{source_hw[0]}x{source_hw[1]} uint8",
+            "use_blur": use_blur,
+            "views_per_image": 2,
+            "batch_size": args.batch_size,
+            "timed_batches": steps,
+            "images_per_s": round(wall, 1),
+            "images_per_cpu_s_x_cores": round(cpu, 1),
+            "vs_reference_like": round(wall / baseline, 2),
+            "cpus": os.cpu_count(),
+          }
+        ),
+        flush=True,
+      )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

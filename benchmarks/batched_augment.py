@@ -26,8 +26,9 @@ def _bicubic_table():
   """
   a = -0.5
   table_size = 1024
-  x = (np.arange(table_size + 1, dtype=np.float64) / table_size).astype(
-      np.float32).astype(np.float64)
+  x = (
+    (np.arange(table_size + 1, dtype=np.float64) / table_size).astype(np.float32).astype(np.float64)
+  )
   inner = ((a + 2) * x - (a + 3)) * x * x + 1
   x1 = (x + 1.0).astype(np.float32).astype(np.float64)
   outer = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
@@ -60,20 +61,22 @@ def _bicubic_taps(offset, size, out_size):
   # TF quantizes the fractional position to the 1024-entry table.
   entry = tf.cast(tf.math.rint((loc - base) * _BICUBIC_TABLE_SIZE), tf.int32)
   mirror = _BICUBIC_TABLE_SIZE - entry
-  weights = tf.stack([
+  weights = tf.stack(
+    [
       tf.gather(_BICUBIC_TABLE[1], entry),
       tf.gather(_BICUBIC_TABLE[0], entry),
       tf.gather(_BICUBIC_TABLE[0], mirror),
       tf.gather(_BICUBIC_TABLE[1], mirror),
-  ], axis=-1)
+    ],
+    axis=-1,
+  )
   raw = tf.cast(base, tf.int32)[..., None] + tf.constant([-1, 0, 1, 2])
   bounded = tf.clip_by_value(raw, 0, size[:, None, None] - 1)
   # Taps outside the crop get weight 0; the others are renormalized.
-  weights = tf.where(tf.equal(bounded, raw), weights, 0.)
+  weights = tf.where(tf.equal(bounded, raw), weights, 0.0)
   w0, w1, w2, w3 = tf.unstack(weights, axis=-1)
   total = ((w0 + w1) + w2) + w3
-  inv = tf.where(
-      tf.abs(total) >= 1000. * np.finfo(np.float32).tiny, 1. / total, 1.)
+  inv = tf.where(tf.abs(total) >= 1000.0 * np.finfo(np.float32).tiny, 1.0 / total, 1.0)
   return bounded + offset[:, None, None], weights * inv[..., None]
 
 
@@ -113,12 +116,7 @@ def _crop_resize(images, boxes, flip, height, width):
   return tf.transpose(out, [0, 2, 3, 1])  # [B, C, height, width]
 
 
-def simclr_augment_batch(images,
-                         seeds,
-                         height,
-                         width,
-                         color_jitter_strength=1.0,
-                         use_blur=True):
+def simclr_augment_batch(images, seeds, height, width, color_jitter_strength=1.0, use_blur=True):
   """SimCLR views of a batch with batched ops; equals `simclr_augment`.
 
   Row i equals `simclr_augment(images[i], seeds[i], ...)` up to float
@@ -142,22 +140,22 @@ def simclr_augment_batch(images,
   """
   height, width = augment._check_size(height, width)
   strength = augment._check_strength(color_jitter_strength)
-  images = augment._check_image(images, rank=4, name='images')
+  images = augment._check_image(images, rank=4, name="images")
   seeds = augment._check_seed(seeds, rank=2)
 
   image_size = tf.shape(images)[1:]
 
   def draw(seed):
     p = augment._draw(seed, image_size, height, width, strength)
-    p['box'] = tf.concat([p.pop('begin')[:2], p.pop('size')[:2]], 0)
+    p["box"] = tf.concat([p.pop("begin")[:2], p.pop("size")[:2]], 0)
     return p
 
-  signature = {'box': tf.TensorSpec([4], tf.int32), **augment.DISTORT_SIGNATURE}
+  signature = {"box": tf.TensorSpec([4], tf.int32), **augment.DISTORT_SIGNATURE}
   p = tf.map_fn(draw, seeds, fn_output_signature=signature)
 
-  x = _crop_resize(augment._to_float(images), p['box'], p['flip'], height, width)
-  x = tf.clip_by_value(x, 0., 1.)
+  x = _crop_resize(augment._to_float(images), p["box"], p["flip"], height, width)
+  x = tf.clip_by_value(x, 0.0, 1.0)
   x = augment._distort_planar(x, p, strength, use_blur)
   views = tf.transpose(x, [0, 2, 3, 1])
-  views = tf.clip_by_value(views, 0., 1.)
+  views = tf.clip_by_value(views, 0.0, 1.0)
   return tf.ensure_shape(views, [None, height, width, 3])

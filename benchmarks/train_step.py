@@ -13,6 +13,7 @@ synthetic uint8 images, and prints one JSON line last:
 Absolute figures are noisy when other processes share the cores; compare runs made together.
 Bad flags: one `error: ...` line on stderr, exit 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ import benchmarks  # noqa: E402
 
 if typing.TYPE_CHECKING:  # TensorFlow is imported after the flags are parsed: fast refusals.
   import tensorflow as tf
+
   from tf_simclr import train
 
 _NUM_SOURCES = 512  # distinct synthetic images, cycled through by the input pipeline
@@ -48,21 +50,24 @@ def parse(argv):
   p.add_argument("--sk_ratio", type=float, default=0.0)
   p.add_argument("--se_ratio", type=float, default=0.0)
   p.add_argument("--image_size", type=int, default=32)
-  p.add_argument("--source_size", type=int, default=0,
-                 help="side of the synthetic source images (default: image_size, or 256 above "
-                      "64 px)")
+  p.add_argument(
+    "--source_size",
+    type=int,
+    default=0,
+    help="side of the synthetic source images (default: image_size, or 256 above 64 px)",
+  )
   p.add_argument("--train_batch_size", type=int, default=128)
   p.add_argument("--steps", type=int, default=6, help="timed steps after the first")
   p.add_argument("--optimizer", default="lars", choices=["lars", "momentum", "adam"])
-  p.add_argument("--mixed_precision", default="none",
-                 choices=["none", "mixed_bfloat16", "mixed_float16"])
+  p.add_argument(
+    "--mixed_precision", default="none", choices=["none", "mixed_bfloat16", "mixed_float16"]
+  )
   p.add_argument("--jit_compile", action=argparse.BooleanOptionalAction, default=False)
   p.add_argument("--augment_on_device", action=argparse.BooleanOptionalAction, default=False)
   p.add_argument("--use_blur", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--global_bn", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--cpu_replicas", type=int, default=0)
-  p.add_argument("--strategy", default="auto",
-                 choices=["auto", "mirrored", "one_device"])
+  p.add_argument("--strategy", default="auto", choices=["auto", "mirrored", "one_device"])
   args = p.parse_args(argv)
   for name in ("steps", "train_batch_size", "image_size"):
     if getattr(args, name) < 1:
@@ -76,14 +81,19 @@ def parse(argv):
 def synthetic_source(size: int, num_examples: int = _NUM_SOURCES):
   """A `datasets.Source` of PNG-encoded uniform-noise uint8 images [size, size, 3]."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num_examples, size, size, 3), np.uint8)
   encoded = [tf.io.encode_png(im).numpy() for im in images]
-  records = tf.data.Dataset.from_tensor_slices({
+  records = tf.data.Dataset.from_tensor_slices(
+    {
       "image": tf.constant(encoded),
       "label": tf.constant(rng.integers(0, _NUM_CLASSES, num_examples), tf.int64),
-      "id": tf.range(num_examples, dtype=tf.int64)})
+      "id": tf.range(num_examples, dtype=tf.int64),
+    }
+  )
   return datasets.Source("synthetic", "train", num_examples, _NUM_CLASSES, records)
 
 
@@ -92,9 +102,9 @@ def _conv_flops(op):
   """2 * (output elements) * (kernel window * input channels), for any Conv2D direction."""
   if op.type == "Conv2D":
     out, kernel = op.outputs[0].shape, op.inputs[1].shape
-  elif op.type == "Conv2DBackpropInput":   # inputs: input_sizes, filter, out_backprop
+  elif op.type == "Conv2DBackpropInput":  # inputs: input_sizes, filter, out_backprop
     out, kernel = op.inputs[2].shape, op.inputs[1].shape
-  else:                                    # Conv2DBackpropFilter: its output is the filter's
+  else:  # Conv2DBackpropFilter: its output is the filter's
     out, kernel = op.inputs[2].shape, op.outputs[0].shape
   if out.num_elements() is None or not kernel.is_fully_defined():
     return 0
@@ -112,9 +122,14 @@ def _matmul_flops(op):
   return 0 if k is None else 2 * out.num_elements() * int(k)
 
 
-_FLOP_COUNTERS = {"Conv2D": _conv_flops, "Conv2DBackpropInput": _conv_flops,
-                  "Conv2DBackpropFilter": _conv_flops, "MatMul": _matmul_flops,
-                  "BatchMatMulV2": _matmul_flops, "BatchMatMulV3": _matmul_flops}
+_FLOP_COUNTERS = {
+  "Conv2D": _conv_flops,
+  "Conv2DBackpropInput": _conv_flops,
+  "Conv2DBackpropFilter": _conv_flops,
+  "MatMul": _matmul_flops,
+  "BatchMatMulV2": _matmul_flops,
+  "BatchMatMulV3": _matmul_flops,
+}
 
 
 def count_graph_flops(graph) -> int:
@@ -140,6 +155,7 @@ def step_flops(trainer, per_replica_batch) -> int:
   2b x 2bR): negligible next to the convolutions at any batch we can run.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   specs = tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), per_replica_batch)
   graph = tf.function(trainer.compute_gradients).get_concrete_function(specs).graph
   return count_graph_flops(graph) * trainer.num_replicas
@@ -148,6 +164,7 @@ def step_flops(trainer, per_replica_batch) -> int:
 @dataclasses.dataclass
 class Bench:
   """What `build` sets up: the strategy, the trainer and its input."""
+
   strategy: tf.distribute.Strategy
   trainer: train.Trainer
   input_fn: typing.Callable[[tf.distribute.InputContext], tf.data.Dataset]
@@ -160,8 +177,8 @@ class Bench:
   def per_replica_batch(self):
     """One replica's batch (a dict of tensors), for `step_flops`."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    context = tf.distribute.InputContext(
-        num_replicas_in_sync=self.strategy.num_replicas_in_sync)
+
+    context = tf.distribute.InputContext(num_replicas_in_sync=self.strategy.num_replicas_in_sync)
     return next(iter(self.input_fn(context)))
 
 
@@ -171,6 +188,7 @@ def build(args, model_dir: str) -> Bench:
   Sets the process-wide CPU devices and dtype policy that `args` asks for.
   """
   import keras  # pylint: disable=g-import-not-at-top
+
   from tf_simclr import config as C  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
   from tf_simclr import train  # pylint: disable=g-import-not-at-top
@@ -183,17 +201,32 @@ def build(args, model_dir: str) -> Bench:
   source_size = args.source_size or (args.image_size if args.image_size <= 64 else 256)
   source = synthetic_source(source_size)
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic", use_blur=args.use_blur, cache_dataset=True),
-      C.ModelConfig(resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
-                    sk_ratio=args.sk_ratio, se_ratio=args.se_ratio,
-                    image_size=args.image_size, global_bn=args.global_bn,
-                    num_classes=_NUM_CLASSES),
-      C.OptimConfig(optimizer=args.optimizer),
-      C.TrainConfig(model_dir=model_dir, train_batch_size=args.train_batch_size,
-                    train_steps=args.steps + 1, checkpoint_steps=1, temperature=0.1),
-      C.RuntimeConfig(strategy=args.strategy, cpu_replicas=args.cpu_replicas,
-                      mixed_precision=args.mixed_precision, jit_compile=args.jit_compile,
-                      augment_on_device=args.augment_on_device))
+    C.DataConfig(dataset="synthetic", use_blur=args.use_blur, cache_dataset=True),
+    C.ModelConfig(
+      resnet_depth=args.resnet_depth,
+      width_multiplier=args.width_multiplier,
+      sk_ratio=args.sk_ratio,
+      se_ratio=args.se_ratio,
+      image_size=args.image_size,
+      global_bn=args.global_bn,
+      num_classes=_NUM_CLASSES,
+    ),
+    C.OptimConfig(optimizer=args.optimizer),
+    C.TrainConfig(
+      model_dir=model_dir,
+      train_batch_size=args.train_batch_size,
+      train_steps=args.steps + 1,
+      checkpoint_steps=1,
+      temperature=0.1,
+    ),
+    C.RuntimeConfig(
+      strategy=args.strategy,
+      cpu_replicas=args.cpu_replicas,
+      mixed_precision=args.mixed_precision,
+      jit_compile=args.jit_compile,
+      augment_on_device=args.augment_on_device,
+    ),
+  )
   state = train.build_state(cfg, strategy, source.num_examples)
   trainer = train.Trainer(cfg, strategy, state)
   return Bench(strategy, trainer, trainer.input_fn(source, start_step=0), source_size)
@@ -227,23 +260,32 @@ def main(argv=None):
   step_s = statistics.median(times)
   replicas = bench.strategy.num_replicas_in_sync
   result = {
-      "resnet_depth": args.resnet_depth, "width_multiplier": args.width_multiplier,
-      "image_size": args.image_size, "source_size": bench.source_size,
-      "train_batch_size": args.train_batch_size, "views": 2 * args.train_batch_size,
-      "mixed_precision": args.mixed_precision, "jit_compile": args.jit_compile,
-      "augment_on_device": args.augment_on_device, "use_blur": args.use_blur,
-      "optimizer": args.optimizer, "replicas": replicas,
-      "strategy": type(bench.strategy).__name__,
-      "cpus": os.cpu_count(), "timed_steps": args.steps,
-      "img_per_s": round(args.train_batch_size / step_s, 2),
-      "step_s": round(step_s, 3),
-      "step_s_min": round(min(times), 3), "step_s_max": round(max(times), 3),
-      "first_step_s": round(first_step_s, 2),
-      "build_s": round(built - started, 2),
-      "gflop_per_step": round(flops / 1e9, 1), "flop_per_step": flops,
-      "achieved_gflop_per_s": round(flops / 1e9 / step_s, 1),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "total_s": round(time.time() - started, 1),
+    "resnet_depth": args.resnet_depth,
+    "width_multiplier": args.width_multiplier,
+    "image_size": args.image_size,
+    "source_size": bench.source_size,
+    "train_batch_size": args.train_batch_size,
+    "views": 2 * args.train_batch_size,
+    "mixed_precision": args.mixed_precision,
+    "jit_compile": args.jit_compile,
+    "augment_on_device": args.augment_on_device,
+    "use_blur": args.use_blur,
+    "optimizer": args.optimizer,
+    "replicas": replicas,
+    "strategy": type(bench.strategy).__name__,
+    "cpus": os.cpu_count(),
+    "timed_steps": args.steps,
+    "img_per_s": round(args.train_batch_size / step_s, 2),
+    "step_s": round(step_s, 3),
+    "step_s_min": round(min(times), 3),
+    "step_s_max": round(max(times), 3),
+    "first_step_s": round(first_step_s, 2),
+    "build_s": round(built - started, 2),
+    "gflop_per_step": round(flops / 1e9, 1),
+    "flop_per_step": flops,
+    "achieved_gflop_per_s": round(flops / 1e9 / step_s, 1),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "total_s": round(time.time() - started, 1),
   }
   print(json.dumps(result), flush=True)
   return result

@@ -2,6 +2,7 @@
 
 Only this module and run.py read flags; `to_config` turns them into tf_simclr's dataclasses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import math
 from absl import flags
 
 from tf_simclr import config as config_lib
+
 # The lists of choices come from the modules that define them (these import TensorFlow).
 from tf_simclr import datasets
 from tf_simclr import distribute
@@ -19,123 +21,235 @@ from tf_simclr import schedules
 
 # --- The reference's flags (google-research/simclr tf2/run.py), unchanged. ---
 flags.DEFINE_float("learning_rate", 0.3, "Initial learning rate per batch size of 256.")
-flags.DEFINE_enum("learning_rate_scaling", "linear", schedules.LEARNING_RATE_SCALINGS,
-                  "How to scale the learning rate as a function of batch size.")
+flags.DEFINE_enum(
+  "learning_rate_scaling",
+  "linear",
+  schedules.LEARNING_RATE_SCALINGS,
+  "How to scale the learning rate as a function of batch size.",
+)
 flags.DEFINE_float("warmup_epochs", 10, "Number of epochs of warmup.")
 flags.DEFINE_float("weight_decay", 1e-6, "Amount of weight decay to use.")
 flags.DEFINE_float("batch_norm_decay", 0.9, "Batch norm decay parameter.")
 flags.DEFINE_integer("train_batch_size", 512, "Batch size for training.")
 flags.DEFINE_string("train_split", "train", "Split for training.")
 flags.DEFINE_integer("train_epochs", 100, "Number of epochs to train for.")
-flags.DEFINE_integer("train_steps", 0,
-                     "Number of steps to train for. If provided, overrides train_epochs.")
-flags.DEFINE_integer("eval_steps", 0,
-                     "Number of steps to eval for. If not provided, evals over entire dataset.")
+flags.DEFINE_integer(
+  "train_steps", 0, "Number of steps to train for. If provided, overrides train_epochs."
+)
+flags.DEFINE_integer(
+  "eval_steps", 0, "Number of steps to eval for. If not provided, evals over entire dataset."
+)
 flags.DEFINE_integer("eval_batch_size", 256, "Batch size for eval.")
 flags.DEFINE_integer("checkpoint_epochs", 1, "Number of epochs between checkpoints/summaries.")
-flags.DEFINE_integer("checkpoint_steps", 0, "Number of steps between checkpoints/summaries. If "
-                     "provided, overrides checkpoint_epochs.")
+flags.DEFINE_integer(
+  "checkpoint_steps",
+  0,
+  "Number of steps between checkpoints/summaries. If provided, overrides checkpoint_epochs.",
+)
 flags.DEFINE_string("eval_split", "validation", "Split for evaluation.")
-flags.DEFINE_string("dataset", "imagenet2012", "Name of a dataset: any tensorflow-datasets name, "
-                    f"'{datasets.IMAGE_FOLDER}' (images under data_dir/<split>/<class>/), or a "
-                    f"built-in ({', '.join(datasets.BUILT_IN)}: generated, no download).")
-flags.DEFINE_bool("cache_dataset", False, "Whether to cache the entire dataset in memory. If the "
-                  "dataset is ImageNet, this is a very bad idea, but for smaller datasets it can "
-                  "improve performance.")
-flags.DEFINE_enum("mode", "train", config_lib.MODES,
-                  "Whether to perform training or evaluation.")
-flags.DEFINE_enum("train_mode", "pretrain", config_lib.TRAIN_MODES,
-                  "The train mode controls different objectives and trainable components.")
-flags.DEFINE_bool("lineareval_while_pretraining", True,
-                  "Whether to finetune supervised head while pretraining.")
-flags.DEFINE_string("checkpoint", None, "Loading from the given checkpoint for fine-tuning if a "
-                    "finetuning checkpoint does not already exist in model_dir.")
-flags.DEFINE_bool("zero_init_logits_layer", False,
-                  "If True, zero initialize layers after avg_pool for supervised learning.")
-flags.DEFINE_integer("fine_tune_after_block", -1, "The layers after which block that we will "
-                     "fine-tune. -1 means fine-tuning everything. 0 means fine-tuning after stem "
-                     "block. 4 means fine-tuning just the linear head.")
-flags.DEFINE_string("master", None, "Address/name of the TensorFlow master to use. By default, "
-                    "use an in-process master.")
+flags.DEFINE_string(
+  "dataset",
+  "imagenet2012",
+  "Name of a dataset: any tensorflow-datasets name, "
+  f"'{datasets.IMAGE_FOLDER}' (images under data_dir/<split>/<class>/), or a "
+  f"built-in ({', '.join(datasets.BUILT_IN)}: generated, no download).",
+)
+flags.DEFINE_bool(
+  "cache_dataset",
+  False,
+  "Whether to cache the entire dataset in memory. If the "
+  "dataset is ImageNet, this is a very bad idea, but for smaller datasets it can "
+  "improve performance.",
+)
+flags.DEFINE_enum("mode", "train", config_lib.MODES, "Whether to perform training or evaluation.")
+flags.DEFINE_enum(
+  "train_mode",
+  "pretrain",
+  config_lib.TRAIN_MODES,
+  "The train mode controls different objectives and trainable components.",
+)
+flags.DEFINE_bool(
+  "lineareval_while_pretraining", True, "Whether to finetune supervised head while pretraining."
+)
+flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "Loading from the given checkpoint for fine-tuning if a "
+  "finetuning checkpoint does not already exist in model_dir.",
+)
+flags.DEFINE_bool(
+  "zero_init_logits_layer",
+  False,
+  "If True, zero initialize layers after avg_pool for supervised learning.",
+)
+flags.DEFINE_integer(
+  "fine_tune_after_block",
+  -1,
+  "The layers after which block that we will "
+  "fine-tune. -1 means fine-tuning everything. 0 means fine-tuning after stem "
+  "block. 4 means fine-tuning just the linear head.",
+)
+flags.DEFINE_string(
+  "master",
+  None,
+  "Address/name of the TensorFlow master to use. By default, use an in-process master.",
+)
 flags.DEFINE_string("model_dir", None, "Model directory for training.")
 flags.DEFINE_string("data_dir", None, "Directory where dataset is stored.")
-flags.DEFINE_bool("use_tpu", True, "Whether to run on TPU (with --strategy=auto: used when a TPU "
-                  "is named with --tpu_name/--master or attached to this host).")
-flags.DEFINE_string("tpu_name", None, "The Cloud TPU to use for training. This should be either "
-                    "the name used when creating the Cloud TPU, or a grpc://ip.address.of.tpu:8470 "
-                    "url.")
+flags.DEFINE_bool(
+  "use_tpu",
+  True,
+  "Whether to run on TPU (with --strategy=auto: used when a TPU "
+  "is named with --tpu_name/--master or attached to this host).",
+)
+flags.DEFINE_string(
+  "tpu_name",
+  None,
+  "The Cloud TPU to use for training. This should be either "
+  "the name used when creating the Cloud TPU, or a grpc://ip.address.of.tpu:8470 "
+  "url.",
+)
 flags.DEFINE_string("tpu_zone", None, "[Optional] GCE zone where the Cloud TPU is located in.")
-flags.DEFINE_string("gcp_project", None,
-                    "[Optional] Project name for the Cloud TPU-enabled project.")
+flags.DEFINE_string(
+  "gcp_project", None, "[Optional] Project name for the Cloud TPU-enabled project."
+)
 flags.DEFINE_enum("optimizer", "lars", optimizers.OPTIMIZERS, "Optimizer to use.")
 flags.DEFINE_float("momentum", 0.9, "Momentum parameter.")
-flags.DEFINE_string("eval_name", None, "Name for eval. tf_simclr: kept so that the "
-                    "reference's command lines parse; stored in flags.json, never read.")
+flags.DEFINE_string(
+  "eval_name",
+  None,
+  "Name for eval. tf_simclr: kept so that the "
+  "reference's command lines parse; stored in flags.json, never read.",
+)
 flags.DEFINE_integer("keep_checkpoint_max", 5, "Maximum number of checkpoints to keep.")
 flags.DEFINE_integer("keep_hub_module_max", 1, "Maximum number of Hub modules to keep.")
 flags.DEFINE_float("temperature", 0.1, "Temperature parameter for contrastive loss.")
-flags.DEFINE_boolean("hidden_norm", True,
-                     "Whether to L2-normalise the hidden vectors in the contrastive loss.")
-flags.DEFINE_enum("proj_head_mode", "nonlinear", model_lib.PROJ_HEAD_MODES,
-                  "How the head projection is done.")
+flags.DEFINE_boolean(
+  "hidden_norm", True, "Whether to L2-normalise the hidden vectors in the contrastive loss."
+)
+flags.DEFINE_enum(
+  "proj_head_mode", "nonlinear", model_lib.PROJ_HEAD_MODES, "How the head projection is done."
+)
 flags.DEFINE_integer("proj_out_dim", 128, "Number of head projection dimension.")
 flags.DEFINE_integer("num_proj_layers", 3, "Number of non-linear head layers.")
-flags.DEFINE_integer("ft_proj_selector", 0, "Which layer of the projection head to use during "
-                     "fine-tuning. 0 means no projection head.")
-flags.DEFINE_boolean("global_bn", True,
-                     "Whether to aggregate BN statistics across distributed cores.")
-flags.DEFINE_float("width_multiplier", 1, "Multiplier to change width of network. tf_simclr: "
-                   "any positive number (0.25, 0.5 for CPU-sized encoders); channels are "
-                   "round(c * w) for the reference's counts c.")
+flags.DEFINE_integer(
+  "ft_proj_selector",
+  0,
+  "Which layer of the projection head to use during fine-tuning. 0 means no projection head.",
+)
+flags.DEFINE_boolean(
+  "global_bn", True, "Whether to aggregate BN statistics across distributed cores."
+)
+flags.DEFINE_float(
+  "width_multiplier",
+  1,
+  "Multiplier to change width of network. tf_simclr: "
+  "any positive number (0.25, 0.5 for CPU-sized encoders); channels are "
+  "round(c * w) for the reference's counts c.",
+)
 flags.DEFINE_integer("resnet_depth", 50, "Depth of ResNet.")
-flags.DEFINE_float("sk_ratio", 0., "If it is bigger than 0, it will enable SK. "
-                   "Recommendation: 0.0625.")
-flags.DEFINE_float("se_ratio", 0., "If it is bigger than 0, it will enable SE.")
+flags.DEFINE_float(
+  "sk_ratio", 0.0, "If it is bigger than 0, it will enable SK. Recommendation: 0.0625."
+)
+flags.DEFINE_float("se_ratio", 0.0, "If it is bigger than 0, it will enable SE.")
 flags.DEFINE_integer("image_size", 224, "Input image size.")
 flags.DEFINE_float("color_jitter_strength", 1.0, "The strength of color jittering.")
-flags.DEFINE_boolean("use_blur", True,
-                     "Whether or not to use Gaussian blur for augmentation during pretraining.")
+flags.DEFINE_boolean(
+  "use_blur", True, "Whether or not to use Gaussian blur for augmentation during pretraining."
+)
 
 # --- tf_simclr's own flags. ---
-flags.DEFINE_boolean("zero_init_residual", True,
-                     "Start the last batch-norm gamma of every residual branch at 0 (the "
-                     "reference's ResNet). False starts it at 1, which learns much faster in "
-                     "runs of a few hundred steps (the CPU quick start).")
-flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES,
-                  "tf.distribute strategy. auto: a TPU if one is named or attached (and "
-                  "--use_tpu), else all GPUs, else the CPU.")
-flags.DEFINE_integer("cpu_replicas", 0, "Split the host CPU into N logical devices and mirror "
-                     "over them: the whole distributed path on one machine.")
+flags.DEFINE_boolean(
+  "zero_init_residual",
+  True,
+  "Start the last batch-norm gamma of every residual branch at 0 (the "
+  "reference's ResNet). False starts it at 1, which learns much faster in "
+  "runs of a few hundred steps (the CPU quick start).",
+)
+flags.DEFINE_enum(
+  "strategy",
+  "auto",
+  distribute.STRATEGIES,
+  "tf.distribute strategy. auto: a TPU if one is named or attached (and "
+  "--use_tpu), else all GPUs, else the CPU.",
+)
+flags.DEFINE_integer(
+  "cpu_replicas",
+  0,
+  "Split the host CPU into N logical devices and mirror "
+  "over them: the whole distributed path on one machine.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentations.")
 flags.DEFINE_bool("deterministic", False, "Bit-for-bit repeatable run (deterministic ops).")
-flags.DEFINE_float("train_label_fraction", 1.0, "Fine-tune on this class-balanced fraction of "
-                   "the training labels, in (0, 1] (per class round(fraction * count), at least "
-                   "1), chosen by --seed; saved as model_dir/label_subset.txt. 1: all.")
-flags.DEFINE_string("train_label_file", None, "Fine-tune on the training examples listed in this "
-                    "text file, one example id (index in the split) per line.")
-flags.DEFINE_integer("knn_eval_every_n_steps", 0, "Every N training steps, kNN top-1 of the eval "
-                     "split against the train split's final_avg_pool features. 0: off.")
+flags.DEFINE_float(
+  "train_label_fraction",
+  1.0,
+  "Fine-tune on this class-balanced fraction of "
+  "the training labels, in (0, 1] (per class round(fraction * count), at least "
+  "1), chosen by --seed; saved as model_dir/label_subset.txt. 1: all.",
+)
+flags.DEFINE_string(
+  "train_label_file",
+  None,
+  "Fine-tune on the training examples listed in this "
+  "text file, one example id (index in the split) per line.",
+)
+flags.DEFINE_integer(
+  "knn_eval_every_n_steps",
+  0,
+  "Every N training steps, kNN top-1 of the eval "
+  "split against the train split's final_avg_pool features. 0: off.",
+)
 flags.DEFINE_integer("knn_k", 200, "Neighbours of the kNN monitor (fewer if the bank is smaller).")
-flags.DEFINE_float("knn_temperature", 0.07,
-                   "Temperature T of the kNN monitor's vote weights exp(similarity / T).")
-flags.DEFINE_string("teacher_checkpoint", None, "--train_mode=distill: the fine-tuned teacher, a "
-                    "tf_simclr checkpoint (prefix or model_dir, with its flags.json) or an "
-                    "exported SavedModel (model_dir/saved_model/<step>).")
-flags.DEFINE_float("distill_temperature", 1.0, "Temperature of the teacher's and the student's "
-                   "softmax in the distillation loss.")
-flags.DEFINE_float("distill_label_weight", 0.0, "Distillation loss = (1 - w) * distillation + "
-                   "w * cross-entropy on the labelled examples (the label subset), w in [0, 1].")
-flags.DEFINE_enum("mixed_precision", "none", config_lib.MIXED_PRECISION_POLICIES,
-                  "Keras dtype policy; BN statistics, losses and the optimizer stay float32.")
-flags.DEFINE_bool("jit_compile", False, "Compile the per-replica forward and backward pass with "
-                  "XLA (one replica per process; TPUs always compile). Slower on CPU: see README.")
-flags.DEFINE_float("eval_timeout_s", 0, "--mode=eval: stop when no new checkpoint appeared in "
-                   "model_dir for this many seconds (an error if none came at all). 0: wait "
-                   "without limit, as the reference does.")
-flags.DEFINE_bool("augment_on_device", False, "Crop on the host, flip/colour/blur the batch in "
-                  "the training step, on the accelerator: for hosts that cannot keep up.")
+flags.DEFINE_float(
+  "knn_temperature", 0.07, "Temperature T of the kNN monitor's vote weights exp(similarity / T)."
+)
+flags.DEFINE_string(
+  "teacher_checkpoint",
+  None,
+  "--train_mode=distill: the fine-tuned teacher, a "
+  "tf_simclr checkpoint (prefix or model_dir, with its flags.json) or an "
+  "exported SavedModel (model_dir/saved_model/<step>).",
+)
+flags.DEFINE_float(
+  "distill_temperature",
+  1.0,
+  "Temperature of the teacher's and the student's softmax in the distillation loss.",
+)
+flags.DEFINE_float(
+  "distill_label_weight",
+  0.0,
+  "Distillation loss = (1 - w) * distillation + "
+  "w * cross-entropy on the labelled examples (the label subset), w in [0, 1].",
+)
+flags.DEFINE_enum(
+  "mixed_precision",
+  "none",
+  config_lib.MIXED_PRECISION_POLICIES,
+  "Keras dtype policy; BN statistics, losses and the optimizer stay float32.",
+)
+flags.DEFINE_bool(
+  "jit_compile",
+  False,
+  "Compile the per-replica forward and backward pass with "
+  "XLA (one replica per process; TPUs always compile). Slower on CPU: see README.",
+)
+flags.DEFINE_float(
+  "eval_timeout_s",
+  0,
+  "--mode=eval: stop when no new checkpoint appeared in "
+  "model_dir for this many seconds (an error if none came at all). 0: wait "
+  "without limit, as the reference does.",
+)
+flags.DEFINE_bool(
+  "augment_on_device",
+  False,
+  "Crop on the host, flip/colour/blur the batch in "
+  "the training step, on the accelerator: for hosts that cannot keep up.",
+)
 
 FLAGS = flags.FLAGS
+
 
 def _pick(cls, values):
   names = {f.name for f in dataclasses.fields(cls)}
@@ -146,52 +260,77 @@ def validate(values: dict) -> None:
   """Checks values that would otherwise fail deep inside TensorFlow; ValueError names the flag."""
   if not values["temperature"] > 0:
     raise ValueError(f"--temperature must be > 0, got {values['temperature']}")
-  for name in ("train_batch_size", "eval_batch_size", "image_size", "width_multiplier",
-               "proj_out_dim"):
+  for name in (
+    "train_batch_size",
+    "eval_batch_size",
+    "image_size",
+    "width_multiplier",
+    "proj_out_dim",
+  ):
     # `not > 0` also refuses NaN.
     if not values[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {values[name]}")
   from tf_simclr import resnet  # pylint: disable=g-import-not-at-top
+
   try:
     resnet.check_width(values["width_multiplier"], values["sk_ratio"])
   except ValueError as err:
     raise ValueError(f"--{err}") from None
-  for name in ("train_steps", "train_epochs", "eval_steps", "checkpoint_steps",
-               "checkpoint_epochs", "cpu_replicas", "warmup_epochs", "weight_decay", "sk_ratio",
-               "se_ratio", "eval_timeout_s"):
+  for name in (
+    "train_steps",
+    "train_epochs",
+    "eval_steps",
+    "checkpoint_steps",
+    "checkpoint_epochs",
+    "cpu_replicas",
+    "warmup_epochs",
+    "weight_decay",
+    "sk_ratio",
+    "se_ratio",
+    "eval_timeout_s",
+  ):
     if values[name] < 0:
       raise ValueError(f"--{name} must be >= 0, got {values[name]}")
   if values["keep_checkpoint_max"] < 1:
-    raise ValueError(f"--keep_checkpoint_max must be >= 1 (the newest checkpoint is what a "
-                     f"resume starts from), got {values['keep_checkpoint_max']}")
+    raise ValueError(
+      f"--keep_checkpoint_max must be >= 1 (the newest checkpoint is what a "
+      f"resume starts from), got {values['keep_checkpoint_max']}"
+    )
   if not values["model_dir"]:
     raise ValueError("--model_dir is required (where checkpoints, results and exports go)")
   if values["train_steps"] == 0 and values["train_epochs"] == 0:
     raise ValueError("one of --train_steps or --train_epochs must be > 0")
   if not 0 < values["train_label_fraction"] <= 1:  # Also rejects NaN.
-    raise ValueError(f"--train_label_fraction must be in (0, 1], got "
-                     f"{values['train_label_fraction']}")
+    raise ValueError(
+      f"--train_label_fraction must be in (0, 1], got {values['train_label_fraction']}"
+    )
   if values["train_label_file"] and values["train_label_fraction"] != 1:
     raise ValueError("give --train_label_fraction or --train_label_file, not both")
   if values["knn_eval_every_n_steps"] < 0:
-    raise ValueError(f"--knn_eval_every_n_steps must be >= 0, got "
-                     f"{values['knn_eval_every_n_steps']}")
+    raise ValueError(
+      f"--knn_eval_every_n_steps must be >= 0, got {values['knn_eval_every_n_steps']}"
+    )
   if values["knn_k"] < 1:
     raise ValueError(f"--knn_k must be >= 1, got {values['knn_k']}")
   if not values["knn_temperature"] > 0:
     raise ValueError(f"--knn_temperature must be > 0, got {values['knn_temperature']}")
   few_labels = values["train_label_fraction"] != 1 or values["train_label_file"]
   if few_labels and values["train_mode"] == "pretrain":
-    raise ValueError("--train_label_fraction and --train_label_file choose the labels of "
-                     "--train_mode=finetune or distill, not of pretraining")
+    raise ValueError(
+      "--train_label_fraction and --train_label_file choose the labels of "
+      "--train_mode=finetune or distill, not of pretraining"
+    )
   if not values["distill_temperature"] > 0:
     raise ValueError(f"--distill_temperature must be > 0, got {values['distill_temperature']}")
   if not 0 <= values["distill_label_weight"] <= 1:
-    raise ValueError(f"--distill_label_weight must be in [0, 1], got "
-                     f"{values['distill_label_weight']}")
+    raise ValueError(
+      f"--distill_label_weight must be in [0, 1], got {values['distill_label_weight']}"
+    )
   if values["train_mode"] == "distill" and not values["teacher_checkpoint"]:
-    raise ValueError("--train_mode=distill needs --teacher_checkpoint (a fine-tuned tf_simclr "
-                     "checkpoint or exported SavedModel)")
+    raise ValueError(
+      "--train_mode=distill needs --teacher_checkpoint (a fine-tuned tf_simclr "
+      "checkpoint or exported SavedModel)"
+    )
   for name, value in sorted(values.items()):
     # NaN passes comparisons such as `lr < 0` and then poisons the weights.
     if isinstance(value, float) and not math.isfinite(value):
@@ -202,8 +341,9 @@ def to_config(values: dict) -> config_lib.RunConfig:
   """absl flag values (`FLAGS.flag_values_dict()`) -> RunConfig. Raises ValueError."""
   validate(values)
   return config_lib.RunConfig(
-      data=_pick(config_lib.DataConfig, values),
-      model=_pick(config_lib.ModelConfig, values),
-      optim=_pick(config_lib.OptimConfig, values),
-      train=_pick(config_lib.TrainConfig, values),
-      runtime=_pick(config_lib.RuntimeConfig, values))
+    data=_pick(config_lib.DataConfig, values),
+    model=_pick(config_lib.ModelConfig, values),
+    optim=_pick(config_lib.OptimConfig, values),
+    train=_pick(config_lib.TrainConfig, values),
+    runtime=_pick(config_lib.RuntimeConfig, values),
+  )

@@ -5,6 +5,7 @@ runs, so every in-process test sees the same four logical CPUs: `/cpu:0` alone i
 single-device case, `/cpu:0..1` and `/cpu:0..3` are the 2- and 4-replica MirroredStrategy cases.
 End-to-end tests run `run.py` in subprocesses and set their own devices.
 """
+
 import os
 import sys
 
@@ -18,14 +19,16 @@ NUM_LOGICAL_CPUS = 4
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+  _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
+)
 
 
 def mirrored(num_replicas):
   """A MirroredStrategy over the first `num_replicas` logical CPUs."""
   return tf.distribute.MirroredStrategy(
-      [f"/cpu:{i}" for i in range(num_replicas)],
-      cross_device_ops=tf.distribute.ReductionToOneDevice())
+    [f"/cpu:{i}" for i in range(num_replicas)],
+    cross_device_ops=tf.distribute.ReductionToOneDevice(),
+  )
 
 
 @pytest.fixture(scope="session")
@@ -43,4 +46,5 @@ def replica_runs(tmp_path_factory):
   in one xdist_group (pytest.ini runs `--dist loadgroup`), which one worker runs.
   """
   import test_run_e2e  # pylint: disable=g-import-not-at-top
+
   return test_run_e2e.make_replica_runs(tmp_path_factory)

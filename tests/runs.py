@@ -3,6 +3,7 @@ watched through their log files, and always ended.
 
 Not a test module: test_faults.py and test_multiworker.py import it.
 """
+
 import collections
 import os
 import signal
@@ -32,6 +33,7 @@ def shared_data_dir(tmp_path_factory):
   """One shapes10 data_dir for the session's fault and multi-worker tests, prepared once."""
   path = str(tmp_path_factory.getbasetemp() / "shapes10_data")
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+
   datasets.load_source("shapes10", "train", path)  # before concurrent runs race to write it
   return path
 
@@ -62,8 +64,13 @@ class Processes:
     assert name not in self._procs, name
     with open(self._path(name, "out"), "w") as out, open(self._path(name, "err"), "w") as err:
       self._procs[name] = subprocess.Popen(
-          [*prefix, sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
-          env=dict(self._env, **(env or {})), stdout=out, stderr=err, start_new_session=True)
+        [*prefix, sys.executable, os.path.join(REPO, "run.py"), *args],
+        cwd=REPO,
+        env=dict(self._env, **(env or {})),
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+      )
     return self._procs[name]
 
   def _path(self, name, stream):
@@ -79,8 +86,9 @@ class Processes:
     deadline = time.monotonic() + timeout
     while not condition():
       assert self._procs[name].poll() is None, (
-          f"{name} ended (status {self._procs[name].returncode}) before {what}:\n"
-          + self.output(name)[1][-3000:])
+        f"{name} ended (status {self._procs[name].returncode}) before {what}:\n"
+        + self.output(name)[1][-3000:]
+      )
       assert time.monotonic() < deadline, f"{name}: no {what} within {timeout} s"
       time.sleep(interval)
 
@@ -102,6 +110,7 @@ class Processes:
     except subprocess.TimeoutExpired:
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
-      raise AssertionError(f"{name} did not end within {timeout} s:\n"
-                           + self.output(name)[1][-3000:]) from None
+      raise AssertionError(
+        f"{name} did not end within {timeout} s:\n" + self.output(name)[1][-3000:]
+      ) from None
     return Result(proc.returncode, *self.output(name))

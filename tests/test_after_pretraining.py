@@ -12,6 +12,7 @@ then eval and export), which test_run_e2e.py also uses. Then, at once (~2-3 step
 Whether fine-tuning from a pretraining beats training from scratch needs minutes of training
 on shapes10, so it is measured outside the suite (README).
 """
+
 import json
 import os
 import re
@@ -21,7 +22,8 @@ import pytest
 import tensorflow as tf
 
 import runs
-from test_run_e2e import COMMON, run_py_concurrently
+from test_run_e2e import COMMON
+from test_run_e2e import run_py_concurrently
 from tf_simclr import checkpoints
 from tf_simclr import datasets
 
@@ -44,19 +46,40 @@ def pretrained(replica_runs):
 def after(pretrained, data_dir, tmp_path_factory):
   pre = pretrained
   dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("lin", "dis")}
-  few = COMMON + [f"--data_dir={data_dir}", "--eval_split=test[:200]", "--checkpoint_steps=1",
-                  "--train_label_fraction=0.1"]
-  distill = few + [f"--model_dir={dirs['dis']}", "--train_mode=distill", "--train_steps=3",
-                   f"--teacher_checkpoint={pre}", "--distill_label_weight=0.5",
-                   "--distill_temperature=2", "--keep_checkpoint_max=1", "--cpu_replicas=2"]
+  few = COMMON + [
+    f"--data_dir={data_dir}",
+    "--eval_split=test[:200]",
+    "--checkpoint_steps=1",
+    "--train_label_fraction=0.1",
+  ]
+  distill = few + [
+    f"--model_dir={dirs['dis']}",
+    "--train_mode=distill",
+    "--train_steps=3",
+    f"--teacher_checkpoint={pre}",
+    "--distill_label_weight=0.5",
+    "--distill_temperature=2",
+    "--keep_checkpoint_max=1",
+    "--cpu_replicas=2",
+  ]
   commands = {
-      "lin": few + [f"--model_dir={dirs['lin']}", "--train_mode=finetune",
-                    "--mode=train_then_eval", "--fine_tune_after_block=4",
-                    "--zero_init_logits_layer", "--optimizer=momentum", "--learning_rate=0.1",
-                    "--weight_decay=0", "--train_steps=2", "--knn_eval_every_n_steps=1",
-                    "--knn_k=20", f"--checkpoint={os.path.join(pre, 'saved_model', '3')}"],
-      "dis": distill + ["--mode=train"],
-      "dis_eval": distill + ["--mode=eval"],
+    "lin": few
+    + [
+      f"--model_dir={dirs['lin']}",
+      "--train_mode=finetune",
+      "--mode=train_then_eval",
+      "--fine_tune_after_block=4",
+      "--zero_init_logits_layer",
+      "--optimizer=momentum",
+      "--learning_rate=0.1",
+      "--weight_decay=0",
+      "--train_steps=2",
+      "--knn_eval_every_n_steps=1",
+      "--knn_k=20",
+      f"--checkpoint={os.path.join(pre, 'saved_model', '3')}",
+    ],
+    "dis": distill + ["--mode=train"],
+    "dis_eval": distill + ["--mode=eval"],
   }
   results = dict(zip(commands, run_py_concurrently(list(commands.values()))))
   for name in ("lin", "dis"):

@@ -3,6 +3,7 @@
 Statistics run over >= 1000 seeds through one tf.data map, not 1000 eager
 calls. Binomial frequencies are checked to 4 sigma.
 """
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,35 +22,32 @@ def _map(fn, seeds, batch=250):
   """fn(seed) for every row of seeds through a parallel tf.data map, stacked."""
   ds = tf.data.Dataset.from_tensor_slices(seeds)
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
-  return tf.nest.map_structure(lambda *x: np.concatenate(x),
-                               *[tf.nest.map_structure(np.asarray, b)
-                                 for b in ds])
+  return tf.nest.map_structure(
+    lambda *x: np.concatenate(x), *[tf.nest.map_structure(np.asarray, b) for b in ds]
+  )
 
 
 def _views(image, seeds, height, width, **kwargs):
   image = tf.constant(image)
-  return _map(
-      lambda s: augment.simclr_augment(image, s, height, width, **kwargs),
-      seeds)
+  return _map(lambda s: augment.simclr_augment(image, s, height, width, **kwargs), seeds)
 
 
 def _params(seeds, image_shape, height, width, strength=1.0):
   image_size = tf.constant(image_shape, tf.int32)
-  return _map(
-      lambda s: augment._draw(s, image_size, height, width, strength), seeds)
+  return _map(lambda s: augment._draw(s, image_size, height, width, strength), seeds)
 
 
 def _crop_boxes(seeds, image_shape, height, width):
   """int32 [n, 4]: (offset_y, offset_x, crop_height, crop_width) of each seed's crop."""
   p = _params(seeds, image_shape, height, width)
-  return np.concatenate([p['begin'][:, :2], p['size'][:, :2]], 1)
+  return np.concatenate([p["begin"][:, :2], p["size"][:, :2]], 1)
 
 
 def _assert_frequency(hits, p, name):
   n = hits.size
   sigma = np.sqrt(p * (1 - p) / n)
   freq = hits.mean()
-  assert abs(freq - p) < 4 * sigma, f'{name}: {freq:.4f} vs {p} (n={n})'
+  assert abs(freq - p) < 4 * sigma, f"{name}: {freq:.4f} vs {p} (n={n})"
 
 
 def _random_image(shape, seed=0, dtype=np.uint8):
@@ -73,28 +71,30 @@ def test_same_seed_same_view_bit_for_bit_different_seeds_differ():
   c = augment.simclr_augment(image, tf.constant([3, 4], tf.int32), 32, 32)
   np.testing.assert_array_equal(a, c.numpy())
   others = [
-      augment.simclr_augment(image, tf.constant(s, tf.int64), 32, 32).numpy()
-      for s in ([3, 5], [4, 4], [0, 0])
+    augment.simclr_augment(image, tf.constant(s, tf.int64), 32, 32).numpy()
+    for s in ([3, 5], [4, 4], [0, 0])
   ]
   for other in others:
     assert np.abs(other - a).max() > 0.05
 
 
 @pytest.mark.parametrize(
-    'source,size',
-    [((32, 32), 32),  # Fused-kernel path, 3-tap shift blur.
-     ((72, 96), 64),  # Fused path, 7-tap shift blur.
-     ((128, 160), 112)])  # Planar path, 11-tap convolution blur.
+  "source,size",
+  [
+    ((32, 32), 32),  # Fused-kernel path, 3-tap shift blur.
+    ((72, 96), 64),  # Fused path, 7-tap shift blur.
+    ((128, 160), 112),
+  ],
+)  # Planar path, 11-tap convolution blur.
 def test_eager_tf_function_and_dataset_map_agree_bit_for_bit(source, size):
   image = tf.constant(_random_image(source + (3,), seed=1))
   # Seeds covering every branch: blur / jitter / grayscale on and off.
   seeds = _seeds(64, stream=11)
   p = _params(seeds, source + (3,), size, size)
-  for flag in ('flip', 'jitter', 'gray', 'blur'):
+  for flag in ("flip", "jitter", "gray", "blur"):
     assert p[flag].any() and not p[flag].all(), flag
   seeds = seeds[:24]
-  eager = np.stack(
-      [augment.simclr_augment(image, s, size, size).numpy() for s in seeds])
+  eager = np.stack([augment.simclr_augment(image, s, size, size).numpy() for s in seeds])
   fn = tf.function(lambda s: augment.simclr_augment(image, s, size, size))
   graph = np.stack([fn(s).numpy() for s in seeds])
   mapped = _views(image, seeds, size, size)
@@ -108,17 +108,14 @@ def test_eager_tf_function_and_dataset_map_agree_bit_for_bit(source, size):
 
 def test_flip_frequency_and_flag():
   # A horizontal ramp: a view is flipped iff its right half is darker.
-  ramp = np.broadcast_to(np.linspace(0., 1., 48, dtype=np.float32)[None, :,
-                                                                    None],
-                         (40, 48, 3)).copy()
+  ramp = np.broadcast_to(
+    np.linspace(0.0, 1.0, 48, dtype=np.float32)[None, :, None], (40, 48, 3)
+  ).copy()
   seeds = _seeds(N_STATS)
-  views = _views(ramp, seeds, 32, 32, color_jitter_strength=0.,
-                 use_blur=False)
-  flipped = views[:, :, 16:].mean(axis=(1, 2, 3)) < views[:, :, :16].mean(
-      axis=(1, 2, 3))
-  _assert_frequency(flipped, 0.5, 'flip')
-  np.testing.assert_array_equal(flipped,
-                                _params(seeds, (40, 48, 3), 32, 32)['flip'])
+  views = _views(ramp, seeds, 32, 32, color_jitter_strength=0.0, use_blur=False)
+  flipped = views[:, :, 16:].mean(axis=(1, 2, 3)) < views[:, :, :16].mean(axis=(1, 2, 3))
+  _assert_frequency(flipped, 0.5, "flip")
+  np.testing.assert_array_equal(flipped, _params(seeds, (40, 48, 3), 32, 32)["flip"])
 
 
 def test_grayscale_frequency_is_p_gray():
@@ -130,44 +127,44 @@ def test_grayscale_frequency_is_p_gray():
   seeds = _seeds(6000, stream=8)
   views = _views(image, seeds, 32, 32)
   gray = np.all(views[..., :1] == views, axis=(1, 2, 3))
-  _assert_frequency(gray, 0.2, 'grayscale')
-  np.testing.assert_array_equal(gray,
-                                _params(seeds, (32, 32, 3), 32, 32)['gray'])
+  _assert_frequency(gray, 0.2, "grayscale")
+  np.testing.assert_array_equal(gray, _params(seeds, (32, 32, 3), 32, 32)["gray"])
 
 
 def test_blur_frequency_and_that_the_flag_drives_the_blur():
   image = _random_image((32, 32, 3), seed=3)
   seeds = _seeds(N_STATS, stream=9)
   p = _params(seeds, (32, 32, 3), 32, 32)
-  _assert_frequency(p['blur'], 0.5, 'blur')
-  blurred = _views(image, seeds, 32, 32, color_jitter_strength=0.)
-  sharp = _views(image, seeds, 32, 32, color_jitter_strength=0.,
-                 use_blur=False)
+  _assert_frequency(p["blur"], 0.5, "blur")
+  blurred = _views(image, seeds, 32, 32, color_jitter_strength=0.0)
+  sharp = _views(image, seeds, 32, 32, color_jitter_strength=0.0, use_blur=False)
   same = np.all(blurred == sharp, axis=(1, 2, 3))
   # Unblurred views are untouched; blurred ones change (below sigma ~0.17 the
   # side taps are under float32 resolution, hence the 0.3).
-  assert same[~p['blur']].all()
-  assert not same[p['blur'] & (p['sigma'] > 0.3)].any()
+  assert same[~p["blur"]].all()
+  assert not same[p["blur"] & (p["sigma"] > 0.3)].any()
   # Blur smooths: neighbouring pixels get closer.
   tv = lambda v: np.abs(np.diff(v, axis=2)).mean(axis=(1, 2, 3))
-  strong = p['blur'] & (p['sigma'] > 1.)
+  strong = p["blur"] & (p["sigma"] > 1.0)
   ratio = tv(blurred[strong]) / tv(sharp[strong])
-  assert ratio.max() < 1. and np.median(ratio) < 0.6
+  assert ratio.max() < 1.0 and np.median(ratio) < 0.6
   # sigma ~ U[0.1, 2].
-  assert p['sigma'].min() >= 0.1 and p['sigma'].max() <= 2.
+  assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
   sd = 1.9 / np.sqrt(12 * N_STATS)
-  assert abs(p['sigma'].mean() - 1.05) < 4 * sd
+  assert abs(p["sigma"].mean() - 1.05) < 4 * sd
 
 
 def test_jitter_parameters():
   seeds = _seeds(N_STATS, stream=10)
   p = _params(seeds, (32, 32, 3), 32, 32, strength=1.0)
-  _assert_frequency(p['jitter'], 0.8, 'jitter')
-  brightness, contrast, saturation, hue = p['factors'].T
-  for name, values, low, high in (('brightness', brightness, 0.2, 1.8),
-                                  ('contrast', contrast, 0.2, 1.8),
-                                  ('saturation', saturation, 0.2, 1.8),
-                                  ('hue', hue, -0.2, 0.2)):
+  _assert_frequency(p["jitter"], 0.8, "jitter")
+  brightness, contrast, saturation, hue = p["factors"].T
+  for name, values, low, high in (
+    ("brightness", brightness, 0.2, 1.8),
+    ("contrast", contrast, 0.2, 1.8),
+    ("saturation", saturation, 0.2, 1.8),
+    ("hue", hue, -0.2, 0.2),
+  ):
     assert values.min() >= low and values.max() <= high, name
     # Uniform: the mean and both tails are there.
     sd = (high - low) / np.sqrt(12 * N_STATS)
@@ -175,18 +172,17 @@ def test_jitter_parameters():
     assert values.min() < low + 0.02 * (high - low), name
     assert values.max() > high - 0.02 * (high - low), name
   # The order is a permutation, and each of the 24 shows up ~1/24 of the time.
-  order = p['order']
-  np.testing.assert_array_equal(np.sort(order, axis=1),
-                                np.tile(np.arange(4), (N_STATS, 1)))
+  order = p["order"]
+  np.testing.assert_array_equal(np.sort(order, axis=1), np.tile(np.arange(4), (N_STATS, 1)))
   _, counts = np.unique(order, axis=0, return_counts=True)
   assert len(counts) == 24
   expected = N_STATS / 24
   assert np.abs(counts - expected).max() < 4 * np.sqrt(expected)
   # Strength scales the ranges: brightness U[max(0, 1 - 0.8 s), 1 + 0.8 s].
   q = _params(seeds[:500], (32, 32, 3), 32, 32, strength=2.0)
-  assert q['factors'][:, 0].min() >= 0. and q['factors'][:, 0].max() <= 2.6
-  assert np.abs(q['factors'][:, 3]).max() <= 0.4
-  assert np.abs(q['factors'][:, 3]).max() > 0.35
+  assert q["factors"][:, 0].min() >= 0.0 and q["factors"][:, 0].max() <= 2.6
+  assert np.abs(q["factors"][:, 3]).max() <= 0.4
+  assert np.abs(q["factors"][:, 3]).max() > 0.35
 
 
 def _monte_carlo_crop_areas(height, width, n, seed=0):
@@ -209,8 +205,7 @@ def _monte_carlo_crop_areas(height, width, n, seed=0):
     max_h = np.rint(np.sqrt(max_area / a))
     too_wide = np.rint(max_h * a) > width
     max_h = np.where(too_wide, np.floor((width + 0.5 - 1e-7) / a), max_h)
-    max_h = np.where(too_wide & (np.rint(max_h * a) > width), max_h - 1,
-                     max_h)
+    max_h = np.where(too_wide & (np.rint(max_h * a) > width), max_h - 1, max_h)
     max_h = np.minimum(max_h, height)
     h = np.minimum(h, max_h)
     h = h + np.floor(rng.random(n) * (max_h - h + 1))
@@ -221,8 +216,15 @@ def _monte_carlo_crop_areas(height, width, n, seed=0):
     big = w * h > max_area
     h = np.where(big, h - 1, h)
     w = np.where(big, np.rint(h * a), w)
-    ok = ((w * h >= min_area) & (w * h <= max_area) & (w <= width) &
-          (h <= height) & (w > 0) & (h > 0) & (w * h >= 0.1 * total))
+    ok = (
+      (w * h >= min_area)
+      & (w * h <= max_area)
+      & (w <= width)
+      & (h <= height)
+      & (w > 0)
+      & (h > 0)
+      & (w * h >= 0.1 * total)
+    )
     take = pending & ok
     area[take] = w[take] * h[take]
     aspect[take] = w[take] / h[take]
@@ -239,7 +241,7 @@ def test_crop_geometry_matches_the_sampler_distribution():
   area = h * w / side**2
   aspect = w / h
   # min_object_covered=0.1 over the whole image makes 0.1 the real floor.
-  assert area.min() >= 0.1 - 1e-9 and area.max() <= 1.
+  assert area.min() >= 0.1 - 1e-9 and area.max() <= 1.0
   tolerance = 0.5 / h  # w = rint(h * a).
   assert (aspect >= 3 / 4 - tolerance).all()
   assert (aspect <= 4 / 3 + tolerance).all()
@@ -252,18 +254,17 @@ def test_crop_geometry_matches_the_sampler_distribution():
   for ours, ref in ((area, ref_area), (aspect, ref_aspect)):
     grid = np.sort(ours)
     ecdf = np.arange(1, grid.size + 1) / grid.size
-    ref_cdf = np.searchsorted(np.sort(ref), grid, side='right') / ref.size
+    ref_cdf = np.searchsorted(np.sort(ref), grid, side="right") / ref.size
     assert np.abs(ecdf - ref_cdf).max() < 1.95 / np.sqrt(grid.size)
 
 
 def test_crop_box_is_the_crop_of_the_view():
-  image = _random_image((60, 90, 3), seed=4).astype(np.float32) / 255.
+  image = _random_image((60, 90, 3), seed=4).astype(np.float32) / 255.0
   seeds = _seeds(12, stream=13)
   for seed, (oy, ox, h, w) in zip(seeds, _crop_boxes(seeds, image.shape, 32, 32)):
-    expected = tf.image.resize(image[None, oy:oy + h, ox:ox + w], [32, 32],
-                               'bicubic')[0]
-    expected = np.clip(expected.numpy(), 0., 1.)
-    view = augment.simclr_augment(image, seed, 32, 32, 0., False).numpy()
+    expected = tf.image.resize(image[None, oy : oy + h, ox : ox + w], [32, 32], "bicubic")[0]
+    expected = np.clip(expected.numpy(), 0.0, 1.0)
+    view = augment.simclr_augment(image, seed, 32, 32, 0.0, False).numpy()
     if not np.array_equal(view, expected):
       np.testing.assert_array_equal(view, expected[:, ::-1])
 
@@ -272,30 +273,32 @@ def test_crop_box_is_the_crop_of_the_view():
 # Ranges, dtypes, shapes.
 
 
-@pytest.mark.parametrize('source,height,width', [
+@pytest.mark.parametrize(
+  "source,height,width",
+  [
     ((17, 23), 32, 32),
     ((50, 300), 40, 24),
     ((300, 50), 32, 48),
     ((120, 90), 112, 112),
     ((96, 200), 100, 130),
-])
-def test_views_are_float32_in_unit_range_for_uint8_and_float(
-    source, height, width):
+  ],
+)
+def test_views_are_float32_in_unit_range_for_uint8_and_float(source, height, width):
   image = _random_image(source + (3,), seed=5)
   seeds = _seeds(32, stream=14)
   from_uint8 = _views(image, seeds, height, width)
-  from_float = _views(image.astype(np.float32) / 255., seeds, height, width)
+  from_float = _views(image.astype(np.float32) / 255.0, seeds, height, width)
   for views in (from_uint8, from_float):
     assert views.dtype == np.float32
     assert views.shape == (32, height, width, 3)
     assert np.isfinite(views).all()
-    assert views.min() >= 0. and views.max() <= 1.
+    assert views.min() >= 0.0 and views.max() <= 1.0
   # uint8 means [0, 255]: the same views as the float image / 255.
   np.testing.assert_allclose(from_uint8, from_float, atol=1e-6)
   # Something happened: views vary.
   assert from_uint8.std(axis=0).mean() > 0.05
   # A float64 image works too.
-  view = augment.simclr_augment(image / 255., seeds[0], height, width)
+  view = augment.simclr_augment(image / 255.0, seeds[0], height, width)
   assert view.dtype == tf.float32
 
 
@@ -303,16 +306,12 @@ def test_zero_strength_turns_jitter_and_grayscale_off():
   colour = np.array([0.8, 0.3, 0.1], np.float32)
   image = np.broadcast_to(colour, (40, 40, 3)).copy()
   seeds = _seeds(300, stream=15)
-  views = _views(image, seeds, 32, 32, color_jitter_strength=0.,
-                 use_blur=False)
-  np.testing.assert_allclose(views, np.broadcast_to(colour, views.shape),
-                             atol=1e-5)
+  views = _views(image, seeds, 32, 32, color_jitter_strength=0.0, use_blur=False)
+  np.testing.assert_allclose(views, np.broadcast_to(colour, views.shape), atol=1e-5)
   # The blur (zero padding) darkens borders but keeps the hue.
-  views = _views(image, seeds, 32, 32, color_jitter_strength=0.)
-  np.testing.assert_allclose(views[..., 0] * colour[1],
-                             views[..., 1] * colour[0], atol=1e-5)
-  np.testing.assert_allclose(views[..., 1] * colour[2],
-                             views[..., 2] * colour[1], atol=1e-5)
+  views = _views(image, seeds, 32, 32, color_jitter_strength=0.0)
+  np.testing.assert_allclose(views[..., 0] * colour[1], views[..., 1] * colour[0], atol=1e-5)
+  np.testing.assert_allclose(views[..., 1] * colour[2], views[..., 2] * colour[1], atol=1e-5)
   # At strength 1 the same image loses its hue (gray or jittered) mostly.
   views = _views(image, seeds, 32, 32, use_blur=False)
   kept = np.all(np.abs(views - colour) < 1e-4, axis=(1, 2, 3))
@@ -326,77 +325,75 @@ def test_zero_strength_turns_jitter_and_grayscale_off():
 def test_planar_colour_ops_match_tf_image_kernels():
   rng = np.random.default_rng(6)
   x = rng.random((6, 24, 20, 3)).astype(np.float32)
-  x = np.concatenate([
+  x = np.concatenate(
+    [
       x,
       np.repeat(rng.random((2, 24, 20, 1)), 3, -1).astype(np.float32),  # Gray.
       np.round(x[:2] * 4) / 4,  # Ties between channels.
       np.zeros((1, 24, 20, 3), np.float32),
       np.ones((1, 24, 20, 3), np.float32),
-  ])
+    ]
+  )
   planes = tf.transpose(x, [0, 3, 1, 2])
   back = lambda p: tf.transpose(p, [0, 2, 3, 1]).numpy()
   for factor in (0.2, 0.7, 1.0, 1.8):
     np.testing.assert_allclose(
-        back(augment._saturation(planes, factor)),
-        tf.image.adjust_saturation(x, factor), atol=2e-6)
+      back(augment._saturation(planes, factor)), tf.image.adjust_saturation(x, factor), atol=2e-6
+    )
     np.testing.assert_allclose(
-        back(augment._contrast(planes, factor)),
-        tf.image.adjust_contrast(x, factor), atol=2e-6)
+      back(augment._contrast(planes, factor)), tf.image.adjust_contrast(x, factor), atol=2e-6
+    )
   for delta in (-0.5, -0.2, -0.01, 0.0, 0.1, 0.2, 0.5):
     np.testing.assert_allclose(
-        back(augment._hue(planes, delta)), tf.image.adjust_hue(x, delta),
-        atol=2e-6)
+      back(augment._hue(planes, delta)), tf.image.adjust_hue(x, delta), atol=2e-6
+    )
   gray = tf.image.rgb_to_grayscale(x)
-  np.testing.assert_allclose(
-      back(augment._grayscale(planes)), tf.concat([gray] * 3, -1), atol=1e-6)
+  np.testing.assert_allclose(back(augment._grayscale(planes)), tf.concat([gray] * 3, -1), atol=1e-6)
 
 
-@pytest.mark.parametrize('height', [64, 112])
+@pytest.mark.parametrize("height", [64, 112])
 def test_blur_kernel_is_the_reference_gaussian(height):
   radius = augment._blur_radius(height)
   assert radius == (height // 10) // 2  # 10% of the side, 2 r + 1 taps.
   sigma = 1.3
   taps = np.arange(-radius, radius + 1)
-  kernel = np.exp(-taps**2 / (2 * sigma**2))
+  kernel = np.exp(-(taps**2) / (2 * sigma**2))
   kernel /= kernel.sum()
   impulse = np.zeros((1, 3, height, height), np.float32)
-  impulse[0, :, 20, 30] = 1.
+  impulse[0, :, 20, 30] = 1.0
   out = augment._blur(tf.constant(impulse), tf.constant([sigma]), radius)
   expected = np.zeros((height, height))
-  expected[20 - radius:21 + radius, 30 - radius:31 + radius] = np.outer(
-      kernel, kernel)
+  expected[20 - radius : 21 + radius, 30 - radius : 31 + radius] = np.outer(kernel, kernel)
   for c in range(3):
     np.testing.assert_allclose(out[0, c], expected, atol=1e-6)
   # Zero padding ('SAME', as the reference): a constant image darkens at the
   # border by the kernel mass that falls outside.
-  ones = augment._blur(tf.ones((1, 3, height, height)), tf.constant([sigma]),
-                       radius)
-  np.testing.assert_allclose(ones[0, 0, 0, height // 2],
-                             kernel[radius:].sum(), atol=1e-6)
+  ones = augment._blur(tf.ones((1, 3, height, height)), tf.constant([sigma]), radius)
+  np.testing.assert_allclose(ones[0, 0, 0, height // 2], kernel[radius:].sum(), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
 # Split form (--augment_on_device).
 
 
-@pytest.mark.parametrize('source,size', [((32, 32), 16), ((32, 32), 32),
-                                         ((150, 130), 112)])
+@pytest.mark.parametrize("source,size", [((32, 32), 16), ((32, 32), 32), ((150, 130), 112)])
 def test_split_form_equals_per_image_form(source, size):
   # Host crop in tf.data, distortion of the batch in a tf.function: the
   # --augment_on_device path must produce the views of the host path.
   batch = 24
   images = tf.constant(_random_image((batch,) + source + (3,), seed=10))
   seeds = _seeds(batch, stream=18)
-  for kwargs in ({}, {'color_jitter_strength': 0.5, 'use_blur': False}):
-    strength = kwargs.get('color_jitter_strength', 1.0)
+  for kwargs in ({}, {"color_jitter_strength": 0.5, "use_blur": False}):
+    strength = kwargs.get("color_jitter_strength", 1.0)
     ds = tf.data.Dataset.range(batch).map(
-        lambda i: augment.crop_view(images[i], seeds[i], size, size, strength))
+      lambda i: augment.crop_view(images[i], seeds[i], size, size, strength)
+    )
     crops, params = next(iter(ds.batch(batch)))
-    assert not params['flip'].numpy().all() and params['flip'].numpy().any()
+    assert not params["flip"].numpy().all() and params["flip"].numpy().any()
     split = tf.function(augment.distort_batch)(crops, params, **kwargs).numpy()
     per_image = _map(
-        lambda i: augment.simclr_augment(images[i], seeds[i], size, size, **kwargs),
-        tf.range(batch))
+      lambda i: augment.simclr_augment(images[i], seeds[i], size, size, **kwargs), tf.range(batch)
+    )
     assert split.shape == (batch, size, size, 3)
     assert np.abs(split - per_image).max() < 1e-4
 
@@ -405,7 +402,7 @@ def test_per_image_fused_and_planar_paths_agree(monkeypatch):
   image = _random_image((72, 90, 3), seed=9)
   seeds = _seeds(16, stream=17)
   fused = _views(image, seeds, 64, 64)
-  monkeypatch.setattr(augment, '_MAX_FUSED_PIXELS', 0)
+  monkeypatch.setattr(augment, "_MAX_FUSED_PIXELS", 0)
   planar = _views(image, seeds, 64, 64)
   assert np.abs(fused - planar).max() < 1e-5
 
@@ -416,9 +413,8 @@ def test_per_image_fused_and_planar_paths_agree(monkeypatch):
 
 def _coordinate_image(height, width):
   """float32 [H, W, 3]: channel 0 = y / 512, channel 1 = x / 512 (exact)."""
-  y, x = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
-  return np.stack([y / 512., x / 512., np.full(y.shape, 0.5)],
-                  -1).astype(np.float32)
+  y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return np.stack([y / 512.0, x / 512.0, np.full(y.shape, 0.5)], -1).astype(np.float32)
 
 
 def test_preprocess_eval_centre_crop_exact():
@@ -428,43 +424,42 @@ def test_preprocess_eval_centre_crop_exact():
   np.testing.assert_array_equal(out, image[16:240, 16:240])
 
 
-@pytest.mark.parametrize('source,height,width,crop', [
+@pytest.mark.parametrize(
+  "source,height,width,crop",
+  [
     # Square output of a wide image: 0.875 of the height, square.
     ((300, 400), 224, 224, (19, 69, 262, 262)),
     # Output wider than the image aspect: 0.875 of the width.
     ((100, 100), 64, 96, (21, 6, 58, 88)),
-])
+  ],
+)
 def test_preprocess_eval_centre_crop_geometry(source, height, width, crop):
   oy, ox, ch, cw = crop
-  out = augment.preprocess_eval(_coordinate_image(*source), height,
-                                width).numpy()
+  out = augment.preprocess_eval(_coordinate_image(*source), height, width).numpy()
   assert out.shape == (height, width, 3) and out.dtype == np.float32
   # Bicubic reproduces a linear ramp away from the borders: output pixel i
   # samples the crop at (i + 0.5) * ch / height - 0.5.
   i = np.arange(height)
   j = np.arange(width)
-  y = (oy + (i + 0.5) * ch / height - 0.5) / 512.
-  x = (ox + (j + 0.5) * cw / width - 0.5) / 512.
+  y = (oy + (i + 0.5) * ch / height - 0.5) / 512.0
+  x = (ox + (j + 0.5) * cw / width - 0.5) / 512.0
   inner = slice(3, -3)
-  np.testing.assert_allclose(out[inner, inner, 0],
-                             np.broadcast_to(y[inner, None], out[inner, inner,
-                                                                 0].shape),
-                             atol=2e-6)
-  np.testing.assert_allclose(out[inner, inner, 1],
-                             np.broadcast_to(x[None, inner], out[inner, inner,
-                                                                 1].shape),
-                             atol=2e-6)
+  np.testing.assert_allclose(
+    out[inner, inner, 0], np.broadcast_to(y[inner, None], out[inner, inner, 0].shape), atol=2e-6
+  )
+  np.testing.assert_allclose(
+    out[inner, inner, 1], np.broadcast_to(x[None, inner], out[inner, inner, 1].shape), atol=2e-6
+  )
 
 
 def test_preprocess_eval_small_images():
   image = _random_image((32, 32, 3), seed=10)
   out = augment.preprocess_eval(image, 32, 32).numpy()
-  np.testing.assert_array_equal(out, image.astype(np.float32) * (1. / 255.))
+  np.testing.assert_array_equal(out, image.astype(np.float32) * (1.0 / 255.0))
   # Below 33 px no centre crop: a plain resize of the whole image.
-  image = _random_image((40, 36, 3), seed=11).astype(np.float32) / 255.
+  image = _random_image((40, 36, 3), seed=11).astype(np.float32) / 255.0
   out = augment.preprocess_eval(image, 32, 32).numpy()
-  expected = np.clip(tf.image.resize(image[None], [32, 32], 'bicubic')[0],
-                     0., 1.)
+  expected = np.clip(tf.image.resize(image[None], [32, 32], "bicubic")[0], 0.0, 1.0)
   np.testing.assert_array_equal(out, expected)
 
 
@@ -474,17 +469,17 @@ def test_preprocess_eval_small_images():
 
 def test_bad_arguments_raise_clear_errors():
   image = np.zeros((8, 8, 3), np.uint8)
-  with pytest.raises(ValueError, match='seed'):
+  with pytest.raises(ValueError, match="seed"):
     augment.simclr_augment(image, [1, 2, 3], 8, 8)
-  with pytest.raises(TypeError, match='seed'):
-    augment.simclr_augment(image, [1., 2.], 8, 8)
-  with pytest.raises(ValueError, match='channels'):
+  with pytest.raises(TypeError, match="seed"):
+    augment.simclr_augment(image, [1.0, 2.0], 8, 8)
+  with pytest.raises(ValueError, match="channels"):
     augment.simclr_augment(np.zeros((8, 8, 4), np.uint8), [1, 2], 8, 8)
-  with pytest.raises(TypeError, match='uint8 or float'):
+  with pytest.raises(TypeError, match="uint8 or float"):
     augment.simclr_augment(np.zeros((8, 8, 3), np.int32), [1, 2], 8, 8)
-  with pytest.raises(ValueError, match='color_jitter_strength'):
-    augment.simclr_augment(image, [1, 2], 8, 8, color_jitter_strength=-1.)
-  with pytest.raises(ValueError, match='height'):
+  with pytest.raises(ValueError, match="color_jitter_strength"):
+    augment.simclr_augment(image, [1, 2], 8, 8, color_jitter_strength=-1.0)
+  with pytest.raises(ValueError, match="height"):
     augment.simclr_augment(image, [1, 2], 0, 8)
-  with pytest.raises(ValueError, match=r'crops must have rank 4'):
+  with pytest.raises(ValueError, match=r"crops must have rank 4"):
     augment.distort_batch(image, {})

@@ -1,4 +1,5 @@
 """tf_simclr.batch_major_conv: TF's convolution, with the kernel gradient summed over the batch."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,8 +18,10 @@ def test_batch_major_kernel_gradient_is_the_convolution_gradient(dtype, hw, c, o
   w = tf.cast(0.1 * rng.standard_normal([3, 3, c, o]), dtype)
   dy = tf.cast(rng.standard_normal([5, hw, hw, o]), dtype)
   grads = {}
-  for name, conv in (("custom", batch_major_conv.conv2d_same_batch_major_grad),
-                     ("registered", lambda a, b: tf.nn.conv2d(a, b, 1, "SAME"))):
+  for name, conv in (
+    ("custom", batch_major_conv.conv2d_same_batch_major_grad),
+    ("registered", lambda a, b: tf.nn.conv2d(a, b, 1, "SAME")),
+  ):
     with tf.GradientTape() as tape:
       tape.watch([x, w])
       y = conv(x, w)
@@ -28,8 +31,12 @@ def test_batch_major_kernel_gradient_is_the_convolution_gradient(dtype, hw, c, o
   np.testing.assert_array_equal(dx1.numpy(), dx2.numpy())
   xp = np.pad(np.asarray(tf.cast(x, tf.float64)), [[0, 0], [1, 1], [1, 1], [0, 0]])
   dyn = np.asarray(tf.cast(dy, tf.float64))
-  ref = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + hw, j:j + hw], dyn)
-                            for j in range(3)]) for i in range(3)])
+  ref = np.stack(
+    [
+      np.stack([np.einsum("bhwc,bhwo->co", xp[:, i : i + hw, j : j + hw], dyn) for j in range(3)])
+      for i in range(3)
+    ]
+  )
   scale = np.abs(ref).max()
   err = lambda g: np.abs(np.asarray(tf.cast(g, tf.float64)) - ref).max() / scale
   # float32: ~1e-7; bfloat16: the output's rounding (8 bits), ~2e-3, for both forms.

@@ -1,4 +1,5 @@
 """benchmarks/: the timed steps really train, the FLOP count is exact, bad flags are refused."""
+
 import json
 import os
 import subprocess
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks import train_step
-from test_run_e2e import _assert_one_line_error, _env
+from test_run_e2e import _assert_one_line_error
+from test_run_e2e import _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,9 +38,16 @@ def resnet18_cifar_forward_conv_flops(size):
 
 def test_timed_steps_train_and_the_flop_count_is_the_hand_count(tmp_path):
   batch, size, classes, proj, steps = 8, 16, 10, 128, 2
-  args = train_step.parse([f"--image_size={size}", f"--train_batch_size={batch}",
-                           f"--steps={steps}", "--optimizer=adam", "--augment_on_device",
-                           "--strategy=one_device"])
+  args = train_step.parse(
+    [
+      f"--image_size={size}",
+      f"--train_batch_size={batch}",
+      f"--steps={steps}",
+      "--optimizer=adam",
+      "--augment_on_device",
+      "--strategy=one_device",
+    ]
+  )
   bench = train_step.build(args, str(tmp_path))
   state = bench.trainer.state
   variables = state.model.trainable_variables
@@ -65,32 +74,48 @@ def test_timed_steps_train_and_the_flop_count_is_the_hand_count(tmp_path):
 
 
 def _benchmark(module, flags, timeout=300):
-  return subprocess.run([sys.executable, "-m", module] + flags, cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", module] + flags,
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
-@pytest.mark.parametrize("module,flags,words", [
+@pytest.mark.parametrize(
+  "module,flags,words",
+  [
     ("benchmarks.train_step", ["--steps=0"], ["--steps=0 must be positive"]),
     ("benchmarks.train_step", ["--source_size=-1"], ["--source_size=-1 must be >= 0"]),
     ("benchmarks.train_step", ["--optimizer=sgd"], ["--optimizer", "invalid choice: 'sgd'"]),
     ("benchmarks.train_step", ["--image_size=big"], ["--image_size", "invalid int value"]),
     # Refused once the strategy exists: 3 examples do not split over 2 replicas.
-    ("benchmarks.train_step",
-     ["--strategy=mirrored", "--cpu_replicas=2", "--train_batch_size=3"],
-     ["train_batch_size=3 must be a positive multiple of the number of replicas (2)"]),
+    (
+      "benchmarks.train_step",
+      ["--strategy=mirrored", "--cpu_replicas=2", "--train_batch_size=3"],
+      ["train_batch_size=3 must be a positive multiple of the number of replicas (2)"],
+    ),
     ("benchmarks.augment_pipeline", ["--sizes=32,x"], ["--sizes=32,x must be positive"]),
     ("benchmarks.augment_pipeline", ["--batch_size=0"], ["--batch_size=0 must be >= 1"]),
-])
+  ],
+)
 def test_bad_flags_are_refused_in_one_line(module, flags, words):
   _assert_one_line_error(_benchmark(module, flags), words)
 
 
 def test_augment_pipeline_times_every_form():
-  out = _benchmark("benchmarks.augment_pipeline",
-                   ["--sizes=16", "--batch_size=4", "--steps=1", "--warmup=1"])
+  out = _benchmark(
+    "benchmarks.augment_pipeline", ["--sizes=16", "--batch_size=4", "--steps=1", "--warmup=1"]
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
   assert [(r["form"], r["use_blur"]) for r in rows] == [
-      ("reference-like per-image map", False), ("tf.data per-image map", True),
-      ("tf.data per-image map", False), ("tf.data batched map", True),
-      ("tf.function batched", True)]
+    ("reference-like per-image map", False),
+    ("tf.data per-image map", True),
+    ("tf.data per-image map", False),
+    ("tf.data batched map", True),
+    ("tf.function batched", True),
+  ]

@@ -1,4 +1,5 @@
 """Checkpoint restore: newest readable wins, damaged ones are kept aside, mismatches stop."""
+
 import os
 
 import keras
@@ -18,8 +19,11 @@ def _model(width=4):
 def _manager(model, directory, step=None):
   step = step if step is not None else tf.Variable(0, dtype=tf.int64)
   ckpt = tf.train.Checkpoint(model=model, step=step)
-  return ckpt, tf.train.CheckpointManager(ckpt, directory, max_to_keep=5,
-                                          checkpoint_name="ckpt"), step
+  return (
+    ckpt,
+    tf.train.CheckpointManager(ckpt, directory, max_to_keep=5, checkpoint_name="ckpt"),
+    step,
+  )
 
 
 def _save_three(directory):
@@ -126,8 +130,9 @@ def test_other_worker_restores_from_model_dir_and_leaves_files(tmp_path):
   model = _model()
   step = tf.Variable(0, dtype=tf.int64)
   ckpt = tf.train.Checkpoint(model=model, step=step)
-  manager = tf.train.CheckpointManager(ckpt, str(tmp_path / "model" / "workertemp_1"),
-                                       max_to_keep=5, checkpoint_name="ckpt")
+  manager = tf.train.CheckpointManager(
+    ckpt, str(tmp_path / "model" / "workertemp_1"), max_to_keep=5, checkpoint_name="ckpt"
+  )
   assert checkpoints.restore_latest(ckpt, manager, d)
   assert int(step.numpy()) == 2  # the chief's newest readable checkpoint
   assert sorted(os.listdir(d)) == before  # setting aside is the chief's job
@@ -145,8 +150,9 @@ def test_save_replaces_debris_of_an_interrupted_write(tmp_path):
   d = str(tmp_path)
   ckpt, manager, _ = _manager(_model(), d)
   os.makedirs(os.path.join(d, "ckpt-1_temp"))  # as a process killed mid-write leaves it
-  open(os.path.join(d, "ckpt-1_temp", "part-00000-of-00001.data-00000-of-00001.tempstate1"),
-       "w").close()
+  open(
+    os.path.join(d, "ckpt-1_temp", "part-00000-of-00001.data-00000-of-00001.tempstate1"), "w"
+  ).close()
   checkpoints.save(manager, 1)
   assert sorted(os.listdir(d)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
 

@@ -6,6 +6,7 @@ weights (init/ckpt-0), the same after 3 LARS steps on fixed views (trained/ckpt-
 reference's SavedModel export of the trained weights (saved_model/), and outputs.npz with the
 reference's eval-mode outputs on fixed images, its per-step losses and its config.
 """
+
 import dataclasses
 import json
 import os
@@ -28,8 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "reference")
 R18, R50 = "r18_w0.125_32px", "r50_sk0.0625_w0.125_64px"
 # source -> (path under the fixture, which recorded outputs its weights give)
-SOURCES = {"init": ("init", "init"), "trained": ("trained/ckpt-3", "trained"),
-           "saved_model": ("saved_model", "trained")}
+SOURCES = {
+  "init": ("init", "init"),
+  "trained": ("trained/ckpt-3", "trained"),
+  "saved_model": ("saved_model", "trained"),
+}
 OUTPUTS = ("final_avg_pool", "proj_head_output", "logits_sup")
 
 
@@ -48,14 +52,31 @@ def test_architecture_is_read_from_the_variables(name):
   _, config = _fixture(name)
   for source, _ in SOURCES.values():
     found = convert.reference_config(
-        convert.open_source(os.path.join(FIXTURES, name, source)).graph)
-    assert (found.resnet_depth, found.width_multiplier, found.sk_ratio, found.se_ratio,
-            found.use_cifar_stem, found.proj_head_mode, found.num_proj_layers,
-            found.proj_out_dim, found.ft_proj_selector, found.num_classes) == (
-        config["resnet_depth"], config["width_multiplier"], config["sk_ratio"],
-        config["se_ratio"], config["image_size"] <= 32, config["proj_head_mode"],
-        config["num_proj_layers"], config["proj_out_dim"], config["ft_proj_selector"],
-        config["num_classes"])
+      convert.open_source(os.path.join(FIXTURES, name, source)).graph
+    )
+    assert (
+      found.resnet_depth,
+      found.width_multiplier,
+      found.sk_ratio,
+      found.se_ratio,
+      found.use_cifar_stem,
+      found.proj_head_mode,
+      found.num_proj_layers,
+      found.proj_out_dim,
+      found.ft_proj_selector,
+      found.num_classes,
+    ) == (
+      config["resnet_depth"],
+      config["width_multiplier"],
+      config["sk_ratio"],
+      config["se_ratio"],
+      config["image_size"] <= 32,
+      config["proj_head_mode"],
+      config["num_proj_layers"],
+      config["proj_out_dim"],
+      config["ft_proj_selector"],
+      config["num_classes"],
+    )
 
 
 def _assert_reference_outputs(out, d, recorded, what):
@@ -69,8 +90,10 @@ def converted_r18(tmp_path_factory):
   root = tmp_path_factory.mktemp("converted")
   found = {}
   for source, (path, _) in SOURCES.items():
-    found[source] = (root / source, *convert.convert(os.path.join(FIXTURES, R18, path),
-                                                     str(root / source)))
+    found[source] = (
+      root / source,
+      *convert.convert(os.path.join(FIXTURES, R18, path), str(root / source)),
+    )
   assert sorted(os.listdir(root)) == sorted(SOURCES)  # no temporary directory left
   return found
 
@@ -84,31 +107,31 @@ def test_converted_exports_compute_the_reference_outputs(converted_r18):
   for source, (dst, config, step) in converted_r18.items():
     recorded = SOURCES[source][1]
     assert step == {"init": 0, "trained": 3, "saved_model": 0}[source]
-    assert {"checkpoint", f"ckpt-{step}.index", "flags.json", "saved_model"} <= set(
-        os.listdir(dst))
+    assert {"checkpoint", f"ckpt-{step}.index", "flags.json", "saved_model"} <= set(os.listdir(dst))
     export_dir = str(dst / "saved_model" / str(step))
     # The export's twin has plain batch norm (export.make_export_twin).
     assert export.manifest_model_config(export.read_manifest(export_dir)) == (
-        dataclasses.replace(config, global_bn=False))
+      dataclasses.replace(config, global_bn=False)
+    )
     loaded = tf.saved_model.load(export_dir)
-    _assert_reference_outputs(loaded(tf.constant(d["images"]), training=False), d, recorded,
-                              source)
+    _assert_reference_outputs(loaded(tf.constant(d["images"]), training=False), d, recorded, source)
 
 
 @pytest.mark.parametrize("name", [R18, R50])
 def test_checkpoints_convert_in_memory(name):
   # What run.py --checkpoint does with a reference checkpoint or SavedModel.
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+
   d, _ = _fixture(name)
   model = None
   for source, (path, recorded) in SOURCES.items():
     src = os.path.join(FIXTURES, name, path)
     if model is None:  # every source of a fixture is one architecture
-      model = model_lib.build_model(convert.reference_config(convert.open_source(src).graph),
-                                    image_size=d["images"].shape[1])
+      model = model_lib.build_model(
+        convert.reference_config(convert.open_source(src).graph), image_size=d["images"].shape[1]
+      )
     train.init_weights(model, src)
-    _assert_reference_outputs(model(tf.constant(d["images"]), training=False), d, recorded,
-                              source)
+    _assert_reference_outputs(model(tf.constant(d["images"]), training=False), d, recorded, source)
 
 
 def _train_like_the_reference(name, tmp_path, strategy):
@@ -126,29 +149,51 @@ def _train_like_the_reference(name, tmp_path, strategy):
   """
   d, c = _fixture(name)
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic", use_blur=False),
-      C.ModelConfig(resnet_depth=c["resnet_depth"], width_multiplier=c["width_multiplier"],
-                    image_size=c["image_size"], sk_ratio=c["sk_ratio"], se_ratio=c["se_ratio"],
-                    proj_head_mode=c["proj_head_mode"], proj_out_dim=c["proj_out_dim"],
-                    num_proj_layers=c["num_proj_layers"], ft_proj_selector=c["ft_proj_selector"],
-                    batch_norm_decay=c["batch_norm_decay"], num_classes=c["num_classes"]),
-      C.OptimConfig(optimizer=c["optimizer"], learning_rate=c["learning_rate"],
-                    learning_rate_scaling=c["learning_rate_scaling"],
-                    warmup_epochs=c["warmup_epochs"], weight_decay=c["weight_decay"],
-                    momentum=c["momentum"]),
-      C.TrainConfig(model_dir=str(tmp_path / "run"), train_batch_size=c["train_batch_size"],
-                    train_epochs=c["train_epochs"], temperature=c["temperature"],
-                    hidden_norm=c["hidden_norm"],
-                    checkpoint=os.path.join(FIXTURES, name, "init")),
-      C.RuntimeConfig())
+    C.DataConfig(dataset="synthetic", use_blur=False),
+    C.ModelConfig(
+      resnet_depth=c["resnet_depth"],
+      width_multiplier=c["width_multiplier"],
+      image_size=c["image_size"],
+      sk_ratio=c["sk_ratio"],
+      se_ratio=c["se_ratio"],
+      proj_head_mode=c["proj_head_mode"],
+      proj_out_dim=c["proj_out_dim"],
+      num_proj_layers=c["num_proj_layers"],
+      ft_proj_selector=c["ft_proj_selector"],
+      batch_norm_decay=c["batch_norm_decay"],
+      num_classes=c["num_classes"],
+    ),
+    C.OptimConfig(
+      optimizer=c["optimizer"],
+      learning_rate=c["learning_rate"],
+      learning_rate_scaling=c["learning_rate_scaling"],
+      warmup_epochs=c["warmup_epochs"],
+      weight_decay=c["weight_decay"],
+      momentum=c["momentum"],
+    ),
+    C.TrainConfig(
+      model_dir=str(tmp_path / "run"),
+      train_batch_size=c["train_batch_size"],
+      train_epochs=c["train_epochs"],
+      temperature=c["temperature"],
+      hidden_norm=c["hidden_norm"],
+      checkpoint=os.path.join(FIXTURES, name, "init"),
+    ),
+    C.RuntimeConfig(),
+  )
   state = train.build_state(cfg, strategy, num_examples=c["num_train_examples"])
   trainer = train.Trainer(cfg, strategy, state)
-  batch = {"views": tf.constant(d["views"]), "label": tf.constant(d["labels"]),
-           "id": tf.range(len(d["labels"]), dtype=tf.int64)}
-  iterator = iter(strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors(batch).repeat()))
-  steps = [{k: float(v) for k, v in trainer.run_loop(iterator, 1).items()}
-           for _ in range(c["steps"])]
+  batch = {
+    "views": tf.constant(d["views"]),
+    "label": tf.constant(d["labels"]),
+    "id": tf.range(len(d["labels"]), dtype=tf.int64),
+  }
+  iterator = iter(
+    strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
+  )
+  steps = [
+    {k: float(v) for k, v in trainer.run_loop(iterator, 1).items()} for _ in range(c["steps"])
+  ]
   return steps, state.model
 
 
@@ -187,8 +232,10 @@ def _write_reference_like(prefix, values):
     if isinstance(node, tf.Variable):
       return node
     if all(k.isdigit() for k in node):
-      return [build(node[str(i)]) if str(i) in node else tf.Module()
-              for i in range(max(map(int, node)) + 1)]
+      return [
+        build(node[str(i)]) if str(i) in node else tf.Module()
+        for i in range(max(map(int, node)) + 1)
+      ]
     module = tf.Module()
     for k, child in node.items():
       setattr(module, k, build(child))
@@ -202,8 +249,11 @@ def _reference_values(name, source="trained/ckpt-3"):
   prefix = os.path.join(FIXTURES, name, source)
   reader = tf.train.load_checkpoint(prefix)
   suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
-  return {k[:-len(suffix)]: reader.get_tensor(k) for k, _ in tf.train.list_variables(prefix)
-          if k.startswith("model/") and k.endswith(suffix) and ".OPTIMIZER_SLOT" not in k}
+  return {
+    k[: -len(suffix)]: reader.get_tensor(k)
+    for k, _ in tf.train.list_variables(prefix)
+    if k.startswith("model/") and k.endswith(suffix) and ".OPTIMIZER_SLOT" not in k
+  }
 
 
 def test_squeeze_excitation_is_found_and_mapped(tmp_path):
@@ -216,10 +266,14 @@ def test_squeeze_excitation_is_found_and_mapped(tmp_path):
     for b in range(blocks):
       base = f"model/resnet_model/block_groups/{g}/layers/{b}/se_layer"
       reduced = width // 4
-      se.update({f"{base}/se_reduce/kernel": rng.normal(size=(1, 1, width, reduced)),
-                 f"{base}/se_reduce/bias": rng.normal(size=(reduced,)),
-                 f"{base}/se_expand/kernel": rng.normal(size=(1, 1, reduced, width)),
-                 f"{base}/se_expand/bias": rng.normal(size=(width,))})
+      se.update(
+        {
+          f"{base}/se_reduce/kernel": rng.normal(size=(1, 1, width, reduced)),
+          f"{base}/se_reduce/bias": rng.normal(size=(reduced,)),
+          f"{base}/se_expand/kernel": rng.normal(size=(1, 1, reduced, width)),
+          f"{base}/se_expand/bias": rng.normal(size=(width,)),
+        }
+      )
   se = {k: v.astype(np.float32) for k, v in se.items()}
   _write_reference_like(str(tmp_path / "se" / "ckpt-7"), {**values, **se})
   source = convert.open_source(str(tmp_path / "se" / "ckpt-7"))
@@ -227,6 +281,7 @@ def test_squeeze_excitation_is_found_and_mapped(tmp_path):
   assert (config.se_ratio, config.resnet_depth, source.step) == (0.25, 18, 7)
   got = {}
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+
   model = model_lib.build_model(config)
   convert.restore_reference(model, str(tmp_path / "se" / "ckpt-7"))
   for g, group in enumerate(model.encoder.groups):
@@ -241,15 +296,24 @@ def test_squeeze_excitation_is_found_and_mapped(tmp_path):
 def test_refusals_leave_nothing_behind(tmp_path, converted_r18):
   # A ResNet of basic blocks [2, 2, 2, 3]: reference-shaped, but no depth tf_simclr builds.
   values = _reference_values(R18)
-  extra = {k.replace("block_groups/3/layers/1/", "block_groups/3/layers/2/"): v
-           for k, v in values.items() if "block_groups/3/layers/1/" in k}
+  extra = {
+    k.replace("block_groups/3/layers/1/", "block_groups/3/layers/2/"): v
+    for k, v in values.items()
+    if "block_groups/3/layers/1/" in k
+  }
   _write_reference_like(str(tmp_path / "odd" / "ckpt-1"), {**values, **extra})
   ours = converted_r18["init"][0]
   before = sorted(os.listdir(ours))
-  cases = [(tmp_path / "odd" / "ckpt-1",
-            re.escape("basic blocks [2, 2, 2, 3] per group is not one of the depths")),
-           (ours, "tf_simclr's own"), (ours / "saved_model" / "0", "tf_simclr's own"),
-           (tmp_path / "missing", "does not exist"), (tmp_path / "odd" / "ckpt-1.index", "exist")]
+  cases = [
+    (
+      tmp_path / "odd" / "ckpt-1",
+      re.escape("basic blocks [2, 2, 2, 3] per group is not one of the depths"),
+    ),
+    (ours, "tf_simclr's own"),
+    (ours / "saved_model" / "0", "tf_simclr's own"),
+    (tmp_path / "missing", "does not exist"),
+    (tmp_path / "odd" / "ckpt-1.index", "exist"),
+  ]
   for src, words in cases:
     with pytest.raises(convert.NotReferenceError, match=words):
       convert.convert(str(src), str(tmp_path / "dst"))
@@ -257,10 +321,20 @@ def test_refusals_leave_nothing_behind(tmp_path, converted_r18):
     convert.convert(os.path.join(FIXTURES, R18, "init"), str(ours))
   assert sorted(os.listdir(tmp_path)) == ["odd"] and sorted(os.listdir(ours)) == before
   # The command line: one line on stderr, status 1.
-  res = subprocess.run([sys.executable, "-m", "tf_simclr.convert", str(tmp_path / "odd" / "ckpt-1"),
-                        str(tmp_path / "dst")], capture_output=True, text=True,
-                       cwd=REPO,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tf_simclr.convert",
+      str(tmp_path / "odd" / "ckpt-1"),
+      str(tmp_path / "dst"),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    timeout=120,
+  )
   assert res.returncode == 1 and "Traceback" not in res.stderr
   assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "depths" in res.stderr
   assert sorted(os.listdir(tmp_path)) == ["odd"]
@@ -268,6 +342,7 @@ def test_refusals_leave_nothing_behind(tmp_path, converted_r18):
 
 def test_reference_teacher_predicts_the_reference_logits():
   from tf_simclr import distill  # pylint: disable=g-import-not-at-top
+
   d, _ = _fixture(R18)
   teacher = distill.load_teacher(os.path.join(FIXTURES, R18, "saved_model"))
   logits = teacher(tf.constant(d["images"]), training=False)["logits_sup"].numpy()
@@ -276,13 +351,15 @@ def test_reference_teacher_predicts_the_reference_logits():
 
 def test_a_model_of_other_flags_is_refused_naming_the_difference():
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+
   source = os.path.join(FIXTURES, R18, "trained")
   base = C.ModelConfig(resnet_depth=18, width_multiplier=0.125, image_size=16, num_classes=10)
   for changes, words in [
-      ({"width_multiplier": 0.25}, "width_multiplier 0.125 (flags: 0.25)"),
-      ({"image_size": 64}, "use_cifar_stem True (flags: False)"),
-      ({"num_proj_layers": 2}, "num_proj_layers 3 (flags: 2)"),
-      ({"num_classes": 2}, "a supervised head of 10 classes, the model asked for 2 classes")]:
+    ({"width_multiplier": 0.25}, "width_multiplier 0.125 (flags: 0.25)"),
+    ({"image_size": 64}, "use_cifar_stem True (flags: False)"),
+    ({"num_proj_layers": 2}, "num_proj_layers 3 (flags: 2)"),
+    ({"num_classes": 2}, "a supervised head of 10 classes, the model asked for 2 classes"),
+  ]:
     model = model_lib.build_model(dataclasses.replace(base, **changes), image_size=16)
     with pytest.raises(checkpoints.CheckpointMismatchError, match=re.escape(words)):
       convert.restore_reference(model, source)
@@ -299,19 +376,36 @@ def test_run_py_fine_tunes_and_refuses_reference_checkpoints(tmp_path):
   from test_run_e2e import _assert_one_line_error  # pylint: disable=g-import-not-at-top
   from test_run_e2e import _two_class_folder  # pylint: disable=g-import-not-at-top
   from test_run_e2e import run_py_concurrently  # pylint: disable=g-import-not-at-top
+
   _two_class_folder(tmp_path / "images")
   source = os.path.join(FIXTURES, R18, "trained")
-  common = ["--dataset=image_folder", f"--data_dir={tmp_path / 'images'}", "--image_size=16",
-            "--resnet_depth=18", "--width_multiplier=0.125", "--train_batch_size=4",
-            "--train_mode=finetune", "--fine_tune_after_block=4", "--optimizer=momentum",
-            "--learning_rate=0.1", "--use_tpu=False", "--mode=train", "--train_steps=2",
-            "--checkpoint_steps=2", f"--checkpoint={source}", "--zero_init_logits_layer"]
+  common = [
+    "--dataset=image_folder",
+    f"--data_dir={tmp_path / 'images'}",
+    "--image_size=16",
+    "--resnet_depth=18",
+    "--width_multiplier=0.125",
+    "--train_batch_size=4",
+    "--train_mode=finetune",
+    "--fine_tune_after_block=4",
+    "--optimizer=momentum",
+    "--learning_rate=0.1",
+    "--use_tpu=False",
+    "--mode=train",
+    "--train_steps=2",
+    "--checkpoint_steps=2",
+    f"--checkpoint={source}",
+    "--zero_init_logits_layer",
+  ]
   dirs = {k: tmp_path / k for k in ("lin", "depth")}
   for d in dirs.values():
     d.mkdir()
-  lin, depth = run_py_concurrently([
+  lin, depth = run_py_concurrently(
+    [
       common + [f"--model_dir={dirs['lin']}"],
-      common + [f"--model_dir={dirs['depth']}", "--resnet_depth=34"]])
+      common + [f"--model_dir={dirs['depth']}", "--resnet_depth=34"],
+    ]
+  )
   assert lin.returncode == 0, lin.stderr[-3000:]
   _assert_one_line_error(depth, ["resnet_depth 18 (flags: 34)"])
   assert not os.listdir(dirs["depth"])

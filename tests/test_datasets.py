@@ -3,6 +3,7 @@
 Nothing here downloads: the built-ins are generated into tmp dirs and image folders are written
 here.
 """
+
 import functools
 import os
 import struct
@@ -42,8 +43,11 @@ def _records_numpy(source):
     out["label"].append(batch["label"].numpy())
     out["id"].append(batch["id"].numpy())
     out["image"] += list(batch["image"].numpy())
-  return {"label": np.concatenate(out["label"]), "id": np.concatenate(out["id"]),
-          "image": out["image"]}
+  return {
+    "label": np.concatenate(out["label"]),
+    "id": np.concatenate(out["id"]),
+    "image": out["image"],
+  }
 
 
 def _decoded(source):
@@ -69,9 +73,14 @@ def _global_batches(source, steps, global_batch, pipelines, per_replica, **kwarg
   """
   replicas = global_batch // pipelines // per_replica
   per_pipeline = [
-      _take(datasets.train_dataset(source, global_batch, per_replica, pipelines, p,
-                                   image_size=IMAGE_SIZE, **kwargs), steps * replicas)
-      for p in range(pipelines)]
+    _take(
+      datasets.train_dataset(
+        source, global_batch, per_replica, pipelines, p, image_size=IMAGE_SIZE, **kwargs
+      ),
+      steps * replicas,
+    )
+    for p in range(pipelines)
+  ]
   out = []
   for k in range(steps):
     parts = [per_pipeline[p][k * replicas + r] for p in range(pipelines) for r in range(replicas)]
@@ -91,8 +100,7 @@ def _bmp(image):
   """A 24-bit BMP file of uint8 [H, W, 3] (TF can decode BMP but not encode it)."""
   h, w, _ = image.shape
   row = (w * 3 + 3) // 4 * 4
-  pixels = b"".join(
-      image[y, :, ::-1].tobytes().ljust(row, b"\0") for y in range(h - 1, -1, -1))
+  pixels = b"".join(image[y, :, ::-1].tobytes().ljust(row, b"\0") for y in range(h - 1, -1, -1))
   header = struct.pack("<2sIHHI", b"BM", 54 + len(pixels), 0, 0, 54)
   info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, len(pixels), 2835, 2835, 0, 0)
   return header + info + pixels
@@ -116,10 +124,10 @@ def _gif(frames, palette):
     codes.append(257)  # End of information.
     bits = "".join(format(c, "09b")[::-1] for c in codes)  # LSB first.
     bits += "0" * (-len(bits) % 8)
-    data = bytes(int(bits[i:i + 8][::-1], 2) for i in range(0, len(bits), 8))
+    data = bytes(int(bits[i : i + 8][::-1], 2) for i in range(0, len(bits), 8))
     out.append(b"\x08")  # LZW minimum code size.
     for i in range(0, len(data), 255):
-      out.append(bytes([len(data[i:i + 255])]) + data[i:i + 255])
+      out.append(bytes([len(data[i : i + 255])]) + data[i : i + 255])
     out.append(b"\x00")
   out.append(b"\x3b")
   return b"".join(out)
@@ -186,7 +194,7 @@ def _shape_features(masks, size=12):
     ys, xs = np.nonzero(m)
     if len(ys) == 0:
       continue
-    crop = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    crop = m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     rows = (np.arange(size) + 0.5) * crop.shape[0] / size
     cols = (np.arange(size) + 0.5) * crop.shape[1] / size
     out[i] = crop[rows.astype(int)][:, cols.astype(int)].reshape(-1)
@@ -260,8 +268,7 @@ def _make_labelled_folder(root):
   _write(f"{root}/train/Cat/deeper/g.png", tf.io.encode_png(gray).numpy())
   expected["Cat/deeper/g.png"] = np.repeat(gray, 3, axis=-1)
   palette = np.random.default_rng(4).integers(0, 256, (256, 3), dtype=np.uint8)
-  frames = [np.random.default_rng(5 + i).integers(0, 256, (5, 6), dtype=np.uint8)
-            for i in range(2)]
+  frames = [np.random.default_rng(5 + i).integers(0, 256, (5, 6), dtype=np.uint8) for i in range(2)]
   _write(f"{root}/train/bird/anim.gif", _gif(frames, palette))
   expected["bird/anim.gif"] = palette[frames[0]]  # The first frame.
   _write(f"{root}/train/bird/notes.txt", b"not an image")
@@ -374,9 +381,14 @@ def test_augment_on_device_gives_the_host_views(small):
   # --augment_on_device: the host crops, the training step (train.step_images) distorts.
   # The model must see the views of the host path, in the same view-major order.
   from tf_simclr import train  # pylint: disable=g-import-not-at-top
+
   host = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE), 2)
-  split = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE,
-                                       augment_on_device=True), 2)
+  split = _take(
+    datasets.train_dataset(
+      small, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE, augment_on_device=True
+    ),
+    2,
+  )
   step = tf.function(train.step_images)
   for h, d in zip(host, split):
     np.testing.assert_array_equal(h["id"], d["id"])
@@ -400,11 +412,13 @@ def test_pipelines_equal_one_pipeline(small, pipelines, per_replica):
 
 def _distributed(strategy, global_batch_size, dataset_fn):
   """`strategy`'s distributed dataset of `dataset_fn`, given each pipeline's InputContext."""
+
   def fn(context):
     return dataset_fn(
-        per_replica_batch_size=context.get_per_replica_batch_size(global_batch_size),
-        num_input_pipelines=context.num_input_pipelines,
-        input_pipeline_id=context.input_pipeline_id)
+      per_replica_batch_size=context.get_per_replica_batch_size(global_batch_size),
+      num_input_pipelines=context.num_input_pipelines,
+      input_pipeline_id=context.input_pipeline_id,
+    )
 
   return strategy.distribute_datasets_from_function(fn)
 
@@ -425,16 +439,21 @@ def test_strategy_replicas_equal_one_replica(small, strategies):
 @pytest.mark.parametrize("start_step,pipelines", [(3, 1), (7, 1), (7, 2)])
 def test_restart_resumes_at_the_same_examples(small, start_step, pipelines):
   fresh = _global_batches(small, start_step + 3, 16, 1, 16, seed=11)
-  resumed = _global_batches(small, 3, 16, pipelines, 16 // pipelines, seed=11,
-                            start_step=start_step)
+  resumed = _global_batches(
+    small, 3, 16, pipelines, 16 // pipelines, seed=11, start_step=start_step
+  )
   _assert_batches_equal(fresh[start_step:], resumed)
 
 
 @pytest.mark.parametrize("shuffle_buffer", [None, 32])
 def test_epochs(small, shuffle_buffer):
   # G = 20 divides 100: steps 0-4 are epoch 0, steps 5-9 epoch 1.
-  batches = _take(datasets.train_dataset(small, 20, 20, 1, 0, seed=2, image_size=IMAGE_SIZE,
-                                         shuffle_buffer=shuffle_buffer), 10)
+  batches = _take(
+    datasets.train_dataset(
+      small, 20, 20, 1, 0, seed=2, image_size=IMAGE_SIZE, shuffle_buffer=shuffle_buffer
+    ),
+    10,
+  )
   ids = np.concatenate([b["id"] for b in batches])
   views = np.concatenate([b["views"] for b in batches])
   epoch0, epoch1 = ids[:100], ids[100:]
@@ -460,8 +479,9 @@ def test_view_seeds_contract(small):
     for v in range(2):
       key = tf.constant([9, 1], tf.int64)
       for data in (0, int(example_id), v):  # epoch 0, id, view
-        key = tf.random.experimental.stateless_fold_in(key, tf.constant(data, tf.int64),
-                                                       alg="philox")
+        key = tf.random.experimental.stateless_fold_in(
+          key, tf.constant(data, tf.int64), alg="philox"
+        )
       view = augment.simclr_augment(images[int(example_id)], key, IMAGE_SIZE, IMAGE_SIZE)
       np.testing.assert_allclose(batch["views"][i, v], view.numpy(), atol=1e-5)
 
@@ -470,13 +490,17 @@ def test_example_views(small):
   shown = datasets.example_views(small, seed=6, image_size=IMAGE_SIZE)
   first = _take(datasets.train_dataset(small, 16, 8, 1, 0, seed=6, image_size=IMAGE_SIZE), 1)[0]
   np.testing.assert_array_equal(shown["id"].numpy(), first["id"][:4])
-  np.testing.assert_array_equal(shown["images"].numpy(),
-                                first["views"][:4].reshape(8, IMAGE_SIZE, IMAGE_SIZE, 3))
+  np.testing.assert_array_equal(
+    shown["images"].numpy(), first["views"][:4].reshape(8, IMAGE_SIZE, IMAGE_SIZE, 3)
+  )
 
 
 def test_train_dataset_validates_batching(small):
-  with pytest.raises(ValueError, match=r"global_batch_size=16 must be a positive multiple of "
-                                       r"the number of input pipelines \(3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"global_batch_size=16 must be a positive multiple of "
+    r"the number of input pipelines \(3\)",
+  ):
     datasets.train_dataset(small, 16, 4, 3, 0, seed=0, image_size=8)
   with pytest.raises(ValueError, match="per-replica batch size 3 does not divide the 8"):
     datasets.train_dataset(small, 16, 3, 2, 0, seed=0, image_size=8)
@@ -500,17 +524,24 @@ def test_cache_gives_the_same_stream(small, tmp_path):
 # eval_dataset.
 
 
-@pytest.mark.parametrize("pipelines,per_replica,replicas_per_pipeline,cache",
-                         [(1, 8, 1, False), (3, 4, 1, False), (2, 3, 2, True)])
-def test_eval_dataset_covers_each_example_once(shapes_dir, pipelines, per_replica,
-                                               replicas_per_pipeline, cache):
+@pytest.mark.parametrize(
+  "pipelines,per_replica,replicas_per_pipeline,cache",
+  [(1, 8, 1, False), (3, 4, 1, False), (2, 3, 2, True)],
+)
+def test_eval_dataset_covers_each_example_once(
+  shapes_dir, pipelines, per_replica, replicas_per_pipeline, cache
+):
   source = datasets.load_source("shapes10", "test[:37]", data_dir=shapes_dir)
   global_batch = per_replica * replicas_per_pipeline * pipelines
   steps = datasets.eval_steps(37, global_batch, pipelines)
   ids, mask_total, labels = [], 0.0, _records_numpy(source)["label"]
   for p in range(pipelines):
-    batches = _take(datasets.eval_dataset(source, per_replica, pipelines, p, IMAGE_SIZE,
-                                          cache=cache, global_batch_size=global_batch), 1000)
+    batches = _take(
+      datasets.eval_dataset(
+        source, per_replica, pipelines, p, IMAGE_SIZE, cache=cache, global_batch_size=global_batch
+      ),
+      1000,
+    )
     assert len(batches) == steps * replicas_per_pipeline  # The same on every pipeline.
     for b in batches:
       assert b["image"].shape == (per_replica, IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -535,23 +566,28 @@ def test_eval_steps():
 
 
 def test_unknown_dataset(tmp_path):
-  with pytest.raises(datasets.DatasetError, match="Unknown dataset 'cifar1'.*cifar10.*"
-                     "image_folder.*shapes10") as info:
+  with pytest.raises(
+    datasets.DatasetError, match="Unknown dataset 'cifar1'.*cifar10.*image_folder.*shapes10"
+  ) as info:
     datasets.load_source("cifar1", "train", data_dir=str(tmp_path))
   assert "\n" not in str(info.value)
 
 
 def test_unknown_split(shapes_dir):
-  with pytest.raises(datasets.DatasetError, match="'shapes10' has no split 'validation'.*"
-                     "test, train"):
+  with pytest.raises(
+    datasets.DatasetError, match="'shapes10' has no split 'validation'.*test, train"
+  ):
     datasets.load_source("shapes10", "validation", data_dir=shapes_dir)
 
 
 def test_manual_download_detected_before_downloading(tmp_path):
   started = time.time()
   manual = os.path.join(str(tmp_path), "downloads", "manual")
-  with pytest.raises(datasets.DatasetError, match="imagenet2012' must be downloaded by hand: "
-                     f"put ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/") as info:
+  with pytest.raises(
+    datasets.DatasetError,
+    match="imagenet2012' must be downloaded by hand: "
+    f"put ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/",
+  ) as info:
     datasets.load_source("imagenet2012", "train", data_dir=str(tmp_path))
   assert "\n" not in str(info.value)
   assert time.time() - started < 10
@@ -566,9 +602,12 @@ def test_manual_download_detected_before_downloading(tmp_path):
 def _expected_quota(labels, fraction):
   """Per class: round half up of fraction * count, at least 1, in exact rational arithmetic."""
   import fractions  # pylint: disable=g-import-not-at-top
+
   exact = fractions.Fraction(str(fraction))
-  return {c: min(n, max(1, int(exact * n + fractions.Fraction(1, 2))))
-          for c, n in zip(*np.unique(labels, return_counts=True))}
+  return {
+    c: min(n, max(1, int(exact * n + fractions.Fraction(1, 2))))
+    for c, n in zip(*np.unique(labels, return_counts=True))
+  }
 
 
 @pytest.mark.parametrize("split", ["train", "train[:100]"])  # Balanced; unequal class counts.
@@ -619,8 +658,11 @@ def test_label_subset_file_round_trip(shapes_dir, tmp_path):
   # A different subset (or all labels) in the same model_dir is refused; the file stays.
   other = datasets.label_subset(source, 0.05, seed=4)
   for different, what in ((other, "250 examples"), (None, "every example")):
-    with pytest.raises(datasets.DatasetError, match=f"holds the labelled subset of an earlier "
-                       f"run \\(250 examples\\) and this run's differs \\({what}\\)") as info:
+    with pytest.raises(
+      datasets.DatasetError,
+      match=f"holds the labelled subset of an earlier "
+      f"run \\(250 examples\\) and this run's differs \\({what}\\)",
+    ) as info:
       datasets.write_label_subset(model_dir, different)
     assert "\n" not in str(info.value)
   with open(path) as f:
@@ -637,10 +679,10 @@ def test_label_subset_file_round_trip(shapes_dir, tmp_path):
 def test_label_file_errors(shapes_dir, tmp_path):
   source = datasets.load_source("shapes10", "train", data_dir=shapes_dir)
   cases = {
-      "3\n5000\n-1\n12\n": r"names 2 example ids that shapes10 'train' does not have \(its ids "
-                           r"are 0..4999\): -1, 5000$",
-      "3\nfour\n": r"line 2: 'four' is not an example id",
-      "# nothing\n\n": r"names no example ids",
+    "3\n5000\n-1\n12\n": r"names 2 example ids that shapes10 'train' does not have \(its ids "
+    r"are 0..4999\): -1, 5000$",
+    "3\nfour\n": r"line 2: 'four' is not an example id",
+    "# nothing\n\n": r"names no example ids",
   }
   for i, (text, message) in enumerate(cases.items()):
     path = tmp_path / f"labels{i}.txt"
@@ -668,6 +710,7 @@ def test_label_fraction_out_of_range(shapes_dir, tmp_path):
 
   # The flags are checked before anything runs.
   from flags import definitions  # pylint: disable=g-import-not-at-top
+
   defaults = {name: definitions.FLAGS[name].default for name in definitions.FLAGS}
   defaults["model_dir"] = str(tmp_path)
   definitions.validate(defaults)
@@ -692,8 +735,9 @@ def test_finetune_input_on_a_subset(small):
 
   # Two epochs of the subset, and nothing else; each epoch in its own order.
   kwargs = dict(num_views=1, color_jitter_strength=0.0, use_blur=False)
-  batches = _take(datasets.train_dataset(subset, n, n, 1, 0, seed=2, image_size=IMAGE_SIZE,
-                                         **kwargs), 2)
+  batches = _take(
+    datasets.train_dataset(subset, n, n, 1, 0, seed=2, image_size=IMAGE_SIZE, **kwargs), 2
+  )
   labels = _records_numpy(small)["label"]
   for b in batches:
     np.testing.assert_array_equal(np.sort(b["id"]), ids)
@@ -708,8 +752,14 @@ def test_finetune_input_on_a_subset(small):
   # An example's view is the one the full source gives it (seeded by its id, not position).
   images = {int(ex["id"]): ex["image"] for ex in _decoded(small)}
   example_id = int(one[0]["id"][0])
-  view = augment.simclr_augment(images[example_id], datasets.view_seeds(5, 0, example_id)[0],
-                                IMAGE_SIZE, IMAGE_SIZE, color_jitter_strength=0.0, use_blur=False)
+  view = augment.simclr_augment(
+    images[example_id],
+    datasets.view_seeds(5, 0, example_id)[0],
+    IMAGE_SIZE,
+    IMAGE_SIZE,
+    color_jitter_strength=0.0,
+    use_blur=False,
+  )
   np.testing.assert_allclose(one[0]["views"][0, 0], view.numpy(), atol=1e-5)
 
   with pytest.raises(datasets.DatasetError, match="repeats example ids"):
@@ -723,8 +773,11 @@ def test_imagenet_label_subsets_are_tfds_names(tmp_path, name):
   # The name with its config reaches tfds.builder (no 'Unknown dataset' / 'Cannot use'); what
   # stops it, without a download, is ImageNet's archives that must be fetched by hand.
   manual = os.path.join(str(tmp_path), "downloads", "manual")
-  with pytest.raises(datasets.DatasetError, match=f"'{name}' must be downloaded by hand: put "
-                     f"ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/"):
+  with pytest.raises(
+    datasets.DatasetError,
+    match=f"'{name}' must be downloaded by hand: put "
+    f"ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar in {manual}/",
+  ):
     datasets.load_source(name, "train", data_dir=str(tmp_path))
   assert not [f for _, _, files in os.walk(tmp_path) for f in files]
 
@@ -760,6 +813,7 @@ def test_directory_links_never_add_an_image_twice(tmp_path, caplog):
 
 def test_fifos_are_skipped_and_any_file_name_is_read(tmp_path, caplog):
   import threading  # pylint: disable=g-import-not-at-top
+
   root = str(tmp_path)
   image = _png(1, f"{root}/train/a/0.png")
   odd = os.fsencode(f"{root}/train/a/") + b"\xff\xfe.png"  # not valid UTF-8
@@ -768,8 +822,10 @@ def test_fifos_are_skipped_and_any_file_name_is_read(tmp_path, caplog):
   fifo = f"{root}/train/a/pipe.png"
   os.mkfifo(fifo)
   got = []
-  thread = threading.Thread(target=lambda: got.append(
-      datasets.load_source("image_folder", "train", data_dir=root)), daemon=True)
+  thread = threading.Thread(
+    target=lambda: got.append(datasets.load_source("image_folder", "train", data_dir=root)),
+    daemon=True,
+  )
   thread.start()
   thread.join(60)
   if thread.is_alive():  # blocked opening the FIFO: release it, then fail
@@ -811,8 +867,7 @@ def test_eval_split_labels_classes_as_the_training_split(tmp_path, caplog):
       _png(ord(c), f"{root}/{split}/{c}/0.png")
   train = datasets.load_source("image_folder", "train", data_dir=root)
   assert train.class_names == ("a", "b", "c")
-  test = datasets.load_source("image_folder", "test", data_dir=root,
-                              class_names=train.class_names)
+  test = datasets.load_source("image_folder", "test", data_dir=root, class_names=train.class_names)
   records = _records_numpy(test)
   # a and c keep train's labels 0 and 2 (by their own folders: 0 and 1); d is skipped.
   np.testing.assert_array_equal(records["label"], [0, 2])
@@ -823,8 +878,11 @@ def test_eval_split_labels_classes_as_the_training_split(tmp_path, caplog):
 
 
 def test_split_slices_names_and_label_files(shapes_dir, tmp_path, caplog):
-  with pytest.raises(datasets.DatasetError, match=r"'train\[5000:\]' selects no examples; its "
-                     r"splits are: test \(1000 examples\), train \(5000 examples\)"):
+  with pytest.raises(
+    datasets.DatasetError,
+    match=r"'train\[5000:\]' selects no examples; its "
+    r"splits are: test \(1000 examples\), train \(5000 examples\)",
+  ):
     datasets.load_source("shapes10", "train[5000:]", data_dir=shapes_dir)
   with pytest.raises(datasets.DatasetError) as info:
     datasets.load_source("shapes11", "train", data_dir=shapes_dir)

@@ -5,6 +5,7 @@ distillation run of test_after_pretraining.py.
 Also the pieces fine-tuning relies on: restoring an export onto a freshly built model by
 variable path, and the continuous-evaluation checkpoint walk.
 """
+
 import json
 import os
 
@@ -21,8 +22,7 @@ from tf_simclr import export
 from tf_simclr import model as model_lib
 from tf_simclr import train
 
-SMALL = dict(resnet_depth=18, image_size=16, num_classes=10, train_mode="finetune",
-             global_bn=False)
+SMALL = dict(resnet_depth=18, image_size=16, num_classes=10, train_mode="finetune", global_bn=False)
 
 
 def _softmax(x):
@@ -81,8 +81,9 @@ def test_restore_from_saved_model_maps_every_weight_by_path(exported):
   assert len(manifest["variables"]) == len(model.weights)
   # A linear-evaluation model (frozen layers: another trainable order) built with another seed.
   tf.keras.utils.set_random_seed(2)
-  fresh = model_lib.build_model(C.ModelConfig(**dict(SMALL, fine_tune_after_block=4),
-                                              ft_proj_selector=1))
+  fresh = model_lib.build_model(
+    C.ModelConfig(**dict(SMALL, fine_tune_after_block=4), ft_proj_selector=1)
+  )
   assert len(fresh.trainable_weights) == 2
   export.restore_from_saved_model(fresh, path)
   for a, b in zip(model.weights, fresh.weights):
@@ -105,20 +106,31 @@ def test_teacher_from_saved_model_and_checkpoint_predicts_as_the_model(exported,
   want = model(images, training=False)["logits_sup"].numpy()
   # The same weights as a training checkpoint, with the flags.json a run writes beside it.
   ckpt_dir = tmp_path / "run"
-  tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(ckpt_dir), 1,
-                             checkpoint_name="ckpt").save(checkpoint_number=7)
-  flags = dict(resnet_depth=18, image_size=16, ft_proj_selector=1, train_mode="finetune",
-               global_bn=True, proj_head_mode="nonlinear", width_multiplier=1, seed=0)
+  tf.train.CheckpointManager(
+    tf.train.Checkpoint(model=model), str(ckpt_dir), 1, checkpoint_name="ckpt"
+  ).save(checkpoint_number=7)
+  flags = dict(
+    resnet_depth=18,
+    image_size=16,
+    ft_proj_selector=1,
+    train_mode="finetune",
+    global_bn=True,
+    proj_head_mode="nonlinear",
+    width_multiplier=1,
+    seed=0,
+  )
   (ckpt_dir / "flags.json").write_text(json.dumps(flags))
   for source in (path, str(ckpt_dir)):  # a SavedModel; a model_dir (its newest checkpoint)
     config = distill.teacher_config(source)
     assert (config.num_classes, config.ft_proj_selector, config.global_bn) == (10, 1, False)
     teacher = distill.load_teacher(source)
     assert not teacher.trainable_weights
-    np.testing.assert_allclose(teacher(images, training=False)["logits_sup"].numpy(), want,
-                               rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="predicts 10 classes, but the student and the dataset "
-                                       "have 3"):
+    np.testing.assert_allclose(
+      teacher(images, training=False)["logits_sup"].numpy(), want, rtol=1e-5, atol=1e-6
+    )
+  with pytest.raises(
+    ValueError, match="predicts 10 classes, but the student and the dataset have 3"
+  ):
     distill.check_classes(distill.teacher_config(path), 3, path)
   os.remove(ckpt_dir / "flags.json")
   with pytest.raises(ValueError, match="no flags.json"):
@@ -133,23 +145,32 @@ def test_distill_step_learns_the_teacher(exported, strategies, tmp_path):
   # the teacher's weights (BN statistics included) do not move.
   _, teacher_path = exported
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic"),
-      C.ModelConfig(**dict(SMALL, train_mode="distill")),
-      C.OptimConfig(optimizer="adam", learning_rate=0.02, warmup_epochs=0, weight_decay=0.0),
-      C.TrainConfig(model_dir=str(tmp_path), train_batch_size=16,
-                    train_steps=30, checkpoint_steps=10, teacher_checkpoint=teacher_path,
-                    distill_temperature=2.0),
-      C.RuntimeConfig())
+    C.DataConfig(dataset="synthetic"),
+    C.ModelConfig(**dict(SMALL, train_mode="distill")),
+    C.OptimConfig(optimizer="adam", learning_rate=0.02, warmup_epochs=0, weight_decay=0.0),
+    C.TrainConfig(
+      model_dir=str(tmp_path),
+      train_batch_size=16,
+      train_steps=30,
+      checkpoint_steps=10,
+      teacher_checkpoint=teacher_path,
+      distill_temperature=2.0,
+    ),
+    C.RuntimeConfig(),
+  )
   strategy = strategies[1]
   state = train.build_state(cfg, strategy, num_examples=16)
   teacher_before = [v.numpy().copy() for v in state.teacher.weights]
   trainer = train.Trainer(cfg, strategy, state)
   rng = np.random.default_rng(0)
-  batch = {"views": tf.constant(rng.uniform(size=(16, 1, 16, 16, 3)).astype(np.float32)),
-           "label": tf.constant(np.full([16], -1), tf.int64),  # unlabeled: distillation only
-           "id": tf.range(16, dtype=tf.int64)}
-  iterator = iter(strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors(batch).repeat()))
+  batch = {
+    "views": tf.constant(rng.uniform(size=(16, 1, 16, 16, 3)).astype(np.float32)),
+    "label": tf.constant(np.full([16], -1), tf.int64),  # unlabeled: distillation only
+    "id": tf.range(16, dtype=tf.int64),
+  }
+  iterator = iter(
+    strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
+  )
   first = {k: float(v) for k, v in trainer.run_loop(iterator, 1).items()}
   for _ in range(2):
     last = {k: float(v) for k, v in trainer.run_loop(iterator, 10).items()}
@@ -187,8 +208,10 @@ def test_write_results_merge_keeps_same_step_only(tmp_path):
   got = json.load(open(os.path.join(d, "result.json")))
   assert got == {"eval/label_top_1_accuracy": 0.5, "knn/top_1_accuracy": 0.25, "global_step": 10}
   evaluate.write_results(d, {"knn/top_1_accuracy": 0.5}, 20, merge=True)
-  assert json.load(open(os.path.join(d, "result.json"))) == {"knn/top_1_accuracy": 0.5,
-                                                             "global_step": 20}
+  assert json.load(open(os.path.join(d, "result.json"))) == {
+    "knn/top_1_accuracy": 0.5,
+    "global_step": 20,
+  }
   assert json.load(open(os.path.join(d, "result_10.json")))["knn/top_1_accuracy"] == 0.25
 
 
@@ -198,7 +221,9 @@ def test_linear_eval_model_trains_only_the_head(exported):
   config = C.ModelConfig(**dict(SMALL, fine_tune_after_block=4), ft_proj_selector=2)
   model = model_lib.build_model(config)
   assert [v.path for v in model.trainable_weights] == [
-      "simclr_model/head_supervised/dense/kernel", "simclr_model/head_supervised/dense/bias"]
+    "simclr_model/head_supervised/dense/kernel",
+    "simclr_model/head_supervised/dense/bias",
+  ]
   before = [v.numpy().copy() for v in model.weights]
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(model(tf.random.uniform([8, 16, 16, 3]), training=True)["logits_sup"])
@@ -208,5 +233,4 @@ def test_linear_eval_model_trains_only_the_head(exported):
   # The export of such a model is an ordinary, fully trainable one.
   twin = export.make_export_twin(model)
   assert twin.config.fine_tune_after_block == -1
-  assert ([v.path for v in twin.trainable_weights]
-          == [v.path for v in exported[0].trainable_weights])
+  assert [v.path for v in twin.trainable_weights] == [v.path for v in exported[0].trainable_weights]

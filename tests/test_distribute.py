@@ -2,6 +2,7 @@
 
 Two real workers are in test_multiworker.py.
 """
+
 import importlib.util
 import json
 import os
@@ -13,14 +14,23 @@ import pytest
 from tf_simclr import distribute
 
 
-@pytest.mark.parametrize("tf_config,words", [
+@pytest.mark.parametrize(
+  "tf_config,words",
+  [
     ("{not json", ["not valid JSON"]),
     (json.dumps({"cluster": {"worker": ["a:1"]}}), ['"cluster" and "task"']),
-    (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:2"]},
-                 "task": {"type": "worker", "index": 0}}), ["'ps'"]),
-    (json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
-                 "task": {"type": "worker", "index": 2}}), ["is not in the cluster"]),
-])
+    (
+      json.dumps(
+        {"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}
+      ),
+      ["'ps'"],
+    ),
+    (
+      json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}),
+      ["is not in the cluster"],
+    ),
+  ],
+)
 def test_bad_tf_config_is_refused_before_any_connection(monkeypatch, tf_config, words):
   monkeypatch.setenv("TF_CONFIG", tf_config)
   with pytest.raises(ValueError) as info:
@@ -32,8 +42,10 @@ def test_multi_worker_needs_tf_config_and_no_cpu_replicas(monkeypatch):
   monkeypatch.delenv("TF_CONFIG", raising=False)
   with pytest.raises(ValueError, match="TF_CONFIG"):
     distribute.make_strategy("multi_worker")
-  monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]},
-                                              "task": {"type": "worker", "index": 0}}))
+  monkeypatch.setenv(
+    "TF_CONFIG",
+    json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}),
+  )
   with pytest.raises(ValueError, match="cpu_replicas"):
     distribute.make_strategy("multi_worker", cpu_replicas=2)
 

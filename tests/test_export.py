@@ -1,4 +1,5 @@
 """The reusable SavedModel: outputs, variables, fine-tuning without tf_simclr, strategies, dirs."""
+
 import dataclasses
 import json
 import os
@@ -58,10 +59,17 @@ def exported(tmp_path_factory):
   images = _images()
   expected = _numpy(model(images, training=False))
   parent = tmp_path_factory.mktemp("export") / "saved_model"
-  export_dir = export.export_saved_model(model, str(parent / "100"), weight_decay=WEIGHT_DECAY,
-                                         optimizer_name="lars")
-  return types.SimpleNamespace(model=model, images=images, expected=expected, dir=export_dir,
-                               parent=str(parent), loaded=tf.saved_model.load(export_dir))
+  export_dir = export.export_saved_model(
+    model, str(parent / "100"), weight_decay=WEIGHT_DECAY, optimizer_name="lars"
+  )
+  return types.SimpleNamespace(
+    model=model,
+    images=images,
+    expected=expected,
+    dir=export_dir,
+    parent=str(parent),
+    loaded=tf.saved_model.load(export_dir),
+  )
 
 
 def test_outputs_match_model(exported):
@@ -71,7 +79,8 @@ def test_outputs_match_model(exported):
   assert manifest["model_config"]["width_multiplier"] == exported.model.config.width_multiplier
   assert exported.model.config.width_multiplier == 0.25
   assert export.manifest_model_config(manifest) == dataclasses.replace(
-      exported.model.config, global_bn=False, train_mode="finetune")  # the twin's
+    exported.model.config, global_bn=False, train_mode="finetune"
+  )  # the twin's
   assert exported.loaded(exported.images)["final_avg_pool"].shape == (4, 128)  # 512 * 0.25
   default = _numpy(exported.loaded(exported.images))
   explicit = _numpy(exported.loaded(exported.images, training=False))
@@ -81,8 +90,11 @@ def test_outputs_match_model(exported):
     np.testing.assert_allclose(explicit[name], exported.expected[name], **TOL, err_msg=name)
   # Any batch and image size.
   other = tf.random.stateless_uniform([3, 24, 20, 3], seed=[5, 6])
-  np.testing.assert_allclose(exported.loaded(other)["logits_sup"].numpy(),
-                             exported.model(other, training=False)["logits_sup"].numpy(), **TOL)
+  np.testing.assert_allclose(
+    exported.loaded(other)["logits_sup"].numpy(),
+    exported.model(other, training=False)["logits_sup"].numpy(),
+    **TOL,
+  )
 
 
 def test_serving_signature(exported):
@@ -90,8 +102,9 @@ def test_serving_signature(exported):
   assert list(serving.structured_input_signature[1]) == ["images"]
   out = serving(images=exported.images)
   assert set(out) == set(model_lib.OUTPUTS)
-  np.testing.assert_allclose(out["final_avg_pool"].numpy(), exported.expected["final_avg_pool"],
-                             **TOL)
+  np.testing.assert_allclose(
+    out["final_avg_pool"].numpy(), exported.expected["final_avg_pool"], **TOL
+  )
 
 
 def test_variables_and_regularization(exported):
@@ -168,15 +181,24 @@ _FINE_TUNE_SCRIPT = textwrap.dedent("""
 
 def test_fine_tune_without_tf_simclr(exported, tmp_path):
   labels = np.arange(4, dtype=np.int32)
-  np.savez(tmp_path / "data.npz", images=exported.images.numpy(), labels=labels,
-           **exported.expected)
+  np.savez(
+    tmp_path / "data.npz", images=exported.images.numpy(), labels=labels, **exported.expected
+  )
   (tmp_path / "fine_tune.py").write_text(_FINE_TUNE_SCRIPT)
   # A clean environment, run from a directory where the repository is not on sys.path.
-  env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
-         "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "HOME": str(tmp_path),
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+  }
   proc = subprocess.run(
-      [sys.executable, "fine_tune.py", os.path.abspath(exported.dir), "data.npz"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    [sys.executable, "fine_tune.py", os.path.abspath(exported.dir), "data.npz"],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["tf_simclr_importable"] is False
@@ -189,8 +211,11 @@ def test_fine_tune_without_tf_simclr(exported, tmp_path):
   # The pretraining stop-gradient in front of the head is not exported: logits_sup alone
   # trains the encoder and the head, everything but the projection head.
   model = exported.model
-  assert result["ce_grads"] == (len(model.trainable_weights)
-                                - len(model.projection_head.trainable_weights)) == 65
+  assert (
+    result["ce_grads"]
+    == (len(model.trainable_weights) - len(model.projection_head.trainable_weights))
+    == 65
+  )
   # training=True updates every moving mean and variance.
   assert result["stats_changed"] == result["num_stats"] == len(model.non_trainable_weights)
   losses = result["losses"]

@@ -6,6 +6,7 @@ One run is interrupted again and again in one model_dir and then finishes; with 
 its final weights must equal, bit for bit, those of an uninterrupted run. Processes run in
 their own process groups with deadlines (tests/runs.py).
 """
+
 import os
 import signal
 import sys
@@ -15,19 +16,30 @@ import pytest
 import tensorflow as tf
 
 import runs
-from test_run_e2e import COMMON, _assert_one_line_error, _env, model_variables
+from test_run_e2e import COMMON
+from test_run_e2e import _assert_one_line_error
+from test_run_e2e import _env
+from test_run_e2e import model_variables
 
 pytestmark = pytest.mark.slow
 
 ARGS = COMMON + ["--train_steps=12", "--checkpoint_steps=4", "--mode=train", "--cpu_replicas=1"]
 # A file-size limit stands in for a full disk: a checkpoint (94 MB here) fails to write with
 # EFBIG ("File too large"), the logs and events (kilobytes) do not.
-FULL_DISK = [sys.executable, "-c", "import os, resource, sys; "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, 2**24)); "
-             "os.execv(sys.argv[1], sys.argv[1:])"]
+FULL_DISK = [
+  sys.executable,
+  "-c",
+  "import os, resource, sys; "
+  "resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, 2**24)); "
+  "os.execv(sys.argv[1], sys.argv[1:])",
+]
 # Ctrl-C reaches a process only if its parent did not ignore SIGINT (a test runner may).
-CTRL_C_ABLE = [sys.executable, "-c", "import os, signal, sys; "
-               "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
+CTRL_C_ABLE = [
+  sys.executable,
+  "-c",
+  "import os, signal, sys; "
+  "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +82,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(data_dir, tmp_path
 
     # 3. SIGKILL while ckpt-8 is being written: the index still names ckpt-4.
     procs.start("kill_writing", args + [f"--model_dir={d}"])
-    procs.wait_until("kill_writing", lambda: os.path.exists(os.path.join(d, "ckpt-8_temp")),
-                     "ckpt-8_temp", interval=0.001)
+    procs.wait_until(
+      "kill_writing",
+      lambda: os.path.exists(os.path.join(d, "ckpt-8_temp")),
+      "ckpt-8_temp",
+      interval=0.001,
+    )
     procs.signal("kill_writing", signal.SIGKILL)
     procs.finish("kill_writing")
     assert _newest(d) == 4, "the kill came after the write had completed"
@@ -87,14 +103,18 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(data_dir, tmp_path
     data4 = os.path.join(d, "ckpt-4.data-00000-of-00001")
     with open(data4, "r+b") as f:
       f.truncate(100)
-    kept = {f: _read(os.path.join(d, f)) for f in ("checkpoint", "ckpt-1.index",
-                                                   "ckpt-1.data-00000-of-00001")}
+    kept = {
+      f: _read(os.path.join(d, f))
+      for f in ("checkpoint", "ckpt-1.index", "ckpt-1.data-00000-of-00001")
+    }
 
     # 5. A full disk: resumes from ckpt-1 (ckpt-4 is set aside), trains to 4, cannot save it.
     procs.start("full_disk", args + [f"--model_dir={d}"], prefix=FULL_DISK)
     full_disk = procs.finish("full_disk")
-    _assert_one_line_error(full_disk, ["cannot write checkpoint", "ckpt-4", "File too large",
-                                       "earlier checkpoints are intact"])
+    _assert_one_line_error(
+      full_disk,
+      ["cannot write checkpoint", "ckpt-4", "File too large", "earlier checkpoints are intact"],
+    )
     assert "ckpt-4 is unreadable" in full_disk.stderr
     for f, content in kept.items():
       assert _read(os.path.join(d, f)) == content, f
@@ -120,16 +140,23 @@ def test_unwritable_model_dir_is_one_line(data_dir, tmp_path):
   # Under a regular file: unwritable for root too (unlike a chmod).
   (tmp_path / "a_file").write_text("")
   with runs.Processes(tmp_path, _env()) as procs:
-    procs.start("run", ARGS + [f"--data_dir={data_dir}",
-                               f"--model_dir={tmp_path / 'a_file' / 'model'}"])
+    procs.start(
+      "run", ARGS + [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'a_file' / 'model'}"]
+    )
     result = procs.finish("run")
   _assert_one_line_error(result, ["a_file", "not a directory"])
 
 
 def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
   d = str(tmp_path / "m")
-  args = COMMON + ["--train_steps=1000", "--checkpoint_steps=1000", "--mode=train",
-                      "--cpu_replicas=1", f"--data_dir={data_dir}", f"--model_dir={d}"]
+  args = COMMON + [
+    "--train_steps=1000",
+    "--checkpoint_steps=1000",
+    "--mode=train",
+    "--cpu_replicas=1",
+    f"--data_dir={data_dir}",
+    f"--model_dir={d}",
+  ]
   with runs.Processes(tmp_path, _env()) as procs:
     procs.start("first", args, prefix=CTRL_C_ABLE)
     procs.wait_for_log("first", "Training from step 0")
@@ -137,8 +164,9 @@ def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path)
     # A second trainer on the same model_dir: refused by the lock (an eval job would not be).
     procs.start("second", args)
     second = procs.finish("second")
-    _assert_one_line_error(second, ["in use by another training run",
-                                    f"pid {procs.pid('first')} on host"])
+    _assert_one_line_error(
+      second, ["in use by another training run", f"pid {procs.pid('first')} on host"]
+    )
     # Ctrl-C: a checkpoint at the step reached, one line, exit status 130.
     procs.signal("first", signal.SIGINT)
     status, _, err = procs.finish("first")
@@ -146,14 +174,16 @@ def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path)
     step = _newest(d)
     assert step is not None and 1 <= step < 1000
     assert err.strip().splitlines()[-1] == (
-        f"Interrupted: SIGINT stopped training at step {step} of 1000, checkpoint saved in {d}. "
-        "Run the same command to resume.")
+      f"Interrupted: SIGINT stopped training at step {step} of 1000, checkpoint saved in {d}. "
+      "Run the same command to resume."
+    )
     assert not os.path.exists(os.path.join(d, "train.lock"))
     # Fine-tuning in this pretraining run's model_dir: refused, nothing changed.
     before = {f: _read(os.path.join(d, f)) for f in os.listdir(d)}
     procs.start("finetune", args + ["--train_mode=finetune", f"--checkpoint={d}"])
     finetune = procs.finish("finetune")
-  _assert_one_line_error(finetune, ["--train_mode=pretrain there, finetune here",
-                                    "new --model_dir"])
+  _assert_one_line_error(
+    finetune, ["--train_mode=pretrain there, finetune here", "new --model_dir"]
+  )
   assert {f: _read(os.path.join(d, f)) for f in os.listdir(d)} == before
   assert before["flags.json"] == flags_json

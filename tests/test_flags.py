@@ -1,4 +1,5 @@
 """The flags: every preset in flags/*.cfg parses and builds its config; each setting lives once."""
+
 import collections
 import copy
 import dataclasses
@@ -12,8 +13,13 @@ from tf_simclr import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
-CONFIGS = (config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimConfig,
-           config_lib.TrainConfig, config_lib.RuntimeConfig)
+CONFIGS = (
+  config_lib.DataConfig,
+  config_lib.ModelConfig,
+  config_lib.OptimConfig,
+  config_lib.TrainConfig,
+  config_lib.RuntimeConfig,
+)
 # Our flags, not absl's own (logging and the like).
 OUR_FLAGS = sorted(f.name for f in definitions.FLAGS.flags_by_module_dict()[definitions.__name__])
 
@@ -40,9 +46,11 @@ def test_preset_parses_and_builds_its_config(path, tmp_path):
     values["model_dir"] = str(tmp_path)
   cfg = definitions.to_config(values)  # validates too
   # Every setting the file gives reaches the config, under the flag's name.
-  fields = {f.name: getattr(part, f.name)
-            for part in (cfg.data, cfg.model, cfg.optim, cfg.train, cfg.runtime)
-            for f in dataclasses.fields(part)}
+  fields = {
+    f.name: getattr(part, f.name)
+    for part in (cfg.data, cfg.model, cfg.optim, cfg.train, cfg.runtime)
+    for f in dataclasses.fields(part)
+  }
   explicit = _explicit(path)
   assert explicit, path
   for name in explicit:
@@ -63,12 +71,17 @@ def test_choices_are_the_library_s():
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
   from tf_simclr import optimizers  # pylint: disable=g-import-not-at-top
   from tf_simclr import schedules  # pylint: disable=g-import-not-at-top
+
   flags = definitions.FLAGS
-  for name, choices in [("strategy", distribute.STRATEGIES), ("optimizer", optimizers.OPTIMIZERS),
-                        ("proj_head_mode", model_lib.PROJ_HEAD_MODES),
-                        ("train_mode", config_lib.TRAIN_MODES), ("mode", config_lib.MODES),
-                        ("learning_rate_scaling", schedules.LEARNING_RATE_SCALINGS),
-                        ("mixed_precision", config_lib.MIXED_PRECISION_POLICIES)]:
+  for name, choices in [
+    ("strategy", distribute.STRATEGIES),
+    ("optimizer", optimizers.OPTIMIZERS),
+    ("proj_head_mode", model_lib.PROJ_HEAD_MODES),
+    ("train_mode", config_lib.TRAIN_MODES),
+    ("mode", config_lib.MODES),
+    ("learning_rate_scaling", schedules.LEARNING_RATE_SCALINGS),
+    ("mixed_precision", config_lib.MIXED_PRECISION_POLICIES),
+  ]:
     assert tuple(flags[name].parser.enum_values) == choices, name
 
 

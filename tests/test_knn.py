@@ -1,4 +1,5 @@
 """Tests of tf_simclr.knn: NumPy references, closed forms, and 1 replica = 2 replicas end to end."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,8 +30,9 @@ def _numpy_knn(query, bank, bank_labels, num_classes, k, temperature, bank_valid
   return np.array(predictions)
 
 
-def _knn_predict(query, bank, bank_labels, num_classes, k=knn.DEFAULT_K,
-                 temperature=knn.DEFAULT_TEMPERATURE):
+def _knn_predict(
+  query, bank, bank_labels, num_classes, k=knn.DEFAULT_K, temperature=knn.DEFAULT_TEMPERATURE
+):
   """`knn_accuracy`'s classifier on in-memory features: normalise, neighbours, vote. int32 [b]."""
   query = tf.math.l2_normalize(tf.constant(query, tf.float32), axis=-1)
   bank = tf.math.l2_normalize(tf.constant(bank, tf.float32), axis=-1)
@@ -40,8 +42,12 @@ def _knn_predict(query, bank, bank_labels, num_classes, k=knn.DEFAULT_K,
 
 def _random_problem(seed, b=9, m=50, d=6, num_classes=4):
   rng = np.random.default_rng(seed)
-  return (rng.normal(size=(b, d)).astype(np.float32), rng.normal(size=(m, d)).astype(np.float32),
-          rng.integers(0, num_classes, m), num_classes)
+  return (
+    rng.normal(size=(b, d)).astype(np.float32),
+    rng.normal(size=(m, d)).astype(np.float32),
+    rng.integers(0, num_classes, m),
+    num_classes,
+  )
 
 
 @pytest.mark.parametrize("k", [1, 5, 50, 80])  # 80 > M = 50: clipped to the whole bank.
@@ -49,15 +55,15 @@ def _random_problem(seed, b=9, m=50, d=6, num_classes=4):
 def test_neighbours_and_vote_match_numpy(k, temperature):
   query, bank, labels, num_classes = _random_problem(k)
   got = _knn_predict(query, bank, labels, num_classes, k=k, temperature=temperature).numpy()
-  np.testing.assert_array_equal(
-      got, _numpy_knn(query, bank, labels, num_classes, k, temperature))
+  np.testing.assert_array_equal(got, _numpy_knn(query, bank, labels, num_classes, k, temperature))
 
 
 def test_neighbours_and_vote_depend_on_k():
   # Guards the reference comparison above against a k that is silently ignored.
   query, bank, labels, num_classes = _random_problem(0, b=200)
-  by_k = [_knn_predict(query, bank, labels, num_classes, k=k, temperature=0.5).numpy()
-          for k in (1, 50)]
+  by_k = [
+    _knn_predict(query, bank, labels, num_classes, k=k, temperature=0.5).numpy() for k in (1, 50)
+  ]
   assert (by_k[0] != by_k[1]).any()
 
 
@@ -66,8 +72,7 @@ def test_nearest_neighbours_chunked_and_masked(chunk_size):
   query, bank, labels, _ = _random_problem(3, m=47)
   valid = np.random.default_rng(4).random(47) < 0.7
   whole = knn.nearest_neighbours(query, bank, labels, 12, bank_valid=valid)
-  chunked = knn.nearest_neighbours(query, bank, labels, 12, bank_valid=valid,
-                                   chunk_size=chunk_size)
+  chunked = knn.nearest_neighbours(query, bank, labels, 12, bank_valid=valid, chunk_size=chunk_size)
   # NumPy: the 12 valid rows of largest inner product, in decreasing order.
   sims = query @ bank.T
   sims[:, ~valid] = -np.inf
@@ -85,11 +90,13 @@ def test_nearest_neighbours_more_slots_than_valid_rows():
   assert np.isfinite(values.numpy()[:, :3]).all() and np.isneginf(values.numpy()[:, 3:]).all()
   # Empty slots weigh nothing: the vote is the kNN over the 3 valid rows.
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-  values, neighbour_labels = knn.nearest_neighbours(unit(query), unit(bank), labels, 8,
-                                                    bank_valid=valid)
+  values, neighbour_labels = knn.nearest_neighbours(
+    unit(query), unit(bank), labels, 8, bank_valid=valid
+  )
   np.testing.assert_array_equal(
-      knn.vote(values, neighbour_labels, num_classes, 0.1).numpy(),
-      _numpy_knn(query, bank, labels, num_classes, 8, 0.1, bank_valid=valid))
+    knn.vote(values, neighbour_labels, num_classes, 0.1).numpy(),
+    _numpy_knn(query, bank, labels, num_classes, 8, 0.1, bank_valid=valid),
+  )
 
 
 def test_vote_closed_form():
@@ -159,19 +166,40 @@ def test_knn_accuracy_one_and_two_replicas_equal_numpy(setup, strategies):
   expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
 
   # Batch 16 divides neither 200 nor 60: padded examples must count nowhere.
-  one = knn.knn_accuracy(model, tf.distribute.get_strategy(), train, test, batch_size=16,
-                         image_size=IMAGE_SIZE, k=10, max_bank_examples=200)
+  one = knn.knn_accuracy(
+    model,
+    tf.distribute.get_strategy(),
+    train,
+    test,
+    batch_size=16,
+    image_size=IMAGE_SIZE,
+    k=10,
+    max_bank_examples=200,
+  )
   strategy = strategies[2]
   with strategy.scope():
     replicated = model_lib.build_model(config)
   replicated.set_weights(model.get_weights())
   # A small chunk also runs the chunked scan inside the replicas.
-  two = knn.knn_accuracy(replicated, strategy, train, test, batch_size=16,
-                         image_size=IMAGE_SIZE, k=10, max_bank_examples=200, bank_chunk_size=24)
+  two = knn.knn_accuracy(
+    replicated,
+    strategy,
+    train,
+    test,
+    batch_size=16,
+    image_size=IMAGE_SIZE,
+    k=10,
+    max_bank_examples=200,
+    bank_chunk_size=24,
+  )
   print(f"kNN top-1: NumPy {expected}, 1 replica {one}, 2 replicas {two}")
   for result in (one, two):
-    assert result == {"knn/top_1_accuracy": pytest.approx(expected, abs=1e-9), "knn/k": 10,
-                      "knn/num_examples": 60, "knn/bank_size": 200}
+    assert result == {
+      "knn/top_1_accuracy": pytest.approx(expected, abs=1e-9),
+      "knn/k": 10,
+      "knn/num_examples": 60,
+      "knn/bank_size": 200,
+    }
 
 
 def test_knn_monitor_traces_once_and_reads_the_current_weights(setup, strategies):
@@ -183,14 +211,16 @@ def test_knn_monitor_traces_once_and_reads_the_current_weights(setup, strategies
     replicated = model_lib.build_model(config)
   saved = model.get_weights()
   rng = np.random.default_rng(1)
-  moved = [w + rng.normal(0.0, 0.3, w.shape).astype(w.dtype)
-           if v.path.endswith(("gamma", "beta")) else w
-           for v, w in zip(model.weights, saved)]  # new BN scales and offsets
+  moved = [
+    w + rng.normal(0.0, 0.3, w.shape).astype(w.dtype) if v.path.endswith(("gamma", "beta")) else w
+    for v, w in zip(model.weights, saved)
+  ]  # new BN scales and offsets
   try:
     for m, strategy in ((model, tf.distribute.get_strategy()), (replicated, strategies[2])):
       m.set_weights(saved)
-      monitor = knn.KnnMonitor(m, strategy, train, test, batch_size=16, image_size=IMAGE_SIZE,
-                               k=10, max_bank_examples=200)
+      monitor = knn.KnnMonitor(
+        m, strategy, train, test, batch_size=16, image_size=IMAGE_SIZE, k=10, max_bank_examples=200
+      )
       steps = (monitor.embed_step, monitor.query_step)
       first = monitor.at(1)
       traces = [f.experimental_get_tracing_count() for f in steps]
@@ -204,8 +234,12 @@ def test_knn_monitor_traces_once_and_reads_the_current_weights(setup, strategies
       query, query_labels = _eager_features(m, test, 60)
       expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
       assert expected != first["knn/top_1_accuracy"]  # the new weights change the figure
-      assert second == {"knn/top_1_accuracy": pytest.approx(expected, abs=1e-9), "knn/k": 10,
-                        "knn/num_examples": 60, "knn/bank_size": 200}
+      assert second == {
+        "knn/top_1_accuracy": pytest.approx(expected, abs=1e-9),
+        "knn/k": 10,
+        "knn/num_examples": 60,
+        "knn/bank_size": 200,
+      }
   finally:
     model.set_weights(saved)  # the module's other tests use the fixture's weights
 
@@ -215,8 +249,15 @@ def test_knn_accuracy_clips_k_to_the_bank(setup):
   bank, bank_labels = _eager_features(model, train, 40)
   query, query_labels = _eager_features(model, test, 60)
   expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 40, 0.07) == query_labels)
-  result = knn.knn_accuracy(model, tf.distribute.get_strategy(), train, test, batch_size=32,
-                            image_size=IMAGE_SIZE, max_bank_examples=40)  # k = 200 > 40.
+  result = knn.knn_accuracy(
+    model,
+    tf.distribute.get_strategy(),
+    train,
+    test,
+    batch_size=32,
+    image_size=IMAGE_SIZE,
+    max_bank_examples=40,
+  )  # k = 200 > 40.
   assert result["knn/k"] == 40 and result["knn/bank_size"] == 40
   assert result["knn/top_1_accuracy"] == pytest.approx(expected, abs=1e-9)
 
@@ -224,8 +265,11 @@ def test_knn_accuracy_clips_k_to_the_bank(setup):
 def test_knn_accuracy_validates(setup, strategies, tmp_path):
   _, model, train, test = setup
   strategy = tf.distribute.get_strategy()
-  with pytest.raises(ValueError, match=r"kNN batch_size=5 must be a positive multiple of the "
-                                       r"number of replicas \(2\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"kNN batch_size=5 must be a positive multiple of the "
+    r"number of replicas \(2\)",
+  ):
     knn.knn_accuracy(model, strategies[2], train, test, 5, IMAGE_SIZE)
   with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
     knn.knn_accuracy(model, strategy, train, test, 8, IMAGE_SIZE, k=0)
@@ -252,7 +296,12 @@ def test_knn_accuracy_retrieves_each_example_itself(setup, shapes_dir, strategie
     replicated = model_lib.build_model(config)
   replicated.set_weights(model.get_weights())
   for m, s in ((model, tf.distribute.get_strategy()), (replicated, strategy)):
-    result = knn.knn_accuracy(m, s, source, source, batch_size=16, image_size=IMAGE_SIZE, k=1,
-                              bank_chunk_size=8)
-    assert result == {"knn/top_1_accuracy": 1.0, "knn/k": 1, "knn/num_examples": 52,
-                      "knn/bank_size": 52}
+    result = knn.knn_accuracy(
+      m, s, source, source, batch_size=16, image_size=IMAGE_SIZE, k=1, bank_chunk_size=8
+    )
+    assert result == {
+      "knn/top_1_accuracy": 1.0,
+      "knn/k": 1,
+      "knn/num_examples": 52,
+      "knn/bank_size": 52,
+    }

@@ -17,8 +17,7 @@ MOMENTUM = 0.9
 NUM_STEPS = 4
 
 
-def np_lars_step(w, v, g, lr, *, momentum, nesterov, classic, eeta, wd, decay,
-                 adapt):
+def np_lars_step(w, v, g, lr, *, momentum, nesterov, classic, eeta, wd, decay, adapt):
   """One LARS step in float64, written from the update rule. Returns (w, v)."""
   w, v, g = (np.asarray(a, np.float64) for a in (w, v, g))
   if decay:
@@ -53,9 +52,9 @@ def make_variables():
   x = keras.layers.Dense(2, name="head")(x)
   model = keras.Model(inputs, x, name="simclr_model")
   extra = [
-      # Starts at zero: trust ratio 1 on the first step.
-      keras.Variable(np.zeros((2, 3), np.float32), name="zero_init"),
-      keras.Variable(np.full((5,), 0.3, np.float32), name="scale_vector"),
+    # Starts at zero: trust ratio 1 on the first step.
+    keras.Variable(np.zeros((2, 3), np.float32), name="zero_init"),
+    keras.Variable(np.full((5,), 0.3, np.float32), name="scale_vector"),
   ]
   variables = list(model.trainable_variables) + extra
   return variables, [v.path for v in variables]
@@ -84,8 +83,7 @@ def run_numpy(init, grad_steps, flags, lrs, **kw):
   for grads, lr in zip(grad_steps, lrs):
     for i, g in enumerate(grads):
       decay, adapt = flags[i]
-      ws[i], vs[i] = np_lars_step(ws[i], vs[i], g, lr, decay=decay,
-                                  adapt=adapt, **kw)
+      ws[i], vs[i] = np_lars_step(ws[i], vs[i], g, lr, decay=decay, adapt=adapt, **kw)
   return ws, vs
 
 
@@ -95,9 +93,14 @@ def assert_close(actual, expected, rtol=2e-6, atol=1e-7):
 
 
 EXPECTED_PATHS = [
-    "dense/kernel", "dense/bias", "batch_normalization/gamma",
-    "batch_normalization/beta", "head/kernel", "head/bias", "zero_init",
-    "scale_vector"
+  "dense/kernel",
+  "dense/bias",
+  "batch_normalization/gamma",
+  "batch_normalization/beta",
+  "head/kernel",
+  "head/bias",
+  "zero_init",
+  "scale_vector",
 ]
 
 
@@ -111,12 +114,25 @@ def test_matches_numpy(classic, nesterov):
   # Decay and adaptation excluded separately, to see both flags act alone:
   # biases keep adaptation, batch norm keeps decay, scale_vector has neither.
   opt = lars.LARS(
-      LR, momentum=MOMENTUM, use_nesterov=nesterov, weight_decay=WD,
-      exclude_from_weight_decay=["bias", "scale_"],
-      exclude_from_layer_adaptation=["batch_normalization", r"scale_vec"],
-      classic_momentum=classic, eeta=EETA)
-  flags = [(True, True), (False, True), (True, False), (True, False),
-           (True, True), (False, True), (True, True), (False, False)]
+    LR,
+    momentum=MOMENTUM,
+    use_nesterov=nesterov,
+    weight_decay=WD,
+    exclude_from_weight_decay=["bias", "scale_"],
+    exclude_from_layer_adaptation=["batch_normalization", r"scale_vec"],
+    classic_momentum=classic,
+    eeta=EETA,
+  )
+  flags = [
+    (True, True),
+    (False, True),
+    (True, False),
+    (True, False),
+    (True, True),
+    (False, True),
+    (True, True),
+    (False, False),
+  ]
 
   @tf.function
   def step(grads):
@@ -126,15 +142,31 @@ def test_matches_numpy(classic, nesterov):
   for grads in grad_steps[1:]:
     step([tf.constant(g) for g in grads])
 
-  ws, vs = run_numpy(init, grad_steps, flags, [LR] * NUM_STEPS,
-                     momentum=MOMENTUM, nesterov=nesterov, classic=classic,
-                     eeta=EETA, wd=WD)
+  ws, vs = run_numpy(
+    init,
+    grad_steps,
+    flags,
+    [LR] * NUM_STEPS,
+    momentum=MOMENTUM,
+    nesterov=nesterov,
+    classic=classic,
+    eeta=EETA,
+    wd=WD,
+  )
   assert_close([v.numpy() for v in variables], ws)
   assert_close([m.numpy() for m in opt.momentums], vs)
   # The exclusions matter: with all flags on, NumPy disagrees.
-  ws_wrong, _ = run_numpy(init, grad_steps, [(True, True)] * len(flags),
-                          [LR] * NUM_STEPS, momentum=MOMENTUM,
-                          nesterov=nesterov, classic=classic, eeta=EETA, wd=WD)
+  ws_wrong, _ = run_numpy(
+    init,
+    grad_steps,
+    [(True, True)] * len(flags),
+    [LR] * NUM_STEPS,
+    momentum=MOMENTUM,
+    nesterov=nesterov,
+    classic=classic,
+    eeta=EETA,
+    wd=WD,
+  )
   for i in (1, 2, 7):
     assert not np.allclose(variables[i].numpy(), ws_wrong[i], rtol=1e-4)
   assert int(opt.iterations.numpy()) == NUM_STEPS
@@ -144,15 +176,16 @@ def test_default_layer_adaptation_exclusion_follows_weight_decay():
   variables, _ = make_variables()
   init = [v.numpy() for v in variables]
   grad_steps = make_gradients(variables, 2, seed=3)
-  opt = lars.LARS(LR, weight_decay=WD,
-                  exclude_from_weight_decay=["batch_normalization", "bias"],
-                  eeta=EETA)
+  opt = lars.LARS(
+    LR, weight_decay=WD, exclude_from_weight_decay=["batch_normalization", "bias"], eeta=EETA
+  )
   for grads in grad_steps:
     opt.apply_gradients(zip(grads, variables))
   excluded = {1, 2, 3, 5}
   flags = [(i not in excluded,) * 2 for i in range(len(variables))]
-  ws, _ = run_numpy(init, grad_steps, flags, [LR] * 2, momentum=0.9,
-                    nesterov=False, classic=True, eeta=EETA, wd=WD)
+  ws, _ = run_numpy(
+    init, grad_steps, flags, [LR] * 2, momentum=0.9, nesterov=False, classic=True, eeta=EETA, wd=WD
+  )
   assert_close([v.numpy() for v in variables], ws)
 
 
@@ -163,22 +196,32 @@ def test_zero_weight_decay_and_no_exclusions():
   opt = lars.LARS(LR, eeta=EETA)
   for grads in grad_steps:
     opt.apply_gradients(zip(grads, variables))
-  ws, _ = run_numpy(init, grad_steps, [(False, True)] * len(variables),
-                    [LR] * 2, momentum=0.9, nesterov=False, classic=True,
-                    eeta=EETA, wd=0.0)
+  ws, _ = run_numpy(
+    init,
+    grad_steps,
+    [(False, True)] * len(variables),
+    [LR] * 2,
+    momentum=0.9,
+    nesterov=False,
+    classic=True,
+    eeta=EETA,
+    wd=0.0,
+  )
   assert_close([v.numpy() for v in variables], ws)
 
 
 @pytest.mark.parametrize("num_replicas", [2, 4])
-def test_mirrored_equals_single_device_with_summed_gradients(
-    strategies, num_replicas):
+def test_mirrored_equals_single_device_with_summed_gradients(strategies, num_replicas):
   """Keras sums per-replica gradients: N replicas == one step on the sum."""
   grad_steps = make_gradients(make_variables()[0], 3 * num_replicas, seed=5)
   # Steps of per-replica gradients.
-  per_replica = [grad_steps[i * num_replicas:(i + 1) * num_replicas]
-                 for i in range(3)]
-  kw = dict(momentum=MOMENTUM, weight_decay=WD, eeta=EETA,
-            exclude_from_weight_decay=["batch_normalization", "bias"])
+  per_replica = [grad_steps[i * num_replicas : (i + 1) * num_replicas] for i in range(3)]
+  kw = dict(
+    momentum=MOMENTUM,
+    weight_decay=WD,
+    eeta=EETA,
+    exclude_from_weight_decay=["batch_normalization", "bias"],
+  )
 
   def run(strategy, replica_grads_per_step):
     with strategy.scope():
@@ -187,19 +230,17 @@ def test_mirrored_equals_single_device_with_summed_gradients(
 
     @tf.function
     def step(grads):
-      strategy.run(lambda g: opt.apply_gradients(zip(g, variables)),
-                   args=(grads,))
+      strategy.run(lambda g: opt.apply_gradients(zip(g, variables)), args=(grads,))
 
     for replica_grads in replica_grads_per_step:
       grads = strategy.experimental_distribute_values_from_function(
-          lambda ctx, rg=replica_grads: [
-              tf.constant(g) for g in rg[ctx.replica_id_in_sync_group]])
+        lambda ctx, rg=replica_grads: [tf.constant(g) for g in rg[ctx.replica_id_in_sync_group]]
+      )
       step(grads)
     return [v.numpy() for v in variables]
 
   multi = run(strategies[num_replicas], per_replica)
-  summed = [[[sum(r[i] for r in step) for i in range(len(step[0]))]]
-            for step in per_replica]
+  summed = [[[sum(r[i] for r in step) for i in range(len(step[0]))]] for step in per_replica]
   single = run(strategies[1], summed)
   assert_close(multi, single, rtol=1e-5, atol=1e-6)
 
@@ -211,16 +252,20 @@ def test_mirrored_equals_single_device_with_summed_gradients(
 
 def test_learning_rate_schedule():
   schedule = schedules.WarmUpAndCosineDecay(
-      base_learning_rate=2.56, num_examples=100, train_batch_size=10,
-      warmup_epochs=0.3, train_epochs=1)  # peak 0.1, W = 3, T = 11.
+    base_learning_rate=2.56,
+    num_examples=100,
+    train_batch_size=10,
+    warmup_epochs=0.3,
+    train_epochs=1,
+  )  # peak 0.1, W = 3, T = 11.
   variables, _ = make_variables()
   init = [v.numpy() for v in variables]
   grad_steps = make_gradients(variables, 5, seed=6)
-  opt = lars.LARS(schedule, weight_decay=WD, eeta=EETA,
-                  exclude_from_weight_decay=["batch_normalization", "bias"])
+  opt = lars.LARS(
+    schedule, weight_decay=WD, eeta=EETA, exclude_from_weight_decay=["batch_normalization", "bias"]
+  )
   lrs = [float(schedule(i)) for i in range(5)]
-  np.testing.assert_allclose(
-      lrs[:4], [0., 0.1 / 3, 0.2 / 3, 0.1], rtol=1e-6)
+  np.testing.assert_allclose(lrs[:4], [0.0, 0.1 / 3, 0.2 / 3, 0.1], rtol=1e-6)
 
   @tf.function
   def step(grads):
@@ -230,24 +275,37 @@ def test_learning_rate_schedule():
     step(grads)
   excluded = {1, 2, 3, 5}
   flags = [(i not in excluded,) * 2 for i in range(len(variables))]
-  ws, _ = run_numpy(init, grad_steps, flags, lrs, momentum=0.9,
-                    nesterov=False, classic=True, eeta=EETA, wd=WD)
+  ws, _ = run_numpy(
+    init, grad_steps, flags, lrs, momentum=0.9, nesterov=False, classic=True, eeta=EETA, wd=WD
+  )
   assert_close([v.numpy() for v in variables], ws)
   np.testing.assert_allclose(float(opt.learning_rate), float(schedule(5)))
 
 
 def test_get_config_round_trip():
-  opt = lars.LARS(0.3, momentum=0.8, use_nesterov=True, weight_decay=1e-6,
-                  exclude_from_weight_decay=["bias"],
-                  exclude_from_layer_adaptation=["batch_normalization"],
-                  classic_momentum=False, eeta=0.002, name="my_lars")
+  opt = lars.LARS(
+    0.3,
+    momentum=0.8,
+    use_nesterov=True,
+    weight_decay=1e-6,
+    exclude_from_weight_decay=["bias"],
+    exclude_from_layer_adaptation=["batch_normalization"],
+    classic_momentum=False,
+    eeta=0.002,
+    name="my_lars",
+  )
   config = opt.get_config()
   assert config["weight_decay"] == 1e-6
   assert config["exclude_from_layer_adaptation"] == ["batch_normalization"]
   clone = lars.LARS.from_config(config)
   assert clone.get_config() == config
-  assert (clone.momentum, clone.use_nesterov, clone.classic_momentum,
-          clone.eeta, clone.name) == (0.8, True, False, 0.002, "my_lars")
+  assert (clone.momentum, clone.use_nesterov, clone.classic_momentum, clone.eeta, clone.name) == (
+    0.8,
+    True,
+    False,
+    0.002,
+    "my_lars",
+  )
 
   # None stays None (i.e. "same as weight decay"), and a schedule survives
   # Keras' generic (de)serialization.
@@ -265,23 +323,24 @@ def test_loss_scale_optimizer_wrapping():
   variables, _ = make_variables()
   init = [v.numpy() for v in variables]
   grad_steps = make_gradients(variables, 2, seed=7)
-  inner = lars.LARS(LR, weight_decay=WD, eeta=EETA,
-                    exclude_from_weight_decay=["batch_normalization", "bias"])
-  opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=1024.)
+  inner = lars.LARS(
+    LR, weight_decay=WD, eeta=EETA, exclude_from_weight_decay=["batch_normalization", "bias"]
+  )
+  opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=1024.0)
   opt.build(variables)
 
   @tf.function
   def step(grads):
     # Gradients of a loss scaled by the current loss scale.
-    opt.apply_gradients(
-        zip([g * opt.dynamic_scale for g in grads], variables))
+    opt.apply_gradients(zip([g * opt.dynamic_scale for g in grads], variables))
 
   for grads in grad_steps:
     step(grads)
   excluded = {1, 2, 3, 5}
   flags = [(i not in excluded,) * 2 for i in range(len(variables))]
-  ws, _ = run_numpy(init, grad_steps, flags, [LR] * 2, momentum=0.9,
-                    nesterov=False, classic=True, eeta=EETA, wd=WD)
+  ws, _ = run_numpy(
+    init, grad_steps, flags, [LR] * 2, momentum=0.9, nesterov=False, classic=True, eeta=EETA, wd=WD
+  )
   assert_close([v.numpy() for v in variables], ws)
 
   # A non-finite gradient skips the step and leaves the weights alone.
@@ -289,7 +348,7 @@ def test_loss_scale_optimizer_wrapping():
   bad = [np.full(v.shape, np.inf, np.float32) for v in variables]
   step(bad)
   assert_close([v.numpy() for v in variables], before, rtol=0, atol=0)
-  assert float(opt.dynamic_scale) == 512.
+  assert float(opt.dynamic_scale) == 512.0
 
 
 def test_build_optimizer():
@@ -304,20 +363,21 @@ def test_build_optimizer():
   np.testing.assert_allclose(float(opt.learning_rate), 0.01)
 
   schedule = schedules.WarmUpAndCosineDecay(0.3, 1000, 64, 1, 10)
-  opt = optimizers.build_optimizer("lars", schedule, momentum=0.7,
-                                   weight_decay=1e-6)
+  opt = optimizers.build_optimizer("lars", schedule, momentum=0.7, weight_decay=1e-6)
   assert isinstance(opt, lars.LARS)
   config = opt.get_config()
   assert config["momentum"] == 0.7
   assert config["weight_decay"] == 1e-6
-  assert config["exclude_from_weight_decay"] == [
-      "batch_normalization", "bias", "head_supervised"]
+  assert config["exclude_from_weight_decay"] == ["batch_normalization", "bias", "head_supervised"]
   assert config["exclude_from_layer_adaptation"] is None
   assert not config["use_nesterov"] and config["classic_momentum"]
   assert config["eeta"] == 0.001
   assert opt._learning_rate is schedule
   assert optimizers.LARS_EXCLUDE_FROM_WEIGHT_DECAY == (
-      "batch_normalization", "bias", "head_supervised")
+    "batch_normalization",
+    "bias",
+    "head_supervised",
+  )
 
   with pytest.raises(ValueError, match="optimizer name.*'sgd'"):
     optimizers.build_optimizer("sgd", 0.1)
@@ -328,32 +388,34 @@ def test_explicit_weight_decay():
   inputs = keras.Input((3,))
   x = keras.layers.Dense(4, bias_initializer="ones", name="dense")(inputs)
   x = keras.layers.BatchNormalization(name="batch_normalization")(x)
-  x = keras.layers.Dense(2, bias_initializer="ones",
-                         name="head_supervised")(x)
+  x = keras.layers.Dense(2, bias_initializer="ones", name="head_supervised")(x)
   model = keras.Model(inputs, x)
-  values = {v.path: v.numpy().astype(np.float64)
-            for v in model.trainable_variables}
+  values = {v.path: v.numpy().astype(np.float64) for v in model.trainable_variables}
   assert sorted(values) == [
-      "batch_normalization/beta", "batch_normalization/gamma", "dense/bias",
-      "dense/kernel", "head_supervised/bias", "head_supervised/kernel"]
+    "batch_normalization/beta",
+    "batch_normalization/gamma",
+    "dense/bias",
+    "dense/kernel",
+    "head_supervised/bias",
+    "head_supervised/kernel",
+  ]
 
   def l2(*names):
     return sum(0.5 * np.sum(values[n] ** 2) for n in names)
 
   got = optimizers.explicit_weight_decay(model.trainable_variables, 0.1, "lars")
   assert got.dtype == tf.float32 and got.shape == ()
-  np.testing.assert_allclose(float(got), 0.1 * l2("head_supervised/kernel"),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(got), 0.1 * l2("head_supervised/kernel"), rtol=1e-6)
 
   got = optimizers.explicit_weight_decay(model.trainable_variables, 0.1, "adam")
   np.testing.assert_allclose(
-      float(got),
-      0.1 * l2("dense/kernel", "dense/bias", "head_supervised/kernel",
-               "head_supervised/bias"), rtol=1e-6)
+    float(got),
+    0.1 * l2("dense/kernel", "dense/bias", "head_supervised/kernel", "head_supervised/bias"),
+    rtol=1e-6,
+  )
 
   # No supervised head: 0.0 as a float32 scalar tensor.
-  got = optimizers.explicit_weight_decay(model.trainable_variables[:4], 0.1,
-                                         "lars")
+  got = optimizers.explicit_weight_decay(model.trainable_variables[:4], 0.1, "lars")
   assert got.dtype == tf.float32 and float(got) == 0.0
   got = optimizers.explicit_weight_decay([], 0.1, "momentum")
   assert got.dtype == tf.float32 and float(got) == 0.0
@@ -365,15 +427,13 @@ def test_checkpoint_round_trip(tmp_path):
   grad_steps = make_gradients(variables, 3, seed=8)
   opt = lars.LARS(LR, weight_decay=WD, eeta=EETA)
   opt.apply_gradients(zip(grad_steps[0], variables))
-  path = tf.train.Checkpoint(optimizer=opt, variables=variables).save(
-      str(tmp_path / "ckpt"))
+  path = tf.train.Checkpoint(optimizer=opt, variables=variables).save(str(tmp_path / "ckpt"))
   opt.apply_gradients(zip(grad_steps[1], variables))
   expected = [v.numpy() for v in variables]
 
   restored = lars.LARS(LR, weight_decay=WD, eeta=EETA)
   restored.build(variables)
-  tf.train.Checkpoint(optimizer=restored, variables=variables).restore(
-      path).assert_consumed()
+  tf.train.Checkpoint(optimizer=restored, variables=variables).restore(path).assert_consumed()
   assert int(restored.iterations.numpy()) == 1
   restored.apply_gradients(zip(grad_steps[1], variables))
   assert_close([v.numpy() for v in variables], expected, rtol=0, atol=0)

@@ -6,6 +6,7 @@ The baseline is the same command with --learning_rate=0 (the weights never move;
 still collects the data's statistics, which 50 steps at momentum 0.9 settle), so both encoders
 are judged the same way.
 """
+
 import json
 import os
 
@@ -21,18 +22,33 @@ BASELINE_STEPS = 50
 # The quick start's recipe and encoder (flags/quickstart.cfg: ResNet-10 at width 0.25), shortened
 # to 150 steps. (ResNet-18 at width 0.25 gained 12.5 points in 150 steps: 0.164 -> 0.289; at width
 # 0.125 and batch 64 the gain after 300 steps was only 9.5 points: too noisy to test.)
-COMMON = ["--mode=train_then_eval", "--train_mode=pretrain", "--dataset=deadleaves10",
-          "--train_split=train", "--eval_split=test", "--image_size=32", "--resnet_depth=10",
-          "--width_multiplier=0.25", "--zero_init_residual=False", "--train_batch_size=128",
-          "--warmup_epochs=0.2", "--optimizer=adam", "--temperature=0.1", "--use_blur=False",
-          "--color_jitter_strength=0.5", "--lineareval_while_pretraining=False",
-          "--eval_batch_size=250", "--use_tpu=False"]
+COMMON = [
+  "--mode=train_then_eval",
+  "--train_mode=pretrain",
+  "--dataset=deadleaves10",
+  "--train_split=train",
+  "--eval_split=test",
+  "--image_size=32",
+  "--resnet_depth=10",
+  "--width_multiplier=0.25",
+  "--zero_init_residual=False",
+  "--train_batch_size=128",
+  "--warmup_epochs=0.2",
+  "--optimizer=adam",
+  "--temperature=0.1",
+  "--use_blur=False",
+  "--color_jitter_strength=0.5",
+  "--lineareval_while_pretraining=False",
+  "--eval_batch_size=250",
+  "--use_tpu=False",
+]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("deadleaves10_data"))
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+
   datasets.load_source("deadleaves10", "train", path)  # once, before two runs race to write it
   return path
 
@@ -41,10 +57,18 @@ def test_short_pretraining_beats_the_untrained_encoder(data_dir, tmp_path):
   knn = {}
   with runs.Processes(tmp_path, _env()) as procs:
     for name, lr, steps in (("untrained", 0, BASELINE_STEPS), ("trained", 0.02, STEPS)):
-      procs.start(name, COMMON + [
-          f"--data_dir={data_dir}", f"--learning_rate={lr}", f"--train_steps={steps}",
-          f"--checkpoint_steps={steps}", f"--knn_eval_every_n_steps={steps}",
-          f"--model_dir={tmp_path / name}"])
+      procs.start(
+        name,
+        COMMON
+        + [
+          f"--data_dir={data_dir}",
+          f"--learning_rate={lr}",
+          f"--train_steps={steps}",
+          f"--checkpoint_steps={steps}",
+          f"--knn_eval_every_n_steps={steps}",
+          f"--model_dir={tmp_path / name}",
+        ],
+      )
     for name in ("untrained", "trained"):
       result = procs.finish(name, timeout=400)
       assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Projection head modes, supervised head, stop-gradient and the named outputs of SimCLRModel."""
+
 import re
 
 import numpy as np
@@ -39,11 +40,14 @@ def test_outputs_and_head_sizes(pretrain_model):
   assert _count(pretrain_model.supervised_head.trainable_variables) == 512 * 10 + 10
 
 
-@pytest.mark.parametrize("mode,layers,selector,out_dim", [
-    ("none", 3, 0, 512), ("linear", 3, 1, 64), ("nonlinear", 2, 1, 32), ("nonlinear", 3, 2, 16)])
+@pytest.mark.parametrize(
+  "mode,layers,selector,out_dim",
+  [("none", 3, 0, 512), ("linear", 3, 1, 64), ("nonlinear", 2, 1, 32), ("nonlinear", 3, 2, 16)],
+)
 def test_projection_head_modes(mode, layers, selector, out_dim):
-  head = model_lib.ProjectionHead(mode, 512, out_dim=out_dim, num_layers=layers,
-                                  ft_proj_selector=selector)
+  head = model_lib.ProjectionHead(
+    mode, 512, out_dim=out_dim, num_layers=layers, ft_proj_selector=selector
+  )
   h = tf.random.stateless_normal([6, 512], seed=[3, 4])
   out, selected = head(h, training=True)
   assert out.shape == (6, out_dim if mode != "none" else 512)
@@ -96,8 +100,9 @@ def test_finetune_gradients_reach_encoder():
   x = tf.random.stateless_uniform([4, 16, 16, 3], seed=[7, 8])
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(m(x, training=True)["logits_sup"] ** 2)
-  grads = dict(zip([v.path for v in m.trainable_variables],
-                   tape.gradient(loss, m.trainable_variables)))
+  grads = dict(
+    zip([v.path for v in m.trainable_variables], tape.gradient(loss, m.trainable_variables))
+  )
   assert grads["simclr_model/resnet/stem_conv/conv2d/kernel"] is not None
   # Selector 1 feeds the classifier from the first head layer: the rest of the head gets none.
   assert grads["simclr_model/projection_head/nl_0/dense/kernel"] is not None
@@ -107,15 +112,24 @@ def test_finetune_gradients_reach_encoder():
 def test_variable_paths_select_what_lars_excludes(pretrain_model):
   # The reference's exclusions: BN, biases, and the supervised head are neither decayed nor
   # layer-adapted. Check that those regexes select exactly the intended variables by structure.
-  excluded = [v for v in pretrain_model.trainable_variables
-              if any(re.search(p, v.path) for p in ("batch_normalization", "bias",
-                                                     "head_supervised"))]
-  bn = [w for layer in pretrain_model._flatten_layers()
-        if isinstance(layer, resnet.BatchNorm) for w in layer.trainable_weights]
+  excluded = [
+    v
+    for v in pretrain_model.trainable_variables
+    if any(re.search(p, v.path) for p in ("batch_normalization", "bias", "head_supervised"))
+  ]
+  bn = [
+    w
+    for layer in pretrain_model._flatten_layers()
+    if isinstance(layer, resnet.BatchNorm)
+    for w in layer.trainable_weights
+  ]
   head = pretrain_model.supervised_head.trainable_weights
-  biases = [w for layer in pretrain_model._flatten_layers()
-            if isinstance(layer, tf.keras.layers.Dense) and layer.use_bias
-            for w in [layer.bias]]
+  biases = [
+    w
+    for layer in pretrain_model._flatten_layers()
+    if isinstance(layer, tf.keras.layers.Dense) and layer.use_bias
+    for w in [layer.bias]
+  ]
   want = {id(v) for v in bn + head + biases}
   assert {id(v) for v in excluded} == want
   assert len(bn) > 40
@@ -129,14 +143,18 @@ def test_zero_init_supervised_head(pretrain_model):
 
 
 def test_no_supervised_head_without_classes():
-  m = model_lib.build_model(ModelConfig(resnet_depth=18, image_size=16, num_classes=0,
-                                        proj_head_mode="linear"))
+  m = model_lib.build_model(
+    ModelConfig(resnet_depth=18, image_size=16, num_classes=0, proj_head_mode="linear")
+  )
   out = m(tf.zeros([2, 16, 16, 3]))
   assert "logits_sup" not in out and out["proj_head_output"].shape == (2, 128)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(sk_ratio=0.0625, se_ratio=0.25, image_size=64)],
-                         ids=["r18_cifar", "r18_sk_se"])
+@pytest.mark.parametrize(
+  "kwargs",
+  [dict(), dict(sk_ratio=0.0625, se_ratio=0.25, image_size=64)],
+  ids=["r18_cifar", "r18_sk_se"],
+)
 def test_checkpoint_holds_every_weight(tmp_path, kwargs):
   # tf.train.Checkpoint follows attributes, not Keras 3's tracked lists: a layer kept only in a
   # list would lose its BN moving statistics in every checkpoint.

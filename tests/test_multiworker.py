@@ -6,6 +6,7 @@ replicas at the same global batch: each worker's input pipeline keeps its half o
 batch. Every process has a deadline and is killed on failure (tests/runs.py), so no test hangs
 on a worker waiting for a dead peer.
 """
+
 import json
 import os
 import signal
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 
 import runs
-from test_run_e2e import COMMON, _env, _global_relative, model_variables
+from test_run_e2e import COMMON
+from test_run_e2e import _env
+from test_run_e2e import _global_relative
 from test_run_e2e import data_dir  # noqa: F401  (a fixture)
+from test_run_e2e import model_variables
 
 # xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
 # so that its runs are made once (conftest.py).
@@ -29,8 +33,9 @@ def _start_workers(procs, name, args):
   hosts = [f"127.0.0.1:{port}" for port in runs.free_ports(2)]
   for i in range(2):
     tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
-    procs.start(f"{name}{i}", args + ["--strategy=multi_worker"],
-                env={"TF_CONFIG": json.dumps(tf_config)})
+    procs.start(
+      f"{name}{i}", args + ["--strategy=multi_worker"], env={"TF_CONFIG": json.dumps(tf_config)}
+    )
 
 
 def _events_pids(model_dir):
@@ -63,7 +68,11 @@ def test_two_workers_match_two_replicas_through_a_preemption(data_dir, replica_r
   files = sorted(os.listdir(model_dir))
   assert not [f for f in files if f.startswith("workertemp") or f.endswith("_temp")], files
   assert [f for f in files if f.startswith("ckpt-")] == [
-      "ckpt-1.data-00000-of-00001", "ckpt-1.index", "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    "ckpt-1.data-00000-of-00001",
+    "ckpt-1.index",
+    "ckpt-3.data-00000-of-00001",
+    "ckpt-3.index",
+  ]
   assert _events_pids(model_dir) and _events_pids(model_dir) <= chief_pids
   assert os.path.isdir(os.path.join(model_dir, "saved_model", "3"))
   assert os.path.exists(os.path.join(model_dir, "flags.json"))
@@ -85,8 +94,12 @@ def test_two_workers_match_two_replicas_through_a_preemption(data_dir, replica_r
 
 def test_a_dead_worker_stops_the_other_with_one_line(data_dir, tmp_path):
   """The chief (which also hosts the coordination service) dies: worker 1 must end, exit 1."""
-  args = ARGS + [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'm'}", "--mode=train",
-                 "--train_steps=50"]
+  args = ARGS + [
+    f"--data_dir={data_dir}",
+    f"--model_dir={tmp_path / 'm'}",
+    "--mode=train",
+    "--train_steps=50",
+  ]
   with runs.Processes(tmp_path, _env()) as procs:
     _start_workers(procs, "w", args)
     procs.wait_for_log("w1", "Strategy CollectiveAllReduceStrategy")  # the cluster is up

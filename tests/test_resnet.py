@@ -1,4 +1,5 @@
 """ResNet: the reference's parameter counts, endpoints, synchronized BN, freezing, config."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,17 +14,20 @@ def _count(variables):
 # Trainable parameters of the reference's encoders (no heads): pinned so that the reference's
 # released weights can be mapped onto ours.
 REFERENCE_COUNTS = [
-    (dict(depth=18, cifar_stem=True), 32, 11_173_056),
-    (dict(depth=34, cifar_stem=True), 32, 21_281_216),
-    (dict(depth=50), 64, 23_508_032),
-    (dict(depth=50, width_multiplier=2), 64, 93_907_072),
-    (dict(depth=50, sk_ratio=0.0625), 64, 35_215_584),
-    (dict(depth=101), 64, 42_500_160),
+  (dict(depth=18, cifar_stem=True), 32, 11_173_056),
+  (dict(depth=34, cifar_stem=True), 32, 21_281_216),
+  (dict(depth=50), 64, 23_508_032),
+  (dict(depth=50, width_multiplier=2), 64, 93_907_072),
+  (dict(depth=50, sk_ratio=0.0625), 64, 35_215_584),
+  (dict(depth=101), 64, 42_500_160),
 ]
 
 
-@pytest.mark.parametrize("kwargs,size,count", REFERENCE_COUNTS,
-                         ids=["r18_cifar", "r34_cifar", "r50", "r50_2x", "r50_sk", "r101"])
+@pytest.mark.parametrize(
+  "kwargs,size,count",
+  REFERENCE_COUNTS,
+  ids=["r18_cifar", "r34_cifar", "r50", "r50_2x", "r50_sk", "r101"],
+)
 def test_parameter_counts_match_reference(kwargs, size, count):
   net = resnet.ResNet(**kwargs)
   out = net(tf.zeros([1, size, size, 3]), training=False)
@@ -97,14 +101,23 @@ def test_endpoints_shapes():
   net = resnet.ResNet(depth=50)
   out = net(tf.zeros([2, 64, 64, 3]), training=False)
   shapes = {k: tuple(v.shape) for k, v in out.items()}
-  assert shapes == {"initial_conv": (2, 32, 32, 64), "initial_max_pool": (2, 16, 16, 64),
-                    "block_group1": (2, 16, 16, 256), "block_group2": (2, 8, 8, 512),
-                    "block_group3": (2, 4, 4, 1024), "block_group4": (2, 2, 2, 2048),
-                    "final_avg_pool": (2, 2048)}
+  assert shapes == {
+    "initial_conv": (2, 32, 32, 64),
+    "initial_max_pool": (2, 16, 16, 64),
+    "block_group1": (2, 16, 16, 256),
+    "block_group2": (2, 8, 8, 512),
+    "block_group3": (2, 4, 4, 1024),
+    "block_group4": (2, 2, 2, 2048),
+    "final_avg_pool": (2, 2048),
+  }
   assert set(shapes) == set(resnet.ENDPOINTS)
   # final_avg_pool is the spatial mean of block_group4.
-  np.testing.assert_allclose(out["final_avg_pool"].numpy(),
-                             out["block_group4"].numpy().mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    out["final_avg_pool"].numpy(),
+    out["block_group4"].numpy().mean(axis=(1, 2)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_se_and_odd_sizes():
@@ -126,8 +139,7 @@ def test_batch_norm_matches_keras(shape, center, scale):
   # and gradients, in training and inference mode.
   x = tf.random.stateless_normal(shape, seed=[9, 9]) * 3.0 + 2.0
   ours = resnet.BatchNorm(momentum=0.9, epsilon=1e-5, center=center, scale=scale)
-  ref = tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, center=center,
-                                           scale=scale)
+  ref = tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, center=center, scale=scale)
   ours.build(x.shape)
   ref.build(x.shape)
   for a, b in zip(ours.weights, ref.weights):
@@ -142,14 +154,15 @@ def test_batch_norm_matches_keras(shape, center, scale):
       w = tf.random.stateless_normal(shape, seed=[1, 3])
       l_ours, l_ref = tf.reduce_sum(y_ours * w), tf.reduce_sum(y_ref * w)
     np.testing.assert_allclose(y_ours.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(tape.gradient(l_ours, x).numpy(), tape.gradient(l_ref, x).numpy(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      tape.gradient(l_ours, x).numpy(), tape.gradient(l_ref, x).numpy(), rtol=1e-4, atol=1e-5
+    )
     for a, b in zip(ours.trainable_weights, ref.trainable_weights):
-      np.testing.assert_allclose(tape.gradient(l_ours, a).numpy(),
-                                 tape.gradient(l_ref, b).numpy(), rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(
+        tape.gradient(l_ours, a).numpy(), tape.gradient(l_ref, b).numpy(), rtol=1e-4, atol=1e-4
+      )
     np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(ours.moving_variance.numpy(), ref.moving_variance.numpy(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), ref.moving_variance.numpy(), rtol=1e-5)
   # Training mode moved the statistics (the comparison above is not between two no-ops).
   want = initial_mean * 0.9 + 0.1 * x.numpy().reshape(-1, shape[-1]).mean(0)
   np.testing.assert_allclose(ours.moving_mean.numpy(), want, rtol=1e-5)
@@ -174,7 +187,8 @@ def test_synchronized_bn_equals_bn_on_concatenated_batch(strategies, num_replica
     synced = resnet.BatchNormRelu(relu=True, decay=0.9, synchronized=True)
     synced(x[:1], training=False)
   local = strategy.experimental_distribute_values_from_function(
-      lambda ctx: x[ctx.replica_id_in_sync_group * b:(ctx.replica_id_in_sync_group + 1) * b])
+    lambda ctx: x[ctx.replica_id_in_sync_group * b : (ctx.replica_id_in_sync_group + 1) * b]
+  )
   got = strategy.run(tf.function(lambda v: synced(v, training=True)), args=(local,))
   got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(got)])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -184,8 +198,9 @@ def test_synchronized_bn_equals_bn_on_concatenated_batch(strategies, num_replica
   np.testing.assert_allclose(synced.bn.moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
   np.testing.assert_allclose(reference.bn.moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
   # Without synchronisation replica 0 would have normalised with its own moments.
-  unsynced_first = tf.nn.relu(tf.nn.batch_normalization(
-      x[:b], *tf.nn.moments(x[:b], [0, 1, 2]), None, None, 1e-5)).numpy()
+  unsynced_first = tf.nn.relu(
+    tf.nn.batch_normalization(x[:b], *tf.nn.moments(x[:b], [0, 1, 2]), None, None, 1e-5)
+  ).numpy()
   assert np.abs(unsynced_first - want[:b]).max() > 1e-2
 
 
@@ -201,9 +216,11 @@ def test_synchronized_resnet_forward_equals_single_device(strategies):
   for a, b in zip(synced.weights, single.weights):
     a.assign(b)
   local = strategy.experimental_distribute_values_from_function(
-      lambda ctx: x[ctx.replica_id_in_sync_group * 2:(ctx.replica_id_in_sync_group + 1) * 2])
-  got = strategy.run(tf.function(lambda v: synced(v, training=True)["final_avg_pool"]),
-                     args=(local,))
+    lambda ctx: x[ctx.replica_id_in_sync_group * 2 : (ctx.replica_id_in_sync_group + 1) * 2]
+  )
+  got = strategy.run(
+    tf.function(lambda v: synced(v, training=True)["final_avg_pool"]), args=(local,)
+  )
   got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(got)])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -238,8 +255,14 @@ def test_fine_tune_after_block_freezes_prefix():
 
 
 def test_config_round_trip():
-  net = resnet.ResNet(depth=34, width_multiplier=2, cifar_stem=True, se_ratio=0.5,
-                      batch_norm_decay=0.99, synchronized_bn=True)
+  net = resnet.ResNet(
+    depth=34,
+    width_multiplier=2,
+    cifar_stem=True,
+    se_ratio=0.5,
+    batch_norm_decay=0.99,
+    synchronized_bn=True,
+  )
   clone = resnet.ResNet.from_config(net.get_config())
   assert clone.get_config() == net.get_config()
   net(tf.zeros([1, 8, 8, 3]))
@@ -248,10 +271,13 @@ def test_config_round_trip():
 
 
 def test_bad_arguments():
-  for kwargs, word in [(dict(depth=19), "resnet_depth"), (dict(width_multiplier=0), "width"),
-                       (dict(width_multiplier=0.007), "round"),  # round(64 * 0.007) = 0
-                       (dict(width_multiplier=float("nan")), "width"),
-                       (dict(width_multiplier=0.02, sk_ratio=0.0625), "selective kernels"),
-                       (dict(fine_tune_after_block=5), "fine_tune_after_block")]:
+  for kwargs, word in [
+    (dict(depth=19), "resnet_depth"),
+    (dict(width_multiplier=0), "width"),
+    (dict(width_multiplier=0.007), "round"),  # round(64 * 0.007) = 0
+    (dict(width_multiplier=float("nan")), "width"),
+    (dict(width_multiplier=0.02, sk_ratio=0.0625), "selective kernels"),
+    (dict(fine_tune_after_block=5), "fine_tune_after_block"),
+  ]:
     with pytest.raises(ValueError, match=word):
       resnet.ResNet(**kwargs)

@@ -4,6 +4,7 @@ Each configuration of logical devices needs its own process (TensorFlow fixes th
 so every run here is a `python run.py ...` subprocess on the built-in shapes10 dataset at 16 px.
 Interrupted and resumed runs are in test_faults.py, multi-worker runs in test_multiworker.py.
 """
+
 import json
 import os
 import subprocess
@@ -21,10 +22,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # so that its runs are made once (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
 
-COMMON = ["--dataset=shapes10", "--train_split=train", "--eval_split=test", "--image_size=16",
-          "--resnet_depth=18", "--train_batch_size=8", "--eval_batch_size=200",
-          "--learning_rate=1.0", "--warmup_epochs=0", "--weight_decay=1e-4",
-          "--temperature=0.5", "--use_tpu=False", "--deterministic", "--seed=3"]
+COMMON = [
+  "--dataset=shapes10",
+  "--train_split=train",
+  "--eval_split=test",
+  "--image_size=16",
+  "--resnet_depth=18",
+  "--train_batch_size=8",
+  "--eval_batch_size=200",
+  "--learning_rate=1.0",
+  "--warmup_epochs=0",
+  "--weight_decay=1e-4",
+  "--temperature=0.5",
+  "--use_tpu=False",
+  "--deterministic",
+  "--seed=3",
+]
 
 
 def _env():
@@ -34,15 +47,29 @@ def _env():
 
 
 def run_py(args, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(REPO, "run.py")] + args, cwd=REPO,
-                        env=_env(), capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "run.py")] + args,
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def run_py_concurrently(arg_lists, timeout=900):
   """Runs several run.py commands at once (graph tracing is mostly one core each)."""
-  procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "run.py")] + args, cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for args in arg_lists]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "run.py")] + args,
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for args in arg_lists
+  ]
   results = []
   try:
     for args, proc in zip(arg_lists, procs):
@@ -63,8 +90,11 @@ def model_variables(prefix):
   the optimizer, e.g. `optimizer/_trainable_variables/7/...`.)
   """
   reader = tf.train.load_checkpoint(prefix)
-  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-          if k.endswith("VARIABLE_VALUE") and not k.startswith("save_counter")}
+  return {
+    k: reader.get_tensor(k)
+    for k in reader.get_variable_to_shape_map()
+    if k.endswith("VARIABLE_VALUE") and not k.startswith("save_counter")
+  }
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +114,17 @@ def make_replica_runs(tmp_path_factory):
     d = str(tmp_path_factory.mktemp(f"r{replicas}"))
     mode = "train_then_eval" if replicas == 1 else "train"
     dirs[replicas] = d
-    commands.append(COMMON + [f"--data_dir={data_dir}", f"--model_dir={d}", "--train_steps=3",
-                              "--checkpoint_steps=1", f"--cpu_replicas={replicas}",
-                              f"--mode={mode}"])
+    commands.append(
+      COMMON
+      + [
+        f"--data_dir={data_dir}",
+        f"--model_dir={d}",
+        "--train_steps=3",
+        "--checkpoint_steps=1",
+        f"--cpu_replicas={replicas}",
+        f"--mode={mode}",
+      ]
+    )
   results = run_py_concurrently(commands)
   for res in results:
     assert res.returncode == 0, res.stderr[-3000:]
@@ -140,6 +178,7 @@ def test_export_loads_without_tf_simclr_and_fine_tunes(replica_runs, tmp_path):
   from tf_simclr import checkpoints
   from tf_simclr import model as model_lib
   from tf_simclr.config import ModelConfig
+
   d = replica_runs[1][0]
   images = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
   np.save(tmp_path / "images.npy", images)
@@ -150,7 +189,7 @@ def test_export_loads_without_tf_simclr_and_fine_tunes(replica_runs, tmp_path):
         raise SystemExit("tf_simclr importable")
       except ImportError:
         pass
-      m = tf.saved_model.load({os.path.join(d, 'saved_model', '3')!r})
+      m = tf.saved_model.load({os.path.join(d, "saved_model", "3")!r})
       x = tf.constant(np.load("images.npy"))
       out = m(x, training=False)
       np.savez("out.npz", **{{k: v.numpy() for k, v in out.items()}})
@@ -163,8 +202,14 @@ def test_export_loads_without_tf_simclr_and_fine_tunes(replica_runs, tmp_path):
       print("GRADS", len(grads), missing)
       """)
   env = {"PATH": os.environ.get("PATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3"}
-  res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+  res = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   n_grads, missing = map(int, res.stdout.split("GRADS")[1].split())
   assert n_grads > 50 and missing == 0
@@ -193,7 +238,9 @@ def _two_class_folder(root):
         (root / split / cls / f"{i}.png").write_bytes(png.numpy())
 
 
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize(
+  "extra,words",
+  [
     (["--temperature=0"], ["temperature"]),
     (["--dataset=shapes11"], ["shapes11", "shapes10"]),
     (["--dataset=image_folder", "--data_dir=/nonexistent/folder"], ["/nonexistent/folder"]),
@@ -201,13 +248,23 @@ def _two_class_folder(root):
     # After pretraining ({pre}: a pretraining model_dir, {tmp}: this test's directory).
     (["--train_mode=finetune", "--checkpoint={tmp}/none"], ["--checkpoint", "does not exist"]),
     (["--train_mode=finetune", "--train_label_fraction=0"], ["--train_label_fraction", "(0, 1]"]),
-    (["--train_mode=finetune", "--train_label_file={tmp}/ids.txt"],
-     ["label file", "ids.txt", "99999"]),
+    (
+      ["--train_mode=finetune", "--train_label_file={tmp}/ids.txt"],
+      ["label file", "ids.txt", "99999"],
+    ),
     (["--train_mode=distill"], ["--teacher_checkpoint"]),
     (["--train_mode=distill", "--teacher_checkpoint={tmp}/none"], ["{tmp}/none", "not exist"]),
-    (["--train_mode=distill", "--teacher_checkpoint={pre}", "--dataset=image_folder",
-      "--data_dir={tmp}/images"], ["predicts 10 classes", "have 2"]),
-])
+    (
+      [
+        "--train_mode=distill",
+        "--teacher_checkpoint={pre}",
+        "--dataset=image_folder",
+        "--data_dir={tmp}/images",
+      ],
+      ["predicts 10 classes", "have 2"],
+    ),
+  ],
+)
 def test_bad_input_is_one_line(extra, words, tmp_path, data_dir, request):
   fill = {"tmp": str(tmp_path)}
   if any("{pre}" in a for a in extra):
@@ -218,8 +275,11 @@ def test_bad_input_is_one_line(extra, words, tmp_path, data_dir, request):
   model_dir = tmp_path / "m"
   model_dir.mkdir()
   (model_dir / "keep.txt").write_text("a user's file")
-  args = COMMON + [f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-                   "--train_steps=1"] + [a.format(**fill) for a in extra]
+  args = (
+    COMMON
+    + [f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--train_steps=1"]
+    + [a.format(**fill) for a in extra]
+  )
   _assert_one_line_error(run_py(args), [w.format(**fill) for w in words])
   # Nothing written into (or over) the model_dir.
   assert os.listdir(model_dir) == ["keep.txt"]
@@ -230,12 +290,28 @@ def test_bad_checkpoints_are_refused_and_kept(replica_runs, data_dir, tmp_path):
   d = replica_runs[2][0]
   before = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
   # Another model in this model_dir: refused (its flags.json says so), nothing written.
-  res = run_py(COMMON + [f"--data_dir={data_dir}", f"--model_dir={d}", "--train_steps=6",
-                         "--resnet_depth=34", "--mode=train"])
+  res = run_py(
+    COMMON
+    + [
+      f"--data_dir={data_dir}",
+      f"--model_dir={d}",
+      "--train_steps=6",
+      "--resnet_depth=34",
+      "--mode=train",
+    ]
+  )
   _assert_one_line_error(res, ["--resnet_depth=18 there, 34 here", "new --model_dir"])
   # Fine-tuning with nothing to start from.
-  res = run_py(COMMON + [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'ft'}",
-                         "--train_steps=2", "--train_mode=finetune", "--mode=train"])
+  res = run_py(
+    COMMON
+    + [
+      f"--data_dir={data_dir}",
+      f"--model_dir={tmp_path / 'ft'}",
+      "--train_steps=2",
+      "--train_mode=finetune",
+      "--mode=train",
+    ]
+  )
   _assert_one_line_error(res, ["--checkpoint"])
   after = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
   assert after == before

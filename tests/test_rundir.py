@@ -3,6 +3,7 @@
 Settings compared on resume, flags.json kept, the training lock; non-finite flags refused at
 parse time; results that stay valid JSON; an eval job that says what it waits for.
 """
+
 import json
 import logging
 import math
@@ -36,12 +37,17 @@ def test_resume_with_another_run_is_refused_and_flags_json_kept(tmp_path):
   d = _checkpointed_dir(tmp_path, pretrain)
   original = open(os.path.join(d, "flags.json")).read()
   with pytest.raises(rundir.ModelDirError) as info:
-    rundir.check_resume(d, dict(pretrain, train_mode="finetune", learning_rate=0.1,
-                                checkpoint="/pre/ckpt-3"))
+    rundir.check_resume(
+      d, dict(pretrain, train_mode="finetune", learning_rate=0.1, checkpoint="/pre/ckpt-3")
+    )
   message = str(info.value)
   assert "\n" not in message
-  for words in ("--train_mode=pretrain there, finetune here", "--learning_rate=0.3 there, 0.1",
-                "--checkpoint=None there, /pre/ckpt-3 here", "new --model_dir"):
+  for words in (
+    "--train_mode=pretrain there, finetune here",
+    "--learning_rate=0.3 there, 0.1",
+    "--checkpoint=None there, /pre/ckpt-3 here",
+    "new --model_dir",
+  ):
     assert words in message, message
   # Settings that may change: extend, other eval batch, devices. Leaving out --checkpoint too.
   resumed = dict(pretrain, train_steps=20, eval_batch_size=64, cpu_replicas=2)
@@ -49,9 +55,11 @@ def test_resume_with_another_run_is_refused_and_flags_json_kept(tmp_path):
   path = rundir.record_flags(d, resumed)
   assert open(os.path.join(d, "flags.json")).read() == original
   assert os.path.basename(path).startswith("flags_resumed_")
-  assert json.load(open(path)) == {"train_steps": {"before": 10, "now": 20},
-                                   "eval_batch_size": {"before": 256, "now": 64},
-                                   "cpu_replicas": {"before": 0, "now": 2}}
+  assert json.load(open(path)) == {
+    "train_steps": {"before": 10, "now": 20},
+    "eval_batch_size": {"before": 256, "now": 64},
+    "cpu_replicas": {"before": 0, "now": 2},
+  }
   # Without a checkpoint there is nothing to resume: a new run, whatever flags.json says.
   fresh = tmp_path / "fresh"
   fresh.mkdir()
@@ -82,7 +90,9 @@ def test_training_lock_names_its_holder_and_is_taken_over_when_gone(tmp_path, ca
   assert os.listdir(d) == []
 
 
-@pytest.mark.parametrize("changes,words", [
+@pytest.mark.parametrize(
+  "changes,words",
+  [
     ({"learning_rate": math.nan}, "--learning_rate must be a finite number, got nan"),
     ({"momentum": math.inf}, "--momentum must be a finite number, got inf"),
     ({"weight_decay": math.nan}, "--weight_decay must be a finite number"),
@@ -90,7 +100,8 @@ def test_training_lock_names_its_holder_and_is_taken_over_when_gone(tmp_path, ca
     ({"sk_ratio": -1.0}, "--sk_ratio must be >= 0, got -1.0"),
     ({"keep_checkpoint_max": 0}, "--keep_checkpoint_max must be >= 1"),
     ({"eval_timeout_s": -1.0}, "--eval_timeout_s must be >= 0"),
-])
+  ],
+)
 def test_flags_refused_at_parse_time(changes, words):
   definitions.validate(_flag_defaults())  # the defaults pass
   with pytest.raises(ValueError, match=words.replace("(", r"\(")):
@@ -98,30 +109,39 @@ def test_flags_refused_at_parse_time(changes, words):
 
 
 def test_results_of_a_diverged_model_are_valid_json(tmp_path):
-  evaluate.write_results(str(tmp_path), {"eval/label_top_1_accuracy": 0.1,
-                                         "eval/regularization_loss": math.nan}, 4)
+  evaluate.write_results(
+    str(tmp_path), {"eval/label_top_1_accuracy": 0.1, "eval/regularization_loss": math.nan}, 4
+  )
 
   def strict(name):
     raise ValueError(f"not JSON: {name}")
 
   got = json.loads((tmp_path / "result.json").read_text(), parse_constant=strict)
-  assert got == {"eval/label_top_1_accuracy": 0.1, "eval/regularization_loss": None,
-                 "global_step": 4}
+  assert got == {
+    "eval/label_top_1_accuracy": 0.1,
+    "eval/regularization_loss": None,
+    "global_step": 4,
+  }
 
 
 def test_eval_waits_with_a_bound_and_says_so(tmp_path, caplog):
   caplog.set_level(logging.INFO, logger="absl")
   ckpt = tf.train.Checkpoint(value=tf.Variable(0.0))
-  walk = evaluate.restored_checkpoints(ckpt, str(tmp_path), last_step=4, poll_secs=0.01,
-                                       timeout_secs=0.1)
-  with pytest.raises(ValueError, match=f"no checkpoint appeared in {tmp_path} within "
-                     r"--eval_timeout_s=0.1 s"):
+  walk = evaluate.restored_checkpoints(
+    ckpt, str(tmp_path), last_step=4, poll_secs=0.01, timeout_secs=0.1
+  )
+  with pytest.raises(
+    ValueError,
+    match=f"no checkpoint appeared in {tmp_path} within "
+    r"--eval_timeout_s=0.1 s",
+  ):
     next(walk)
   assert f"Waiting for a checkpoint in {tmp_path} (up to 0.1 s; --eval_timeout_s)" in caplog.text
   # After some checkpoints, a timeout ends the walk (a training job that stopped early).
   manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=3)
   manager.save(checkpoint_number=2)
-  walk = evaluate.restored_checkpoints(ckpt, str(tmp_path), last_step=4, poll_secs=0.01,
-                                       timeout_secs=0.1)
+  walk = evaluate.restored_checkpoints(
+    ckpt, str(tmp_path), last_step=4, poll_secs=0.01, timeout_secs=0.1
+  )
   assert [step for step, _ in walk] == [2]
   assert "No new checkpoint" in caplog.text

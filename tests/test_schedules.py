@@ -29,51 +29,52 @@ def test_get_train_steps():
 
 
 def test_scaled_learning_rate():
-  assert schedules.scaled_learning_rate(0.3, 4096, "linear") == pytest.approx(
-      4.8)
-  assert schedules.scaled_learning_rate(0.075, 4096, "sqrt") == pytest.approx(
-      4.8)
+  assert schedules.scaled_learning_rate(0.3, 4096, "linear") == pytest.approx(4.8)
+  assert schedules.scaled_learning_rate(0.075, 4096, "sqrt") == pytest.approx(4.8)
   assert schedules.scaled_learning_rate(1.0, 512, "linear") == 2.0
   with pytest.raises(ValueError, match="learning_rate_scaling.*'cubic'"):
     schedules.scaled_learning_rate(1.0, 512, "cubic")
   with pytest.raises(ValueError, match="learning_rate_scaling"):
-    schedules.WarmUpAndCosineDecay(1.0, 100, 10, 1, 10,
-                                   learning_rate_scaling="log")
+    schedules.WarmUpAndCosineDecay(1.0, 100, 10, 1, 10, learning_rate_scaling="log")
 
 
 @pytest.mark.parametrize(
-    "num_examples,batch,epochs,warmup_epochs,warmup_steps,total_steps", [
-        (1281167, 4096, 100, 10, 3127, 31279),  # 12,811,670 // 4096.
-        (50000, 512, 1000, 10, 976, 97657),  # 500,000 // 512.
-        (50000, 512, 1000, 0.5, 48, 97657),  # round(48.0).
-    ])
-def test_reference_step_counts(num_examples, batch, epochs, warmup_epochs,
-                               warmup_steps, total_steps):
-  schedule = schedules.WarmUpAndCosineDecay(1.0, num_examples, batch,
-                                            warmup_epochs, epochs)
+  "num_examples,batch,epochs,warmup_epochs,warmup_steps,total_steps",
+  [
+    (1281167, 4096, 100, 10, 3127, 31279),  # 12,811,670 // 4096.
+    (50000, 512, 1000, 10, 976, 97657),  # 500,000 // 512.
+    (50000, 512, 1000, 0.5, 48, 97657),  # round(48.0).
+  ],
+)
+def test_reference_step_counts(
+  num_examples, batch, epochs, warmup_epochs, warmup_steps, total_steps
+):
+  schedule = schedules.WarmUpAndCosineDecay(1.0, num_examples, batch, warmup_epochs, epochs)
   assert schedule.warmup_steps == warmup_steps
   assert schedule.total_steps == total_steps
 
 
-@pytest.mark.parametrize("scaling,base,peak", [
+@pytest.mark.parametrize(
+  "scaling,base,peak",
+  [
     ("linear", 0.3, 0.3 * 4096 / 256),
     ("sqrt", 0.075, 0.075 * 64.0),
-])
+  ],
+)
 def test_imagenet_values(scaling, base, peak):
   schedule = schedules.WarmUpAndCosineDecay(
-      base, 1281167, 4096, warmup_epochs=10, train_epochs=100,
-      learning_rate_scaling=scaling)
+    base, 1281167, 4096, warmup_epochs=10, train_epochs=100, learning_rate_scaling=scaling
+  )
   warmup, total = 3127, 31279
   mid_cosine = (warmup + total) // 2
   cases = {
-      0: 0.0,
-      1000: peak * 1000 / warmup,
-      warmup - 1: peak * (warmup - 1) / warmup,
-      warmup: peak,
-      mid_cosine: peak * 0.5 * (1 + math.cos(
-          math.pi * (mid_cosine - warmup) / (total - warmup))),
-      total: 0.0,
-      total + 100: 0.0,
+    0: 0.0,
+    1000: peak * 1000 / warmup,
+    warmup - 1: peak * (warmup - 1) / warmup,
+    warmup: peak,
+    mid_cosine: peak * 0.5 * (1 + math.cos(math.pi * (mid_cosine - warmup) / (total - warmup))),
+    total: 0.0,
+    total + 100: 0.0,
   }
   for step, expected in cases.items():
     assert expected == pytest.approx(np_schedule(step, peak, warmup, total))
@@ -82,17 +83,20 @@ def test_imagenet_values(scaling, base, peak):
     np.testing.assert_allclose(float(got), expected, rtol=1e-6, atol=1e-6)
   # Halfway through the decay is half the peak.
   half = warmup + (total - warmup) / 2
-  np.testing.assert_allclose(float(schedule(tf.constant(half))), peak / 2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(tf.constant(half))), peak / 2, rtol=1e-6)
 
 
 def test_dense_grid_matches_numpy_in_tf_function():
   schedule = schedules.WarmUpAndCosineDecay(
-      1.0, num_examples=50000, train_batch_size=512, warmup_epochs=10,
-      train_epochs=1000, learning_rate_scaling="linear")
+    1.0,
+    num_examples=50000,
+    train_batch_size=512,
+    warmup_epochs=10,
+    train_epochs=1000,
+    learning_rate_scaling="linear",
+  )
   steps = np.arange(0, 97657 + 1, 97)
-  fn = tf.function(
-      lambda s: tf.map_fn(schedule, s, fn_output_signature=tf.float32))
+  fn = tf.function(lambda s: tf.map_fn(schedule, s, fn_output_signature=tf.float32))
   got = fn(tf.constant(steps, tf.int64)).numpy()
   expected = [np_schedule(s, 2.0, 976, 97657) for s in steps]
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -103,33 +107,29 @@ def test_step_dtypes(dtype):
   schedule = schedules.WarmUpAndCosineDecay(2.56, 100, 10, 0.3, 1)  # W=3, T=11
   got = tf.function(schedule)(tf.constant(2, dtype))
   np.testing.assert_allclose(float(got), 0.1 * 2 / 3, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(7)),
-                             np_schedule(7, 0.1, 3, 11), rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(7)), np_schedule(7, 0.1, 3, 11), rtol=1e-6)
 
 
 def test_no_warmup_and_no_decay_room():
   schedule = schedules.WarmUpAndCosineDecay(2.56, 100, 10, 0, 1)  # W=0, T=11
   assert schedule.warmup_steps == 0
   np.testing.assert_allclose(float(schedule(0)), 0.1, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(5)), np_schedule(5, 0.1, 0, 11),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(5)), np_schedule(5, 0.1, 0, 11), rtol=1e-6)
   # train_steps == warmup steps: warm-up, then 0, never NaN.
-  schedule = schedules.WarmUpAndCosineDecay(2.56, 100, 10, 1, 1,
-                                            train_steps=10)  # W = T = 10.
+  schedule = schedules.WarmUpAndCosineDecay(2.56, 100, 10, 1, 1, train_steps=10)  # W = T = 10.
   values = [float(schedule(s)) for s in (0, 5, 9, 10, 20)]
   np.testing.assert_allclose(values, [0, 0.05, 0.09, 0, 0], atol=1e-7)
 
 
 def test_config_round_trip():
   schedule = schedules.WarmUpAndCosineDecay(
-      0.075, 1281167, 4096, 10, 100, train_steps=5000,
-      learning_rate_scaling="sqrt", name="lr")
+    0.075, 1281167, 4096, 10, 100, train_steps=5000, learning_rate_scaling="sqrt", name="lr"
+  )
   config = schedule.get_config()
   clone = schedules.WarmUpAndCosineDecay.from_config(config)
   assert clone.get_config() == config
   assert (clone.warmup_steps, clone.total_steps) == (3127, 5000)
-  restored = keras.optimizers.schedules.deserialize(
-      keras.optimizers.schedules.serialize(schedule))
+  restored = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
   assert isinstance(restored, schedules.WarmUpAndCosineDecay)
   for step in (0, 1000, 4000):
     assert float(restored(step)) == float(schedule(step))

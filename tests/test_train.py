@@ -1,4 +1,5 @@
 """The real per-replica training step learns: it overfits one fixed batch."""
+
 import keras
 import numpy as np
 import pytest
@@ -12,12 +13,18 @@ def test_step_learns_a_fixed_batch(tmp_path):
   # Contrastive accuracy on one repeated batch rises from chance to near 1 only if gradients
   # reach the encoder through the loss, the step applies them, and the pairs line up.
   cfg = C.RunConfig(
-      C.DataConfig(dataset="synthetic"),
-      C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
-      C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0, weight_decay=0.0),
-      C.TrainConfig(model_dir=str(tmp_path), train_batch_size=32, train_steps=30,
-                    checkpoint_steps=10, temperature=0.5),
-      C.RuntimeConfig())
+    C.DataConfig(dataset="synthetic"),
+    C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
+    C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0, weight_decay=0.0),
+    C.TrainConfig(
+      model_dir=str(tmp_path),
+      train_batch_size=32,
+      train_steps=30,
+      checkpoint_steps=10,
+      temperature=0.5,
+    ),
+    C.RuntimeConfig(),
+  )
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   state = train.build_state(cfg, strategy, num_examples=32)
   trainer = train.Trainer(cfg, strategy, state)
@@ -26,10 +33,14 @@ def test_step_learns_a_fixed_batch(tmp_path):
   # View two keeps half of each image under fresh noise: random features barely pair them.
   other = 0.5 * base + 0.5 * rng.uniform(size=base.shape)
   views = np.stack([base, other.astype(np.float32)], axis=1)
-  batch = {"views": tf.constant(views.astype(np.float32)),
-           "label": tf.constant(np.arange(32) % 4, tf.int64), "id": tf.range(32, dtype=tf.int64)}
-  iterator = iter(strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors(batch).repeat()))
+  batch = {
+    "views": tf.constant(views.astype(np.float32)),
+    "label": tf.constant(np.arange(32) % 4, tf.int64),
+    "id": tf.range(32, dtype=tf.int64),
+  }
+  iterator = iter(
+    strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
+  )
   first = {k: float(v) for k, v in trainer.run_loop(iterator, 1).items()}
   for _ in range(2):
     last = {k: float(v) for k, v in trainer.run_loop(iterator, 10).items()}
@@ -56,28 +67,42 @@ def loss_inputs():
   """A replica's batch of N = 4 examples, 2 views (rows view-major), 3 classes, no model."""
   rng = np.random.default_rng(3)
   labels = np.tile([0, -1, 2, 1], 2)  # example 1 is unlabelled, in both its views
-  values = {"head_supervised/kernel": rng.normal(size=(5, 3)), "head_supervised/bias":
-            rng.normal(size=3), "conv/kernel": rng.normal(size=(2, 5)),
-            "batch_normalization/gamma": rng.normal(size=5)}
+  values = {
+    "head_supervised/kernel": rng.normal(size=(5, 3)),
+    "head_supervised/bias": rng.normal(size=3),
+    "conv/kernel": rng.normal(size=(2, 5)),
+    "batch_normalization/gamma": rng.normal(size=5),
+  }
   logits = rng.normal(size=(8, 3)).astype(np.float32)
   logits[labels < 0, 0] += 5.0  # class 0 (label -1 clipped to 0) for the unlabelled rows
-  return {"proj": rng.normal(size=(8, 6)).astype(np.float32), "logits": logits,
-          "teacher": (2 * rng.normal(size=(8, 3))).astype(np.float32), "labels": labels,
-          "values": values,
-          "variables": [tf.Variable(v.astype(np.float32), name=n) for n, v in values.items()]}
+  return {
+    "proj": rng.normal(size=(8, 6)).astype(np.float32),
+    "logits": logits,
+    "teacher": (2 * rng.normal(size=(8, 3))).astype(np.float32),
+    "labels": labels,
+    "values": values,
+    "variables": [tf.Variable(v.astype(np.float32), name=n) for n, v in values.items()],
+  }
 
 
 def test_compute_losses_pretraining_matches_numpy(loss_inputs):
   # Contrastive loss (Algorithm 1) + linear head's cross-entropy on the labelled rows only
   # + LARS's leftover weight decay (the supervised head's kernel alone).
   from test_losses import numpy_nt_xent  # pylint: disable=g-import-not-at-top
+
   x = loss_inputs
   outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
   with tf.GradientTape() as tape:
     tape.watch(outputs["logits_sup"])
     loss, metrics = train.compute_losses(
-        outputs, tf.constant(x["labels"], tf.int64), x["variables"], temperature=0.5,
-        hidden_norm=True, weight_decay=0.1, optimizer_name="lars")
+      outputs,
+      tf.constant(x["labels"], tf.int64),
+      x["variables"],
+      temperature=0.5,
+      hidden_norm=True,
+      weight_decay=0.1,
+      optimizer_name="lars",
+    )
   con, sim = numpy_nt_xent(x["proj"], True, 0.5)
   labelled = x["labels"] >= 0
   log_p = _log_softmax(x["logits"])[labelled]
@@ -86,10 +111,15 @@ def test_compute_losses_pretraining_matches_numpy(loss_inputs):
   decay = 0.1 * _numpy_l2(x["values"], ["head_supervised/kernel"])
   logits_ab = sim[:4, 4:]
   p = np.exp(_log_softmax(logits_ab))
-  want = {"contrast_loss": con, "contrast_acc": np.mean(np.argmax(logits_ab, 1) == np.arange(4)),
-          "contrast_entropy": -np.mean(np.sum(p * np.log(p + 1e-8), 1)),
-          "supervised_loss": sup, "supervised_acc": sup_acc, "weight_decay": decay,
-          "total_loss": con + sup + decay}
+  want = {
+    "contrast_loss": con,
+    "contrast_acc": np.mean(np.argmax(logits_ab, 1) == np.arange(4)),
+    "contrast_entropy": -np.mean(np.sum(p * np.log(p + 1e-8), 1)),
+    "supervised_loss": sup,
+    "supervised_acc": sup_acc,
+    "weight_decay": decay,
+    "total_loss": con + sup + decay,
+  }
   assert sorted(metrics) == sorted(want)
   for k, v in want.items():
     np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, err_msg=k)
@@ -108,19 +138,31 @@ def test_compute_losses_distillation_matches_numpy(loss_inputs, label_weight):
   outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
   for labels in (x["labels"], np.full(8, -1)):  # some labels; none (distillation alone)
     loss, metrics = train.compute_losses(
-        outputs, tf.constant(labels, tf.int64), x["variables"], tf.constant(x["teacher"]),
-        contrastive=False, distill_temperature=2.0, distill_label_weight=label_weight,
-        weight_decay=0.01, optimizer_name="momentum")
+      outputs,
+      tf.constant(labels, tf.int64),
+      x["variables"],
+      tf.constant(x["teacher"]),
+      contrastive=False,
+      distill_temperature=2.0,
+      distill_label_weight=label_weight,
+      weight_decay=0.01,
+      optimizer_name="momentum",
+    )
     targets = np.exp(_log_softmax(x["teacher"] / 2.0))
     distill = -np.mean(np.sum(targets * _log_softmax(x["logits"] / 2.0), 1))
     labelled = labels >= 0
     log_p = _log_softmax(x["logits"])[labelled]
     sup = -np.mean(log_p[np.arange(len(log_p)), labels[labelled]]) if labelled.any() else 0.0
-    decay = 0.01 * _numpy_l2(x["values"], ["head_supervised/kernel", "head_supervised/bias",
-                                           "conv/kernel"])
-    want = {"distill_loss": distill, "supervised_loss": sup, "weight_decay": decay,
-            "teacher_agreement": np.mean(np.argmax(x["logits"], 1) == np.argmax(x["teacher"], 1)),
-            "total_loss": (1 - label_weight) * distill + label_weight * sup + decay}
+    decay = 0.01 * _numpy_l2(
+      x["values"], ["head_supervised/kernel", "head_supervised/bias", "conv/kernel"]
+    )
+    want = {
+      "distill_loss": distill,
+      "supervised_loss": sup,
+      "weight_decay": decay,
+      "teacher_agreement": np.mean(np.argmax(x["logits"], 1) == np.argmax(x["teacher"], 1)),
+      "total_loss": (1 - label_weight) * distill + label_weight * sup + decay,
+    }
     assert sorted(metrics) == sorted([*want, "supervised_acc"])
     for k, v in want.items():
       np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-7, err_msg=k)
@@ -131,16 +173,22 @@ def test_compute_losses_distillation_matches_numpy(loss_inputs, label_weight):
 def _fixed_batch_run(tmp_path, policy, steps, jit_compile=False, strategy=None):
   """Contrastive losses of `steps` steps on one fixed batch under a Keras dtype policy."""
   import keras  # pylint: disable=g-import-not-at-top
+
   keras.mixed_precision.set_dtype_policy("float32" if policy == "none" else policy)
   try:
     cfg = C.RunConfig(
-        C.DataConfig(dataset="synthetic"),
-        C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
-        C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0,
-                      weight_decay=0.0),
-        C.TrainConfig(model_dir=str(tmp_path / policy), train_batch_size=16, train_steps=30,
-                      checkpoint_steps=10, temperature=0.5),
-        C.RuntimeConfig(mixed_precision=policy, jit_compile=jit_compile))
+      C.DataConfig(dataset="synthetic"),
+      C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
+      C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0, weight_decay=0.0),
+      C.TrainConfig(
+        model_dir=str(tmp_path / policy),
+        train_batch_size=16,
+        train_steps=30,
+        checkpoint_steps=10,
+        temperature=0.5,
+      ),
+      C.RuntimeConfig(mixed_precision=policy, jit_compile=jit_compile),
+    )
     strategy = strategy or tf.distribute.OneDeviceStrategy("/cpu:0")
     state = train.build_state(cfg, strategy, num_examples=16)
     trainer = train.Trainer(cfg, strategy, state)
@@ -149,10 +197,14 @@ def _fixed_batch_run(tmp_path, policy, steps, jit_compile=False, strategy=None):
   rng = np.random.default_rng(1)
   base = rng.uniform(size=(16, 16, 16, 3)).astype(np.float32)
   other = (0.5 * base + 0.5 * rng.uniform(size=base.shape)).astype(np.float32)
-  batch = {"views": tf.constant(np.stack([base, other], axis=1)),
-           "label": tf.constant(np.arange(16) % 4, tf.int64), "id": tf.range(16, dtype=tf.int64)}
-  iterator = iter(strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors(batch).repeat()))
+  batch = {
+    "views": tf.constant(np.stack([base, other], axis=1)),
+    "label": tf.constant(np.arange(16) % 4, tf.int64),
+    "id": tf.range(16, dtype=tf.int64),
+  }
+  iterator = iter(
+    strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
+  )
   losses = [float(trainer.run_loop(iterator, 1)["contrast_loss"]) for _ in range(steps)]
   return np.array(losses), state
 
@@ -175,6 +227,7 @@ def test_mixed_precision_trains_like_float32(tmp_path):
 
 def test_jit_compile_refuses_mirrored_replicas(tmp_path):
   from conftest import mirrored  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ValueError, match="one replica per process"):
     _fixed_batch_run(tmp_path, "none", 1, jit_compile=True, strategy=mirrored(2))
 
@@ -185,6 +238,7 @@ def test_non_finite_training_stops_before_its_checkpoint(tmp_path):
   from tf_simclr import checkpoints  # pylint: disable=g-import-not-at-top
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+
   for i in range(4):
     (tmp_path / "images" / "train" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
     png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(50 * i, tf.uint8))).numpy()
@@ -192,22 +246,29 @@ def test_non_finite_training_stops_before_its_checkpoint(tmp_path):
   source = datasets.load_source("image_folder", "train", str(tmp_path / "images"))
   model_dir = str(tmp_path / "m")
   # Linear evaluation (only the head trains) keeps the traced step small.
-  model_cfg = C.ModelConfig(resnet_depth=18, image_size=16, num_classes=2,
-                            train_mode="finetune", fine_tune_after_block=4)
-  start = tf.train.Checkpoint(model=model_lib.build_model(model_cfg)).save(
-      str(tmp_path / "start"))
+  model_cfg = C.ModelConfig(
+    resnet_depth=18, image_size=16, num_classes=2, train_mode="finetune", fine_tune_after_block=4
+  )
+  start = tf.train.Checkpoint(model=model_lib.build_model(model_cfg)).save(str(tmp_path / "start"))
   cfg = C.RunConfig(
-      C.DataConfig(dataset="image_folder"), model_cfg,
-      C.OptimConfig(learning_rate=float("nan"), warmup_epochs=0),
-      C.TrainConfig(model_dir=model_dir, checkpoint=start,
-                    train_batch_size=4, train_steps=3, checkpoint_steps=1),
-      C.RuntimeConfig())
+    C.DataConfig(dataset="image_folder"),
+    model_cfg,
+    C.OptimConfig(learning_rate=float("nan"), warmup_epochs=0),
+    C.TrainConfig(
+      model_dir=model_dir, checkpoint=start, train_batch_size=4, train_steps=3, checkpoint_steps=1
+    ),
+    C.RuntimeConfig(),
+  )
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   state = train.build_state(cfg, strategy, source.num_examples)
   checkpoints.save(state.manager, 0)  # the initial, finite weights
-  with pytest.raises(train.NonFiniteError, match=(
+  with pytest.raises(
+    train.NonFiniteError,
+    match=(
       r"a weight is not finite \(NaN or inf\) at step 1, so no checkpoint was written for it; "
-      f"the last finite checkpoint is {model_dir}/ckpt-0")) as info:
+      f"the last finite checkpoint is {model_dir}/ckpt-0"
+    ),
+  ) as info:
     train.train(cfg, strategy, source, state)
   assert "\n" not in str(info.value)
   assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-0")
@@ -228,9 +289,11 @@ def test_loss_watch_warns_once_when_the_loss_grows_tenfold():
 
 def test_a_batch_larger_than_the_split_is_warned(caplog):
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+
   source = datasets.Source("image_folder", "train", 6, 2, tf.data.Dataset.range(6))
   assert train.warn_batch_over_split(6, source) is None
   message = train.warn_batch_over_split(8, source)
-  assert message.startswith("--train_batch_size=8 is larger than the 6 examples of "
-                            "image_folder split 'train'")
+  assert message.startswith(
+    "--train_batch_size=8 is larger than the 6 examples of image_folder split 'train'"
+  )
   assert message in caplog.text

@@ -51,7 +51,7 @@ CROP_PROPORTION = 0.875  # Eval centre crop, standard for ImageNet.
 # Random resized crop (Inception-style), as the reference.
 _MIN_OBJECT_COVERED = 0.1
 _AREA_RANGE = (0.08, 1.0)
-_ASPECT_RANGE = (3. / 4., 4. / 3.)
+_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 _MAX_ATTEMPTS = 100
 
 _P_FLIP = 0.5
@@ -88,11 +88,11 @@ _MAX_FUSED_PIXELS = 96 * 96
 
 
 def _check_size(height, width):
-  for name, value in (('height', height), ('width', width)):
+  for name, value in (("height", height), ("width", width)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-      raise TypeError(f'{name} must be a Python int, got {value!r}.')
+      raise TypeError(f"{name} must be a Python int, got {value!r}.")
     if value <= 0:
-      raise ValueError(f'{name} must be positive, got {value}.')
+      raise ValueError(f"{name} must be positive, got {value}.")
   return int(height), int(width)
 
 
@@ -100,33 +100,32 @@ def _check_strength(color_jitter_strength):
   try:
     strength = float(color_jitter_strength)
   except TypeError as e:
-    raise TypeError('color_jitter_strength must be a Python number, got '
-                    f'{color_jitter_strength!r}.') from e
+    raise TypeError(
+      f"color_jitter_strength must be a Python number, got {color_jitter_strength!r}."
+    ) from e
   if not strength >= 0:
-    raise ValueError(
-        f'color_jitter_strength must be >= 0, got {color_jitter_strength}.')
+    raise ValueError(f"color_jitter_strength must be >= 0, got {color_jitter_strength}.")
   return strength
 
 
-def _check_image(image, rank, name='image'):
+def _check_image(image, rank, name="image"):
   image = tf.convert_to_tensor(image)
   if not (image.dtype == tf.uint8 or image.dtype.is_floating):
-    raise TypeError(f'{name} must be uint8 or float, got {image.dtype.name}.')
+    raise TypeError(f"{name} must be uint8 or float, got {image.dtype.name}.")
   if image.shape.rank is not None and image.shape.rank != rank:
-    raise ValueError(f'{name} must have rank {rank}, got shape {image.shape}.')
+    raise ValueError(f"{name} must have rank {rank}, got shape {image.shape}.")
   if image.shape.rank is not None and image.shape[-1] not in (None, 3):
-    raise ValueError(f'{name} must have 3 channels, got shape {image.shape}.')
+    raise ValueError(f"{name} must have 3 channels, got shape {image.shape}.")
   return image
 
 
 def _check_seed(seed, rank):
   seed = tf.convert_to_tensor(seed)
   if seed.dtype not in (tf.int32, tf.int64):
-    raise TypeError(f'seed must be int32 or int64, got {seed.dtype.name}.')
-  want = '[2]' if rank == 1 else '[B, 2]'
-  if seed.shape.rank is not None and (seed.shape.rank != rank or
-                                      seed.shape[-1] not in (None, 2)):
-    raise ValueError(f'seed must have shape {want}, got {seed.shape}.')
+    raise TypeError(f"seed must be int32 or int64, got {seed.dtype.name}.")
+  want = "[2]" if rank == 1 else "[B, 2]"
+  if seed.shape.rank is not None and (seed.shape.rank != rank or seed.shape[-1] not in (None, 2)):
+    raise ValueError(f"seed must have shape {want}, got {seed.shape}.")
   # One dtype for the derived seeds: int32 and int64 seeds of equal value are
   # the same seed.
   return tf.cast(seed, tf.int64)
@@ -144,7 +143,7 @@ def _select(condition, x, y):
 def _to_float(image):
   """uint8 [0, 255] -> float32 [0, 1], as `convert_image_dtype`; floats cast."""
   if image.dtype == tf.uint8:
-    return tf.cast(image, tf.float32) * (1. / 255.)
+    return tf.cast(image, tf.float32) * (1.0 / 255.0)
   return tf.cast(image, tf.float32)
 
 
@@ -156,15 +155,16 @@ def _sample_box(box_seed, image_size, height, width):
   """(begin, size), int32 [3] each, of one random resized crop."""
   aspect = width / height
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_size,
-      bounding_boxes=tf.constant([[[0., 0., 1., 1.]]], tf.float32),
-      seed=box_seed,
-      min_object_covered=_MIN_OBJECT_COVERED,
-      # The reference scales the range by the target aspect width / height.
-      aspect_ratio_range=(_ASPECT_RANGE[0] * aspect, _ASPECT_RANGE[1] * aspect),
-      area_range=_AREA_RANGE,
-      max_attempts=_MAX_ATTEMPTS,
-      use_image_if_no_bounding_boxes=True)
+    image_size,
+    bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]], tf.float32),
+    seed=box_seed,
+    min_object_covered=_MIN_OBJECT_COVERED,
+    # The reference scales the range by the target aspect width / height.
+    aspect_ratio_range=(_ASPECT_RANGE[0] * aspect, _ASPECT_RANGE[1] * aspect),
+    area_range=_AREA_RANGE,
+    max_attempts=_MAX_ATTEMPTS,
+    use_image_if_no_bounding_boxes=True,
+  )
   return begin, size
 
 
@@ -188,25 +188,24 @@ def _draw(seed, image_size, height, width, strength):
   begin, size = _sample_box(box_seed, image_size, height, width)
   u = tf.random.stateless_uniform([_NUM_UNIFORMS], draw_seed)
   coins, factors, keys, sigma = tf.split(u, [4, 4, 4, 1])
-  flip, jitter, gray, blur = tf.unstack(
-      coins < tf.constant([_P_FLIP, _P_JITTER, _P_GRAY, _P_BLUR]))
+  flip, jitter, gray, blur = tf.unstack(coins < tf.constant([_P_FLIP, _P_JITTER, _P_GRAY, _P_BLUR]))
   b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
   # SimCLRv2 multiplicative brightness: factor ~ U[max(0, 1 - b), 1 + b];
   # contrast, saturation ~ U[1 - c, 1 + c]; hue delta ~ U[-h, h].
-  low = np.array([max(0., 1. - b), 1. - c, 1. - s, -h], np.float32)
-  high = np.array([1. + b, 1. + c, 1. + s, h], np.float32)
+  low = np.array([max(0.0, 1.0 - b), 1.0 - c, 1.0 - s, -h], np.float32)
+  high = np.array([1.0 + b, 1.0 + c, 1.0 + s, h], np.float32)
   sigma_low, sigma_high = _SIGMA_RANGE
   return {
-      'begin': begin,
-      'size': size,
-      'flip': flip,
-      'jitter': jitter,
-      'gray': gray,
-      'blur': blur,
-      'factors': low + factors * (high - low),
-      # The argsort of 4 i.i.d. uniforms is a uniform random permutation.
-      'order': tf.argsort(keys, stable=True),
-      'sigma': sigma_low + sigma[0] * (sigma_high - sigma_low),
+    "begin": begin,
+    "size": size,
+    "flip": flip,
+    "jitter": jitter,
+    "gray": gray,
+    "blur": blur,
+    "factors": low + factors * (high - low),
+    # The argsort of 4 i.i.d. uniforms is a uniform random permutation.
+    "order": tf.argsort(keys, stable=True),
+    "sigma": sigma_low + sigma[0] * (sigma_high - sigma_low),
   }
 
 
@@ -252,18 +251,20 @@ def _hue(x, delta):
   chroma = high - low
   inv = tf.math.divide_no_nan(tf.ones_like(chroma), chroma)
   hue = _select(
-      tf.equal(high, r), (g - b) * inv,
-      _select(tf.equal(high, g), (b - r) * inv + 2., (r - g) * inv + 4.))
-  hue += 6. * delta
+    tf.equal(high, r),
+    (g - b) * inv,
+    _select(tf.equal(high, g), (b - r) * inv + 2.0, (r - g) * inv + 4.0),
+  )
+  hue += 6.0 * delta
   # Wrap to [0, 6) (give or take an ulp: the shares below are continuous
   # across the wrap); 15x faster than floormod on CPU.
-  hue -= 6. * tf.floor(hue * (1. / 6.))
+  hue -= 6.0 * tf.floor(hue * (1.0 / 6.0))
   # Each channel's share of the chroma is a trapezoid of the hue:
   # r = clip(|h - 3| - 1), g = clip(2 - |h - 2|), b = clip(2 - |h - 4|).
-  centre = tf.constant([3., 2., 4.])[:, None, None]
-  sign = tf.constant([1., -1., -1.])[:, None, None]
-  shift = tf.constant([-1., 2., 2.])[:, None, None]
-  share = tf.clip_by_value(tf.abs(hue - centre) * sign + shift, 0., 1.)
+  centre = tf.constant([3.0, 2.0, 4.0])[:, None, None]
+  sign = tf.constant([1.0, -1.0, -1.0])[:, None, None]
+  shift = tf.constant([-1.0, 2.0, 2.0])[:, None, None]
+  share = tf.clip_by_value(tf.abs(hue - centre) * sign + shift, 0.0, 1.0)
   return low + chroma * share
 
 
@@ -275,19 +276,19 @@ def _grayscale(x):
 
 
 _JITTER_OPS = {
-    _BRIGHTNESS: _brightness,
-    _CONTRAST: _contrast,
-    _SATURATION: _saturation,
-    _HUE: _hue,
+  _BRIGHTNESS: _brightness,
+  _CONTRAST: _contrast,
+  _SATURATION: _saturation,
+  _HUE: _hue,
 }
 
 # The same ops on one interleaved [H, W, 3] image with TF's fused kernels:
 # one graph node each instead of up to ~50, which is what costs on small views.
 _FUSED_JITTER_OPS = {
-    _BRIGHTNESS: _brightness,
-    _CONTRAST: tf.image.adjust_contrast,
-    _SATURATION: tf.image.adjust_saturation,
-    _HUE: tf.image.adjust_hue,
+  _BRIGHTNESS: _brightness,
+  _CONTRAST: tf.image.adjust_contrast,
+  _SATURATION: tf.image.adjust_saturation,
+  _HUE: tf.image.adjust_hue,
 }
 
 
@@ -322,8 +323,7 @@ def _conv_along(x, kernels, axis):
     shape = tf.shape(t)
     t = tf.reshape(t, [shape[0], shape[1], 1, shape[2]])
     filters = tf.tile(tf.reshape(kernels, [taps, 1, 1, 1]), [1, 1, shape[2], 1])
-    t = tf.reshape(
-        tf.nn.depthwise_conv2d(t, filters, [1, 1, 1, 1], 'SAME'), shape)
+    t = tf.reshape(tf.nn.depthwise_conv2d(t, filters, [1, 1, 1, 1], "SAME"), shape)
     return (t if axis == 2 else tf.transpose(t, [0, 2, 1]))[None]
   perm = [2, 0, 1, 3] if axis == 2 else [3, 0, 1, 2]
   t = tf.transpose(x, perm)  # [L, N, 3, M]
@@ -331,8 +331,7 @@ def _conv_along(x, kernels, axis):
   t = tf.reshape(t, [1, shape[0], 1, -1])
   # Channel (n, c, m) gets image n's kernel.
   filters = tf.repeat(tf.transpose(kernels), shape[2] * shape[3], axis=1)
-  t = tf.nn.depthwise_conv2d(t, tf.reshape(filters, [taps, 1, -1, 1]),
-                             [1, 1, 1, 1], 'SAME')
+  t = tf.nn.depthwise_conv2d(t, tf.reshape(filters, [taps, 1, -1, 1]), [1, 1, 1, 1], "SAME")
   return tf.transpose(tf.reshape(t, shape), np.argsort(perm))
 
 
@@ -351,7 +350,7 @@ def _blur(x, sigma, radius, planar=True):
   taps = 2 * radius + 1
   t = tf.range(-radius, radius + 1, dtype=tf.float32)
   sigma = sigma[:, None]
-  kernels = tf.exp(-(t * t) / (2. * sigma * sigma))
+  kernels = tf.exp(-(t * t) / (2.0 * sigma * sigma))
   kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)  # [N, taps]
   if planar and radius > _MAX_SHIFT_BLUR_RADIUS:
     return _conv_along(_conv_along(x, kernels, 3), kernels, 2)
@@ -359,7 +358,7 @@ def _blur(x, sigma, radius, planar=True):
   # graph nodes than the convolution with its reshapes and transposes, which
   # is what costs on small images.
   k = tf.unstack(tf.reshape(kernels, [-1, taps, 1, 1, 1]), axis=1)
-  for axis in ((3, 2) if planar else (2, 1)):
+  for axis in (3, 2) if planar else (2, 1):
     size = [-1] * 4
     size[axis] = x.shape[axis] or tf.shape(x)[axis]
     pad = [[0, 0]] * 4
@@ -386,7 +385,7 @@ def _jitter_one(x, factors, order, ops):
     # Bind the current image: branches must not see later reassignments.
     branches = [lambda x=x, op=op: ops[op](x, factors[op]) for op in range(4)]
     # The reference clips after every op.
-    x = tf.clip_by_value(tf.switch_case(order[step], branches), 0., 1.)
+    x = tf.clip_by_value(tf.switch_case(order[step], branches), 0.0, 1.0)
   return x
 
 
@@ -398,20 +397,22 @@ def _resized_crop(image, seed, height, width, color_jitter_strength):
   seed = _check_seed(seed, rank=1)
   p = _draw(seed, tf.shape(image), height, width, strength)
   # Crop before the dtype conversion: less data to convert.
-  crop = _to_float(tf.slice(image, p['begin'], p['size']))
+  crop = _to_float(tf.slice(image, p["begin"], p["size"]))
   crop = tf.ensure_shape(crop, [None, None, 3])
-  view = tf.image.resize(crop[None], [height, width], method='bicubic')[0]
+  view = tf.image.resize(crop[None], [height, width], method="bicubic")[0]
   # Bicubic overshoots.
-  view = tf.clip_by_value(view, 0., 1.)
+  view = tf.clip_by_value(view, 0.0, 1.0)
   return tf.ensure_shape(view, [height, width, 3]), p
 
 
-def simclr_augment(image: TensorLike,
-                   seed: TensorLike,
-                   height: int,
-                   width: int,
-                   color_jitter_strength: float = 1.0,
-                   use_blur: bool = True) -> tf.Tensor:
+def simclr_augment(
+  image: TensorLike,
+  seed: TensorLike,
+  height: int,
+  width: int,
+  color_jitter_strength: float = 1.0,
+  use_blur: bool = True,
+) -> tf.Tensor:
   """One SimCLR pretraining view of one image.
 
   Args:
@@ -436,23 +437,18 @@ def simclr_augment(image: TensorLike,
   x = tf.transpose(view, [2, 0, 1]) if planar else view
   # tf.cond, not tf.where: a scalar-predicate select is slow on CPU, and the
   # skipped branch is not computed.
-  x = tf.cond(p['flip'], lambda: tf.reverse(x, axis=[2 if planar else 1]),
-              lambda: x)
+  x = tf.cond(p["flip"], lambda: tf.reverse(x, axis=[2 if planar else 1]), lambda: x)
   if strength > 0:
     ops = _JITTER_OPS if planar else _FUSED_JITTER_OPS
-    x = tf.cond(p['jitter'],
-                lambda: _jitter_one(x, p['factors'], p['order'], ops),
-                lambda: x)
+    x = tf.cond(p["jitter"], lambda: _jitter_one(x, p["factors"], p["order"], ops), lambda: x)
     gray = _grayscale if planar else _fused_grayscale
-    x = tf.cond(p['gray'], lambda: gray(x), lambda: x)
+    x = tf.cond(p["gray"], lambda: gray(x), lambda: x)
 
   radius = _blur_radius(height)
   if use_blur and radius > 0:
-    x = tf.cond(p['blur'],
-                lambda: _blur(x[None], p['sigma'][None], radius, planar)[0],
-                lambda: x)
+    x = tf.cond(p["blur"], lambda: _blur(x[None], p["sigma"][None], radius, planar)[0], lambda: x)
   view = tf.transpose(x, [1, 2, 0]) if planar else x
-  view = tf.clip_by_value(view, 0., 1.)
+  view = tf.clip_by_value(view, 0.0, 1.0)
   return tf.ensure_shape(view, [height, width, 3])
 
 
@@ -490,35 +486,36 @@ def _jitter_batch(x, factors, order):
     out = _brightness(x, factors[_BRIGHTNESS])
     for k in (_CONTRAST, _SATURATION, _HUE):
       out = _select(tf.equal(op, k), _JITTER_OPS[k](x, factors[k]), out)
-    x = tf.clip_by_value(out, 0., 1.)
+    x = tf.clip_by_value(out, 0.0, 1.0)
   return x
 
 
 def _distort_planar(x, p, strength, use_blur):
   """Jitter, grayscale and blur of planar crops x [B, 3, H, W] with params p."""
   if strength > 0:
-    x = _select(p['jitter'], _jitter_batch(x, p['factors'], p['order']), x)
-    x = _select(p['gray'], _grayscale(x), x)
+    x = _select(p["jitter"], _jitter_batch(x, p["factors"], p["order"]), x)
+    x = _select(p["gray"], _grayscale(x), x)
   radius = _blur_radius(x.shape[2])
   if use_blur and radius > 0:
-    x = _select(p['blur'], _blur(x, p['sigma'], radius), x)
+    x = _select(p["blur"], _blur(x, p["sigma"], radius), x)
   return x
 
 
 # The per-view parameters that `crop_view` draws and `distort_batch` applies.
 DISTORT_SIGNATURE = {
-    'flip': tf.TensorSpec([], tf.bool),
-    'jitter': tf.TensorSpec([], tf.bool),
-    'gray': tf.TensorSpec([], tf.bool),
-    'blur': tf.TensorSpec([], tf.bool),
-    'factors': tf.TensorSpec([4], tf.float32),
-    'order': tf.TensorSpec([4], tf.int32),
-    'sigma': tf.TensorSpec([], tf.float32),
+  "flip": tf.TensorSpec([], tf.bool),
+  "jitter": tf.TensorSpec([], tf.bool),
+  "gray": tf.TensorSpec([], tf.bool),
+  "blur": tf.TensorSpec([], tf.bool),
+  "factors": tf.TensorSpec([4], tf.float32),
+  "order": tf.TensorSpec([4], tf.int32),
+  "sigma": tf.TensorSpec([], tf.float32),
 }
 
 
-def crop_view(image: TensorLike, seed: TensorLike, height: int, width: int,
-              color_jitter_strength: float = 1.0) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+def crop_view(
+  image: TensorLike, seed: TensorLike, height: int, width: int, color_jitter_strength: float = 1.0
+) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
   """The host half of one view: random resized crop, and the other draws.
 
   Args:
@@ -536,8 +533,12 @@ def crop_view(image: TensorLike, seed: TensorLike, height: int, width: int,
   return crop, {k: p[k] for k in DISTORT_SIGNATURE}
 
 
-def distort_batch(crops: TensorLike, params: Mapping[str, tf.Tensor],
-                  color_jitter_strength: float = 1.0, use_blur: bool = True) -> tf.Tensor:
+def distort_batch(
+  crops: TensorLike,
+  params: Mapping[str, tf.Tensor],
+  color_jitter_strength: float = 1.0,
+  use_blur: bool = True,
+) -> tf.Tensor:
   """The accelerator half: flip, colour jitter, grayscale and blur of a batch.
 
   Args:
@@ -550,11 +551,11 @@ def distort_batch(crops: TensorLike, params: Mapping[str, tf.Tensor],
     float32 [B, H, W, 3] in [0, 1].
   """
   strength = _check_strength(color_jitter_strength)
-  crops = _check_image(crops, rank=4, name='crops')
+  crops = _check_image(crops, rank=4, name="crops")
   x = tf.transpose(_to_float(crops), [0, 3, 1, 2])
-  x = _select(params['flip'], tf.reverse(x, axis=[3]), x)
+  x = _select(params["flip"], tf.reverse(x, axis=[3]), x)
   x = _distort_planar(x, params, strength, use_blur)
-  views = tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0., 1.)
+  views = tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0.0, 1.0)
   return tf.ensure_shape(views, [None] + crops.shape[1:].as_list())
 
 
@@ -568,12 +569,13 @@ def _center_crop_shape(image_height, image_width, aspect, crop_proportion):
   image_width = tf.cast(image_width, tf.float32)
   wider = aspect > image_width / image_height
   # Keep `crop_proportion` of the side that limits the requested aspect.
-  crop_height = tf.where(wider, crop_proportion / aspect * image_width,
-                         crop_proportion * image_height)
-  crop_width = tf.where(wider, crop_proportion * image_width,
-                        crop_proportion * aspect * image_height)
-  return (tf.cast(tf.math.rint(crop_height), tf.int32),
-          tf.cast(tf.math.rint(crop_width), tf.int32))
+  crop_height = tf.where(
+    wider, crop_proportion / aspect * image_width, crop_proportion * image_height
+  )
+  crop_width = tf.where(
+    wider, crop_proportion * image_width, crop_proportion * aspect * image_height
+  )
+  return (tf.cast(tf.math.rint(crop_height), tf.int32), tf.cast(tf.math.rint(crop_width), tf.int32))
 
 
 def preprocess_eval(image: TensorLike, height: int, width: int) -> tf.Tensor:
@@ -595,18 +597,18 @@ def preprocess_eval(image: TensorLike, height: int, width: int) -> tf.Tensor:
   image = _check_image(image, rank=3)
   shape = tf.shape(image)
   if height > 32:
-    crop_height, crop_width = _center_crop_shape(shape[0], shape[1],
-                                                 width / height,
-                                                 CROP_PROPORTION)
+    crop_height, crop_width = _center_crop_shape(
+      shape[0], shape[1], width / height, CROP_PROPORTION
+    )
     offset_y = (shape[0] - crop_height + 1) // 2
     offset_x = (shape[1] - crop_width + 1) // 2
-    image = tf.slice(image, tf.stack([offset_y, offset_x, 0]),
-                     tf.stack([crop_height, crop_width, -1]))
+    image = tf.slice(
+      image, tf.stack([offset_y, offset_x, 0]), tf.stack([crop_height, crop_width, -1])
+    )
   image = _to_float(image)
-  same = tf.logical_and(
-      tf.equal(tf.shape(image)[0], height), tf.equal(tf.shape(image)[1], width))
+  same = tf.logical_and(tf.equal(tf.shape(image)[0], height), tf.equal(tf.shape(image)[1], width))
   image = tf.cond(
-      same, lambda: image,
-      lambda: tf.image.resize(image[None], [height, width], 'bicubic')[0])
-  image = tf.clip_by_value(image, 0., 1.)
+    same, lambda: image, lambda: tf.image.resize(image[None], [height, width], "bicubic")[0]
+  )
+  image = tf.clip_by_value(image, 0.0, 1.0)
   return tf.ensure_shape(image, [height, width, 3])

@@ -4,6 +4,7 @@ An op, not a model: `resnet.Conv2dFixedPadding` calls `conv2d_same_batch_major_g
 its Keras convolution where `kernel_grad_pays` (bfloat16, 3x3, small feature maps, on a CPU).
 The forward pass and the input gradient are TF's own ops; only the kernel gradient differs.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -20,10 +21,15 @@ def kernel_grad_pays(inputs: tf.Tensor, kernel_size: int) -> bool:
   (oneDNN). GPUs and TPUs keep the registered gradient (cuDNN / XLA choose their own).
   """
   height, width = inputs.shape[1], inputs.shape[2]
-  return (inputs.dtype == tf.bfloat16 and kernel_size == 3 and height is not None
-          and width is not None and height * width <= MAX_POSITIONS
-          and not tf.config.list_logical_devices("GPU")
-          and not tf.config.list_logical_devices("TPU"))
+  return (
+    inputs.dtype == tf.bfloat16
+    and kernel_size == 3
+    and height is not None
+    and width is not None
+    and height * width <= MAX_POSITIONS
+    and not tf.config.list_logical_devices("GPU")
+    and not tf.config.list_logical_devices("TPU")
+  )
 
 
 def conv2d_same_batch_major_grad(inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -50,12 +56,17 @@ def conv2d_same_batch_major_grad(inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Ten
     y = tf.nn.conv2d(x, w, strides=1, padding="SAME")
 
     def grad(dy):
-      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
-                                          strides=[1, 1, 1, 1], padding="SAME")
+      dx = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(x), filter=w, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+      )
       k = w.shape[0]
       before, after = (k - 1) // 2, k - 1 - (k - 1) // 2  # SAME's split, as the forward pass
-      dw = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), strides=1,
-                        padding=[[0, 0], [before, after], [before, after], [0, 0]])
+      dw = tf.nn.conv2d(
+        tf.transpose(x, [3, 1, 2, 0]),
+        tf.transpose(dy, [1, 2, 0, 3]),
+        strides=1,
+        padding=[[0, 0], [before, after], [before, after], [0, 0]],
+      )
       return dx, tf.transpose(dw, [1, 2, 0, 3])  # [C, k, k, O] -> [k, k, C, O]
 
     return y, grad

@@ -18,6 +18,7 @@ Also the reading of other checkpoints: `resolve_prefix` (a prefix, one of its fi
 directory) and the object graph a TF2 checkpoint stores (`object_graph`, `variable_key`), by
 which distillation, `convert` and `export` find values without building the saved objects.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,15 @@ from tf_simclr import errors
 # A truncated index file fails with a bare OpError of code UNKNOWN ("file is too short to be
 # an sstable").
 _CORRUPT_ERRORS = (tf.errors.OpError, IndexError)
-_CORRUPT_CODES = frozenset({tf.errors.DATA_LOSS, tf.errors.NOT_FOUND, tf.errors.OUT_OF_RANGE,
-                            tf.errors.INVALID_ARGUMENT, tf.errors.UNKNOWN})
+_CORRUPT_CODES = frozenset(
+  {
+    tf.errors.DATA_LOSS,
+    tf.errors.NOT_FOUND,
+    tf.errors.OUT_OF_RANGE,
+    tf.errors.INVALID_ARGUMENT,
+    tf.errors.UNKNOWN,
+  }
+)
 
 
 def _is_corrupt(err) -> bool:
@@ -59,8 +67,9 @@ def worker_dir(model_dir: str) -> str:
 def _mismatch(path, err):
   first = errors.first_line(err)
   return CheckpointMismatchError(
-      f"checkpoint {path} does not match the model asked for ({first[:200]}); use the flags it "
-      "was trained with, or a new --model_dir")
+    f"checkpoint {path} does not match the model asked for ({first[:200]}); use the flags it "
+    "was trained with, or a new --model_dir"
+  )
 
 
 def _set_aside(path):
@@ -98,13 +107,17 @@ def _listed_checkpoints(model_dir: str) -> list[str]:
   if not paths:
     unlisted = tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*.index"))
     if unlisted:
-      logging.warning("Ignoring %s: no `checkpoint` index lists it (a run stopped while "
-                      "writing its first checkpoint leaves this)", ", ".join(sorted(unlisted)))
+      logging.warning(
+        "Ignoring %s: no `checkpoint` index lists it (a run stopped while "
+        "writing its first checkpoint leaves this)",
+        ", ".join(sorted(unlisted)),
+      )
   return paths
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-                   model_dir: str) -> bool:
+def restore_latest(
+  checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager, model_dir: str
+) -> bool:
   """Restores the newest readable checkpoint of `model_dir`; False when there is none.
 
   `manager` is the one that saves this process's checkpoints: in `model_dir` on the chief
@@ -124,8 +137,12 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
     except _CORRUPT_ERRORS as err:
       if not _is_corrupt(err):
         raise
-      logging.warning("Checkpoint %s is unreadable (%s); trying the previous one. Its files are "
-                      "kept as *.corrupt-N.", path, type(err).__name__)
+      logging.warning(
+        "Checkpoint %s is unreadable (%s); trying the previous one. Its files are "
+        "kept as *.corrupt-N.",
+        path,
+        type(err).__name__,
+      )
       if owner:
         _set_aside(path)
         # Forget it, so the next save's index does not list a checkpoint that is not there.
@@ -137,8 +154,10 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
     logging.info("Restored %s", path)
     return True
   if candidates:
-    raise ValueError(f"no checkpoint in {model_dir} could be read (the damaged ones were kept "
-                     "as *.corrupt-N); move them away to start afresh")
+    raise ValueError(
+      f"no checkpoint in {model_dir} could be read (the damaged ones were kept "
+      "as *.corrupt-N); move them away to start afresh"
+    )
   return False
 
 
@@ -165,13 +184,16 @@ def resolve_prefix(path: str, flag: str = "--checkpoint", also: str = "") -> str
   if tf.io.gfile.isdir(prefix):
     latest = tf.train.latest_checkpoint(prefix)
     if latest is None:
-      raise ValueError(f"{flag}={prefix} is a directory without a checkpoint"
-                       f"{f' (nor {also})' if also else ''}")
+      raise ValueError(
+        f"{flag}={prefix} is a directory without a checkpoint{f' (nor {also})' if also else ''}"
+      )
     return latest
   if not tf.io.gfile.exists(prefix + ".index"):
-    raise ValueError(f"{flag}={prefix} does not exist (expected a checkpoint prefix such as "
-                     "model_dir/ckpt-1000, a directory holding checkpoints"
-                     f"{f', or {also}' if also else ''})")
+    raise ValueError(
+      f"{flag}={prefix} does not exist (expected a checkpoint prefix such as "
+      "model_dir/ckpt-1000, a directory holding checkpoints"
+      f"{f', or {also}' if also else ''})"
+    )
   return prefix
 
 
@@ -222,8 +244,9 @@ def save(manager: tf.train.CheckpointManager, step: int, temporary: bool = False
     # TF says "<temporary file>; File too large [Op:SaveV2]": keep the reason.
     reason = re.sub(r"\s*\[Op:\w+\]$", "", errors.first_line(err)).rsplit("; ", 1)[-1]
     raise CheckpointWriteError(
-        f"cannot write checkpoint {prefix} ({type(err).__name__}: {reason[:300]}); is the disk "
-        "full or the directory read-only? The earlier checkpoints are intact") from None
+      f"cannot write checkpoint {prefix} ({type(err).__name__}: {reason[:300]}); is the disk "
+      "full or the directory read-only? The earlier checkpoints are intact"
+    ) from None
   if temporary:
     tf.io.gfile.rmtree(manager.directory)
   else:
@@ -268,8 +291,9 @@ def variable_key(graph, names) -> str:
   Raises:
     KeyError: no such path.
   """
-  keys = [a.checkpoint_key for a in object_node(graph, names).attributes
-          if a.name == "VARIABLE_VALUE"]
+  keys = [
+    a.checkpoint_key for a in object_node(graph, names).attributes if a.name == "VARIABLE_VALUE"
+  ]
   if not keys:
     raise KeyError("/".join(names))
   return keys[0]

@@ -2,6 +2,7 @@
 
 `run.py` turns absl flags into these; the library only ever sees them (or plain arguments).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ class ModelConfig:
     puts a stop-gradient in front of the supervised head, and only fine-tuning may freeze
     layers. The training step reads it here too, so model and step cannot disagree.
   """
+
   resnet_depth: int = 50
   # Channels round(c * w): 1, 2, 4 or a fraction (resnet.channels). An integral value is kept
   # as an int (2.0 -> 2), however it was spelt, so configs and manifests say 2 as the reference.
@@ -56,13 +58,16 @@ class ModelConfig:
     if self.train_mode not in TRAIN_MODES:
       raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
     if self.train_mode == "pretrain" and self.fine_tune_after_block != -1:
-      raise ValueError("fine_tune_after_block must be -1 when pretraining (layer freezing is "
-                       f"for fine-tuning), got {self.fine_tune_after_block}")
+      raise ValueError(
+        "fine_tune_after_block must be -1 when pretraining (layer freezing is "
+        f"for fine-tuning), got {self.fine_tune_after_block}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """What to read and how to augment it (the image side is `ModelConfig.image_size`)."""
+
   dataset: str = "imagenet2012"
   data_dir: str | None = None
   train_split: str = "train"
@@ -78,6 +83,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimizer and learning-rate schedule (`learning_rate` is per 256 examples)."""
+
   optimizer: str = "lars"
   learning_rate: float = 0.3
   learning_rate_scaling: str = "linear"
@@ -92,6 +98,7 @@ class TrainConfig:
 
   The objective is `ModelConfig.train_mode` (see there why).
   """
+
   model_dir: str = ""
   mode: str = "train"  # one of MODES
   lineareval_while_pretraining: bool = True
@@ -126,6 +133,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """Where and how it runs."""
+
   strategy: str = "auto"
   cpu_replicas: int = 0
   use_tpu: bool = True
@@ -141,6 +149,7 @@ class RuntimeConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything a run needs; `model.num_classes` is filled in once the dataset is known."""
+
   data: DataConfig
   model: ModelConfig
   optim: OptimConfig

@@ -22,6 +22,7 @@ kernel (`conv2d_fixed_padding`, `batch_norm_relu`, `conv2d_0`, `batch_norm_relu_
 a squeeze-excitation (`se_reduce`, `se_expand`) or a layer without variables (padding, pooling,
 drop-block, identity), skipped. Our layers hold the same values in the same order.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ class _Graph:
   def items(self, names) -> list[int]:
     """Indices of the list at `names` whose items hold variables, in order."""
     found = [int(n) for n in self.children(names) if n.isdigit()]
-    return sorted(i for i in found
-                  if checkpoints.variable_keys_under(self.graph, list(names) + [str(i)]))
+    return sorted(
+      i for i in found if checkpoints.variable_keys_under(self.graph, list(names) + [str(i)])
+    )
 
   def shape(self, names) -> tuple | None:
     """Shape of the variable at `names`; None when there is none."""
@@ -93,8 +95,12 @@ class _Graph:
 def _kind(graph: _Graph, names) -> str:
   """What the reference list item at `names` is: conv, bn, sk, se (NotReferenceError: other)."""
   children = set(graph.children(names))
-  for kind, child in (("conv", "conv2d"), ("bn", "bn"), ("sk", "conv2d_fixed_padding"),
-                      ("se", "se_reduce")):
+  for kind, child in (
+    ("conv", "conv2d"),
+    ("bn", "bn"),
+    ("sk", "conv2d_fixed_padding"),
+    ("se", "se_reduce"),
+  ):
     if child in children:
       return kind
   raise NotReferenceError(f"unknown layer at {'/'.join(names)} (children {sorted(children)})")
@@ -102,8 +108,9 @@ def _kind(graph: _Graph, names) -> str:
 
 def _typed_items(graph, names) -> list[tuple[str, tuple]]:
   """[(kind, path)] of the variable-holding items of the list at `names`."""
-  return [(_kind(graph, tuple(names) + (str(i),)), tuple(names) + (str(i),))
-          for i in graph.items(names)]
+  return [
+    (_kind(graph, tuple(names) + (str(i),)), tuple(names) + (str(i),)) for i in graph.items(names)
+  ]
 
 
 def _block(g: int, b: int) -> tuple:
@@ -121,13 +128,17 @@ def _block_kind(graph: _Graph) -> str:
 def _depth(graph: _Graph, kind: str) -> int:
   """The depth whose blocks per group (`resnet.DEPTHS`) the reference's block groups have."""
   groups = [n for n in graph.children(_RESNET + ("block_groups",)) if n.isdigit()]
-  blocks = tuple(len([n for n in graph.children(_RESNET + ("block_groups", str(g), "layers"))
-                      if n.isdigit()]) for g in range(len(groups)))
+  blocks = tuple(
+    len([n for n in graph.children(_RESNET + ("block_groups", str(g), "layers")) if n.isdigit()])
+    for g in range(len(groups))
+  )
   for depth, layout in resnet.DEPTHS.items():
     if layout == (kind, blocks):
       return depth
-  raise NotReferenceError(f"a ResNet of {kind} blocks {list(blocks)} per group is not one of the "
-                          f"depths tf_simclr builds ({sorted(resnet.DEPTHS)})")
+  raise NotReferenceError(
+    f"a ResNet of {kind} blocks {list(blocks)} per group is not one of the "
+    f"depths tf_simclr builds ({sorted(resnet.DEPTHS)})"
+  )
 
 
 def _group_filters(graph: _Graph, kind: str) -> list[int]:
@@ -142,7 +153,7 @@ def _group_filters(graph: _Graph, kind: str) -> list[int]:
 def _width(filters: list[int]) -> float:
   """The width multiplier w with `resnet.channels(64 * 2**g, w) == filters[g]` for each group."""
   for w in (filters[0] / 64, filters[3] / 512):
-    if all(resnet.channels(64 * 2 ** g, w) == f for g, f in enumerate(filters)):
+    if all(resnet.channels(64 * 2**g, w) == f for g, f in enumerate(filters)):
       return w  # ModelConfig keeps an integral width as an int
   raise NotReferenceError(f"block groups of {filters} channels are no width multiplier's")
 
@@ -198,11 +209,14 @@ def _encoder_fields(graph: _Graph) -> dict:
   kind = _block_kind(graph)
   depth = _depth(graph, kind)
   filters = _group_filters(graph, kind)
-  return dict(resnet_depth=depth, width_multiplier=_width(filters),
-              sk_ratio=_sk_ratio(graph, kind, depth, filters),
-              se_ratio=_se_ratio(graph, kind, depth, filters),
-              # image_size only chooses the stem (ModelConfig.use_cifar_stem).
-              image_size=32 if _cifar_stem(graph) else 224)
+  return dict(
+    resnet_depth=depth,
+    width_multiplier=_width(filters),
+    sk_ratio=_sk_ratio(graph, kind, depth, filters),
+    se_ratio=_se_ratio(graph, kind, depth, filters),
+    # image_size only chooses the stem (ModelConfig.use_cifar_stem).
+    image_size=32 if _cifar_stem(graph) else 224,
+  )
 
 
 def _head_fields(graph: _Graph, output_dim: int, ft_proj_selector: int | None) -> dict:
@@ -222,8 +236,7 @@ def _head_fields(graph: _Graph, output_dim: int, ft_proj_selector: int | None) -
   head = graph.shape(_SUP + ("kernel",))
   fields.update(num_classes=head[-1] if head else 0)
   if ft_proj_selector is None:
-    ft_proj_selector = (len(layers) if head and layers and head[0] == out_dim != output_dim
-                        else 0)
+    ft_proj_selector = len(layers) if head and layers and head[0] == out_dim != output_dim else 0
   fields.update(ft_proj_selector=ft_proj_selector)
   return fields
 
@@ -246,22 +259,35 @@ def reference_config(graph: _Graph, ft_proj_selector: int | None = None) -> Mode
 
 def describe(config: ModelConfig) -> str:
   """One line: the architecture of `config`."""
-  parts = [f"ResNet-{config.resnet_depth}", f"width {config.width_multiplier}",
-           "CIFAR stem" if config.use_cifar_stem else "ImageNet stem"]
+  parts = [
+    f"ResNet-{config.resnet_depth}",
+    f"width {config.width_multiplier}",
+    "CIFAR stem" if config.use_cifar_stem else "ImageNet stem",
+  ]
   if config.sk_ratio:
     parts.append(f"selective kernels {config.sk_ratio}")
   if config.se_ratio:
     parts.append(f"squeeze-excitation {config.se_ratio}")
-  head = ("no projection head" if config.proj_head_mode == "none" else
-          f"projection head {config.num_proj_layers} layers -> {config.proj_out_dim}")
-  sup = (f"supervised head {config.num_classes} classes on projection layer "
-         f"{config.ft_proj_selector}" if config.num_classes else "no supervised head")
+  head = (
+    "no projection head"
+    if config.proj_head_mode == "none"
+    else f"projection head {config.num_proj_layers} layers -> {config.proj_out_dim}"
+  )
+  sup = (
+    f"supervised head {config.num_classes} classes on projection layer {config.ft_proj_selector}"
+    if config.num_classes
+    else "no supervised head"
+  )
   return ", ".join(parts + [head, sup])
 
 
 def _our_kind(layer) -> str:
-  for cls, kind in ((resnet.Conv2dFixedPadding, "conv"), (resnet.BatchNormRelu, "bn"),
-                    (resnet.SelectiveKernel, "sk"), (resnet.SqueezeExcitation, "se")):
+  for cls, kind in (
+    (resnet.Conv2dFixedPadding, "conv"),
+    (resnet.BatchNormRelu, "bn"),
+    (resnet.SelectiveKernel, "sk"),
+    (resnet.SqueezeExcitation, "se"),
+  ):
     if isinstance(layer, cls):
       return kind
   raise TypeError(type(layer).__name__)
@@ -274,11 +300,13 @@ def _sublayers(kind: str, layer, path: tuple) -> list[tuple]:
   if kind == "bn":
     return [(layer.bn, path + ("bn",))]
   if kind == "sk":
-    return [(layer.conv.conv, path + ("conv2d_fixed_padding", "conv2d")),
-            (layer.bn.bn, path + ("batch_norm_relu", "bn")),
-            (layer.conv_reduce, path + ("conv2d_0",)),
-            (layer.bn_reduce.bn, path + ("batch_norm_relu_1", "bn")),
-            (layer.conv_mix, path + ("conv2d_1",))]
+    return [
+      (layer.conv.conv, path + ("conv2d_fixed_padding", "conv2d")),
+      (layer.bn.bn, path + ("batch_norm_relu", "bn")),
+      (layer.conv_reduce, path + ("conv2d_0",)),
+      (layer.bn_reduce.bn, path + ("batch_norm_relu_1", "bn")),
+      (layer.conv_mix, path + ("conv2d_1",)),
+    ]
   return [(layer.reduce, path + ("se_reduce",)), (layer.expand, path + ("se_expand",))]
 
 
@@ -287,10 +315,12 @@ def _match(ours: list, theirs: list[tuple[str, tuple]], where: str) -> list[tupl
   our_kinds = [_our_kind(layer) for layer in ours]
   their_kinds = [k for k, _ in theirs]
   if our_kinds != their_kinds:
-    raise NotReferenceError(f"{where} holds {their_kinds} where tf_simclr's model has "
-                            f"{our_kinds}")
-  return [pair for kind, layer, (_, path) in zip(our_kinds, ours, theirs)
-          for pair in _sublayers(kind, layer, path)]
+    raise NotReferenceError(f"{where} holds {their_kinds} where tf_simclr's model has {our_kinds}")
+  return [
+    pair
+    for kind, layer, (_, path) in zip(our_kinds, ours, theirs)
+    for pair in _sublayers(kind, layer, path)
+  ]
 
 
 def _block_pairs(graph: _Graph, block, path: tuple) -> list[tuple]:
@@ -300,8 +330,11 @@ def _block_pairs(graph: _Graph, block, path: tuple) -> list[tuple]:
   if kind == "basic":
     branch = [block.conv1, block.bn1, block.conv2, block.bn2]
   else:
-    branch = [block.conv1, block.bn1, block.conv2] + ([block.bn2] if block.bn2 else []) + [
-        block.conv3, block.bn3]
+    branch = (
+      [block.conv1, block.bn1, block.conv2]
+      + ([block.bn2] if block.bn2 else [])
+      + [block.conv3, block.bn3]
+    )
   theirs = _typed_items(graph, path + (_BRANCH[kind],))
   if "se_layer" in graph.children(path):  # a basic block's SE is an attribute, not an item
     theirs.append(("se", path + ("se_layer",)))
@@ -319,11 +352,14 @@ def _pairs(model: model_lib.SimCLRModel, graph: _Graph, with_head: bool) -> list
   layers = model.projection_head.layers_
   indices = graph.items(_PROJ)
   if len(layers) != len(indices):
-    raise NotReferenceError(f"its projection head has {len(indices)} layers, the model "
-                            f"{len(layers)}")
+    raise NotReferenceError(
+      f"its projection head has {len(indices)} layers, the model {len(layers)}"
+    )
   for layer, j in zip(layers, indices):
-    pairs += [(layer.dense, _PROJ + (str(j), "dense")),
-              (layer.bn.bn, _PROJ + (str(j), "bn_relu", "bn"))]
+    pairs += [
+      (layer.dense, _PROJ + (str(j), "dense")),
+      (layer.bn.bn, _PROJ + (str(j), "bn_relu", "bn")),
+    ]
   if with_head:
     pairs.append((model.supervised_head.dense, _SUP))
   return pairs
@@ -343,8 +379,9 @@ def _assign(pairs: list[tuple], graph: _Graph, source: str) -> None:
       if shape != tuple(v.shape):
         found = "missing" if shape is None else f"shape {list(shape)}"
         raise checkpoints.CheckpointMismatchError(
-            f"{source} does not fit the model asked for: {'/'.join(names)} is {found}, the "
-            f"model's {v.path} has shape {list(v.shape)}")
+          f"{source} does not fit the model asked for: {'/'.join(names)} is {found}, the "
+          f"model's {v.path} has shape {list(v.shape)}"
+        )
       todo.append((v, names))
   for v, names in todo:
     v.assign(graph.value(names))
@@ -353,6 +390,7 @@ def _assign(pairs: list[tuple], graph: _Graph, source: str) -> None:
 @dataclasses.dataclass
 class Source:
   """A reference artifact opened for reading."""
+
   path: str  # as the user gave it
   kind: str  # "checkpoint" or "SavedModel"
   step: int  # the checkpoint's global step; a SavedModel's directory name, or 0
@@ -366,13 +404,14 @@ def _prefix(path: str) -> tuple[str, str]:
   if tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
-      raise NotReferenceError(f"{path} is a directory with neither a checkpoint nor a "
-                              "SavedModel")
+      raise NotReferenceError(f"{path} is a directory with neither a checkpoint nor a SavedModel")
     return latest, "checkpoint"
   if tf.io.gfile.exists(path + ".index"):
     return path, "checkpoint"
-  raise NotReferenceError(f"{path} does not exist (expected a reference checkpoint prefix such "
-                          "as model_dir/ckpt-1000, a model_dir, or a reference SavedModel)")
+  raise NotReferenceError(
+    f"{path} does not exist (expected a reference checkpoint prefix such "
+    "as model_dir/ckpt-1000, a model_dir, or a reference SavedModel)"
+  )
 
 
 def _step(graph: _Graph, kind: str, path: str, prefix: str) -> int:
@@ -400,9 +439,10 @@ def open_source(path: str) -> Source:
   if graph.node(_RESNET + ("block_groups",)) is None:
     ours = graph.node(("model", "encoder")) is not None or export.is_saved_model(path)
     raise NotReferenceError(
-        f"{path} is not a google-research/simclr checkpoint or SavedModel (its object graph has "
-        "no model/resnet_model/block_groups)" +
-        ("; it is tf_simclr's own: use it as it is" if ours else ""))
+      f"{path} is not a google-research/simclr checkpoint or SavedModel (its object graph has "
+      "no model/resnet_model/block_groups)"
+      + ("; it is tf_simclr's own: use it as it is" if ours else "")
+    )
   return Source(path, kind, _step(graph, kind, path, prefix), graph)
 
 
@@ -419,9 +459,10 @@ def is_reference(path: str | None) -> bool:
 
 def _differences(found: ModelConfig, wanted: ModelConfig) -> list[str]:
   """`name reference-value (flags: value)` for each architectural field that differs."""
+
   def key(config, name):
     if name == "width_multiplier":  # equal widths: the same channel counts
-      return [resnet.channels(64 * 2 ** g, config.width_multiplier) for g in range(4)]
+      return [resnet.channels(64 * 2**g, config.width_multiplier) for g in range(4)]
     if name == "proj_head_mode":
       return "none" if config.proj_head_mode == "none" else "linear or nonlinear"
     if name == "num_proj_layers":
@@ -430,22 +471,36 @@ def _differences(found: ModelConfig, wanted: ModelConfig) -> list[str]:
       return getattr(config, name) > 0  # the widths inside are checked variable by variable
     return getattr(config, name)
 
-  names = ["resnet_depth", "width_multiplier", "use_cifar_stem", "sk_ratio", "se_ratio",
-           "proj_head_mode", "num_proj_layers"]
+  names = [
+    "resnet_depth",
+    "width_multiplier",
+    "use_cifar_stem",
+    "sk_ratio",
+    "se_ratio",
+    "proj_head_mode",
+    "num_proj_layers",
+  ]
   if found.proj_head_mode != "none":
     names.append("proj_out_dim")
-  return [f"{n} {getattr(found, n)} (flags: {getattr(wanted, n)})" for n in names
-          if key(found, n) != key(wanted, n)]
+  return [
+    f"{n} {getattr(found, n)} (flags: {getattr(wanted, n)})"
+    for n in names
+    if key(found, n) != key(wanted, n)
+  ]
 
 
 def _check_head(source: Source, found: ModelConfig, wanted: ModelConfig) -> None:
   if found.num_classes == wanted.num_classes:
     return
-  what = (f"a supervised head of {found.num_classes} classes" if found.num_classes
-          else "no supervised head")
+  what = (
+    f"a supervised head of {found.num_classes} classes"
+    if found.num_classes
+    else "no supervised head"
+  )
   raise checkpoints.CheckpointMismatchError(
-      f"{source.path} has {what}, the model asked for {wanted.num_classes} classes; "
-      "--zero_init_logits_layer starts a new (zero) head")
+    f"{source.path} has {what}, the model asked for {wanted.num_classes} classes; "
+    "--zero_init_logits_layer starts a new (zero) head"
+  )
 
 
 def restore_reference(model: model_lib.SimCLRModel, path: str, new_head: bool = False) -> None:
@@ -466,8 +521,9 @@ def restore_reference(model: model_lib.SimCLRModel, path: str, new_head: bool = 
   diffs = _differences(found, model.config)
   if diffs:
     raise checkpoints.CheckpointMismatchError(
-        f"{path} is a reference {describe(found)}, which does not fit the model flags: "
-        f"{'; '.join(diffs)}")
+      f"{path} is a reference {describe(found)}, which does not fit the model flags: "
+      f"{'; '.join(diffs)}"
+    )
   with_head = model.supervised_head is not None and not new_head
   if with_head:
     _check_head(source, found, model.config)
@@ -482,15 +538,20 @@ def _write(model: model_lib.SimCLRModel, step: int, dst: str) -> None:
   """
   tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
   try:
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), tmp, max_to_keep=1,
-                                         checkpoint_name="ckpt")
+    manager = tf.train.CheckpointManager(
+      tf.train.Checkpoint(model=model), tmp, max_to_keep=1, checkpoint_name="ckpt"
+    )
     checkpoints.save(manager, step)
     # The architecture, as run.py's flags.json gives it (distillation teachers read it).
     with tf.io.gfile.GFile(os.path.join(tmp, "flags.json"), "w") as f:
       json.dump(dataclasses.asdict(model.config), f, indent=1, sort_keys=True)
     optim = config_lib.OptimConfig()  # the L2 term of a default fine-tuning run
-    export.export_saved_model(model, os.path.join(tmp, "saved_model", str(step)),
-                              weight_decay=optim.weight_decay, optimizer_name=optim.optimizer)
+    export.export_saved_model(
+      model,
+      os.path.join(tmp, "saved_model", str(step)),
+      weight_decay=optim.weight_decay,
+      optimizer_name=optim.optimizer,
+    )
     if tf.io.gfile.exists(dst):  # empty (convert checked), e.g. made by the user
       tf.io.gfile.rmtree(dst)
     tf.io.gfile.rename(tmp, dst)
@@ -530,14 +591,19 @@ def convert(src: str, dst: str, ft_proj_selector: int | None = None) -> tuple[Mo
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m tf_simclr.convert",
-      description="Convert a google-research/simclr (tf2/) checkpoint or SavedModel into a "
-                  "tf_simclr checkpoint and SavedModel.")
+    prog="python -m tf_simclr.convert",
+    description="Convert a google-research/simclr (tf2/) checkpoint or SavedModel into a "
+    "tf_simclr checkpoint and SavedModel.",
+  )
   parser.add_argument("src", help="reference ckpt-N prefix, model_dir or SavedModel directory")
   parser.add_argument("dst", help="new directory for ckpt-<step>, flags.json, saved_model/<step>")
-  parser.add_argument("--ft_proj_selector", type=int, default=None,
-                      help="projection layer feeding the supervised head (default: inferred "
-                           "when the head's input width tells, else 0)")
+  parser.add_argument(
+    "--ft_proj_selector",
+    type=int,
+    default=None,
+    help="projection layer feeding the supervised head (default: inferred "
+    "when the head's input width tells, else 0)",
+  )
   args = parser.parse_args(argv)
   try:
     config, step = convert(args.src, args.dst, args.ft_proj_selector)
@@ -548,8 +614,10 @@ def main(argv=None) -> int:
     print(f"error: {type(err).__name__}: {err.message.strip().splitlines()[0]}", file=sys.stderr)
     return 1
   print(f"Found {describe(config)}")
-  print(f"Wrote {os.path.join(args.dst, f'ckpt-{step}')} and "
-        f"{os.path.join(args.dst, 'saved_model', str(step))}")
+  print(
+    f"Wrote {os.path.join(args.dst, f'ckpt-{step}')} and "
+    f"{os.path.join(args.dst, 'saved_model', str(step))}"
+  )
   return 0
 
 

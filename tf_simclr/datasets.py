@@ -48,6 +48,7 @@ batches to its replicas in order, so the concatenation over replicas of step k's
 global batch k, exactly as with one replica. Every pipeline reads every record: P times the
 read I/O of sharding by file, the price of this exactness; `cache=True` pays it once.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -63,10 +64,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr import augment
+from tf_simclr import deadleaves10  # noqa: F401  (registers the tfds builder)
 from tf_simclr import distribute
-# Imported for their side effect: they register the built-in TFDS builders.
-from tf_simclr import deadleaves10  # pylint: disable=unused-import
-from tf_simclr import shapes10  # pylint: disable=unused-import
+from tf_simclr import shapes10  # noqa: F401  (registers the tfds builder)
 
 IMAGE_FOLDER = "image_folder"
 BUILT_IN = ("deadleaves10", "shapes10")
@@ -101,6 +101,7 @@ class Source:
     class_names: the class of each label (image folders; empty otherwise).
     files: the path of each id, to name files that fail to decode (image folders).
   """
+
   name: str
   split: str
   num_examples: int
@@ -115,8 +116,7 @@ class Source:
 # Sources.
 
 
-def load_source(name: str, split: str, data_dir: str | None = None,
-                class_names=None) -> Source:
+def load_source(name: str, split: str, data_dir: str | None = None, class_names=None) -> Source:
   """Returns the split `split` of the dataset `name`.
 
   Args:
@@ -151,9 +151,10 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     close = difflib.get_close_matches(base_name, known + [IMAGE_FOLDER], n=5)
     hint = f" Close names: {', '.join(close)}." if close else ""
     raise DatasetError(
-        f"Unknown dataset '{name}'.{hint} Use a tensorflow-datasets name, '{IMAGE_FOLDER}' "
-        f"(images in data_dir/<split>/<class>/) or a built-in ({', '.join(BUILT_IN)}: no "
-        "download).")
+      f"Unknown dataset '{name}'.{hint} Use a tensorflow-datasets name, '{IMAGE_FOLDER}' "
+      f"(images in data_dir/<split>/<class>/) or a built-in ({', '.join(BUILT_IN)}: no "
+      "download)."
+    )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # Unknown config or version: TFDS's message says which exist.
@@ -163,43 +164,54 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     _check_manual_download(name, builder)
     logging.info("Preparing dataset %s in %s", name, builder.data_dir)
     try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP
+        )
+      )
     except ModuleNotFoundError as e:  # TFDS imports some dependencies only when preparing.
-      raise DatasetError(f"Preparing dataset '{name}' needs the Python package '{e.name}' "
-                         f"(pip install {e.name}).") from e
+      raise DatasetError(
+        f"Preparing dataset '{name}' needs the Python package '{e.name}' (pip install {e.name})."
+      ) from e
     except Exception as e:
-      raise DatasetError(f"Could not download and prepare dataset '{name}' into "
-                         f"{builder.data_dir_root}: {type(e).__name__}: {_one_line(e)}") from e
+      raise DatasetError(
+        f"Could not download and prepare dataset '{name}' into "
+        f"{builder.data_dir_root}: {type(e).__name__}: {_one_line(e)}"
+      ) from e
 
   splits = builder.info.splits
   if any(part.split("[")[0] not in splits for part in split.split("+")):
-    raise DatasetError(f"Dataset '{name}' has no split '{split}'; its splits are: "
-                       f"{', '.join(sorted(splits))}.")
+    raise DatasetError(
+      f"Dataset '{name}' has no split '{split}'; its splits are: {', '.join(sorted(splits))}."
+    )
   num_examples = _split_size(name, split, splits)
 
   features = dict(builder.info.features.items())
   if not isinstance(features.get("image"), tfds.features.Image):
-    raise DatasetError(f"Dataset '{name}' has no 'image' feature of type tfds.features.Image; "
-                       f"its features are: {', '.join(features)}.")
+    raise DatasetError(
+      f"Dataset '{name}' has no 'image' feature of type tfds.features.Image; "
+      f"its features are: {', '.join(features)}."
+    )
   label = features.get("label")
   num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
 
   ds = builder.as_dataset(
-      split=split,
-      shuffle_files=False,
-      # Keep images encoded: each pipeline reads every record but decodes only its share.
-      decoders={"image": tfds.decode.SkipDecoding()},
-      # One file at a time, in order, so 'id' is the example's index in the split.
-      read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
+    split=split,
+    shuffle_files=False,
+    # Keep images encoded: each pipeline reads every record but decodes only its share.
+    decoders={"image": tfds.decode.SkipDecoding()},
+    # One file at a time, in order, so 'id' is the example's index in the split.
+    read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False),
+  )
 
   def to_record(i, ex):
     label = tf.cast(ex["label"], tf.int64) if num_classes else tf.constant(-1, tf.int64)
     return {"image": ex["image"], "label": label, "id": i}
 
   records = ds.enumerate().map(to_record)
-  return Source(name=name, split=split, num_examples=num_examples, num_classes=num_classes,
-                records=records)
+  return Source(
+    name=name, split=split, num_examples=num_examples, num_classes=num_classes, records=records
+  )
 
 
 def _split_size(name: str, split: str, splits) -> int:
@@ -208,11 +220,13 @@ def _split_size(name: str, split: str, splits) -> int:
   try:
     num_examples = splits[split].num_examples
   except Exception as e:  # A malformed slice: TFDS's message says why.
-    raise DatasetError(f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); "
-                       f"its splits are: {sizes}.") from e
+    raise DatasetError(
+      f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); its splits are: {sizes}."
+    ) from e
   if num_examples == 0:  # e.g. a slice past the end, which as_dataset would refuse obscurely
-    raise DatasetError(f"Dataset '{name}' split '{split}' selects no examples; its splits "
-                       f"are: {sizes}.")
+    raise DatasetError(
+      f"Dataset '{name}' split '{split}' selects no examples; its splits are: {sizes}."
+    )
   return num_examples
 
 
@@ -223,15 +237,17 @@ def _check_manual_download(name: str, builder) -> None:
     return
   manual_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
   # The instructions name the archives (e.g. ILSVRC2012_img_train.tar); require those if any.
-  wanted = sorted(set(re.findall(
-      r"[\w.-]+\.(?:tar\.gz|tar|tgz|zip|gz|json|txt|csv|mat)\b", instructions)))
+  wanted = sorted(
+    set(re.findall(r"[\w.-]+\.(?:tar\.gz|tar|tgz|zip|gz|json|txt|csv|mat)\b", instructions))
+  )
   present = set(tf.io.gfile.listdir(manual_dir)) if tf.io.gfile.isdir(manual_dir) else set()
   missing = [f for f in wanted if f not in present]
   if missing or not present:
     files = ", ".join(missing) if missing else "its files"
     raise DatasetError(
-        f"Dataset '{name}' must be downloaded by hand: put {files} in {manual_dir}/ and run "
-        f"again (tensorflow-datasets says: {_one_line(instructions)})")
+      f"Dataset '{name}' must be downloaded by hand: put {files} in {manual_dir}/ and run "
+      f"again (tensorflow-datasets says: {_one_line(instructions)})"
+    )
 
 
 def _has_image_magic(path: str) -> bool:
@@ -259,6 +275,7 @@ def _shown(path: str) -> str:
 @dataclasses.dataclass
 class _Listing:
   """What listing a split found, besides its images."""
+
   others: int = 0  # files without an image extension
   not_regular: list = dataclasses.field(default_factory=list)  # FIFOs, sockets, broken links
   links_not_followed: list = dataclasses.field(default_factory=list)
@@ -286,8 +303,12 @@ def _list_local(folder: str, split_root: str, listing: _Listing) -> list[str]:
         if entry.is_dir():
           if entry.is_symlink():
             target = os.path.realpath(entry.path)
-            if (target == root or target.startswith(root + os.sep)
-                or root.startswith(target + os.sep) or target in listing.seen_dirs):
+            if (
+              target == root
+              or target.startswith(root + os.sep)
+              or root.startswith(target + os.sep)
+              or target in listing.seen_dirs
+            ):
               listing.links_not_followed.append(entry.path)
               continue
           stack.append(entry.path)
@@ -316,17 +337,28 @@ def _list_images(folder: str, split_root: str, listing: _Listing) -> list[str]:
 
 def _log_listing(root: str, listing: _Listing) -> None:
   if listing.others:
-    logging.info("Image folder %s: ignoring %d files without an image extension (%s)", root,
-                 listing.others, ", ".join(IMAGE_EXTENSIONS))
+    logging.info(
+      "Image folder %s: ignoring %d files without an image extension (%s)",
+      root,
+      listing.others,
+      ", ".join(IMAGE_EXTENSIONS),
+    )
   if listing.not_regular:
-    logging.warning("Image folder %s: skipping %d entries that are not regular files (FIFOs, "
-                    "sockets, broken links), e.g. %s", root, len(listing.not_regular),
-                    ", ".join(_shown(p) for p in sorted(listing.not_regular)[:3]))
+    logging.warning(
+      "Image folder %s: skipping %d entries that are not regular files (FIFOs, "
+      "sockets, broken links), e.g. %s",
+      root,
+      len(listing.not_regular),
+      ", ".join(_shown(p) for p in sorted(listing.not_regular)[:3]),
+    )
   if listing.links_not_followed:
-    logging.warning("Image folder %s: not following %d directory links that lead into the split "
-                    "folder, above it, or to a folder already listed (a loop), e.g. %s", root,
-                    len(listing.links_not_followed),
-                    ", ".join(_shown(p) for p in sorted(listing.links_not_followed)[:3]))
+    logging.warning(
+      "Image folder %s: not following %d directory links that lead into the split "
+      "folder, above it, or to a folder already listed (a loop), e.g. %s",
+      root,
+      len(listing.links_not_followed),
+      ", ".join(_shown(p) for p in sorted(listing.links_not_followed)[:3]),
+    )
 
 
 def _class_labels(root: str, classes: list[str], class_names) -> dict[str, int]:
@@ -337,11 +369,20 @@ def _class_labels(root: str, classes: list[str], class_names) -> dict[str, int]:
   missing = [c for c in class_names if c not in classes]
   unknown = [c for c in classes if c not in class_names]
   if missing:
-    logging.warning("Image folder %s lacks %d classes of the training split: %s", root,
-                    len(missing), ", ".join(missing[:10]))
+    logging.warning(
+      "Image folder %s lacks %d classes of the training split: %s",
+      root,
+      len(missing),
+      ", ".join(missing[:10]),
+    )
   if unknown:
-    logging.warning("Image folder %s: skipping the images of %d classes that the training split "
-                    "does not have: %s", root, len(unknown), ", ".join(unknown[:10]))
+    logging.warning(
+      "Image folder %s: skipping the images of %d classes that the training split "
+      "does not have: %s",
+      root,
+      len(unknown),
+      ", ".join(unknown[:10]),
+    )
   return {name: class_names.index(name) for name in classes if name in class_names}
 
 
@@ -366,25 +407,37 @@ def _skip_non_images(root: str, paths: list[str], labels: list[int]):
   bad = [p for p, good in zip(paths, ok) if not good]
   if not bad:
     return paths, labels
-  logging.warning("Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, "
-                  "e.g. %s", root, len(bad), ", ".join(_shown(p) for p in bad[:3]))
-  return ([p for p, good in zip(paths, ok) if good],
-          [label for label, good in zip(labels, ok) if good])
+  logging.warning(
+    "Image folder %s: skipping %d files that are not JPEG/PNG/GIF/BMP images, e.g. %s",
+    root,
+    len(bad),
+    ", ".join(_shown(p) for p in bad[:3]),
+  )
+  return (
+    [p for p, good in zip(paths, ok) if good],
+    [label for label, good in zip(labels, ok) if good],
+  )
 
 
 def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> Source:
   """`data_dir/<split>/<class>/...` (labelled) or `data_dir/<split>/<images>` (unlabelled)."""
   if not data_dir:
-    raise DatasetError(f"Dataset '{IMAGE_FOLDER}' needs data_dir: the folder holding "
-                       "<split>/<class>/<images>.")
+    raise DatasetError(
+      f"Dataset '{IMAGE_FOLDER}' needs data_dir: the folder holding <split>/<class>/<images>."
+    )
   if not tf.io.gfile.isdir(data_dir):
     raise DatasetError(f"Image folder {data_dir} does not exist.")
   root = os.path.join(data_dir, split)
   if not tf.io.gfile.isdir(root):
-    splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(data_dir)
-                    if tf.io.gfile.isdir(os.path.join(data_dir, d)))
-    raise DatasetError(f"Image folder {data_dir} has no split '{split}' (no folder {root}); "
-                       f"its splits are: {', '.join(splits) or 'none'}.")
+    splits = sorted(
+      d.rstrip("/")
+      for d in tf.io.gfile.listdir(data_dir)
+      if tf.io.gfile.isdir(os.path.join(data_dir, d))
+    )
+    raise DatasetError(
+      f"Image folder {data_dir} has no split '{split}' (no folder {root}); "
+      f"its splits are: {', '.join(splits) or 'none'}."
+    )
 
   entries = sorted(tf.io.gfile.listdir(root))
   classes = [d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(root, d))]
@@ -393,8 +446,9 @@ def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> 
   if classes:
     loose = [e for e in entries if e.rstrip("/") not in classes]
     if loose:
-      logging.warning("Image folder %s: ignoring %d files beside the class folders", root,
-                      len(loose))
+      logging.warning(
+        "Image folder %s: ignoring %d files beside the class folders", root, len(loose)
+      )
     for name in classes:
       found = _list_images(os.path.join(root, name), root, listing)
       if not found:
@@ -409,26 +463,36 @@ def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> 
 
   paths, labels = _skip_non_images(root, paths, labels)
   if not paths:
-    raise DatasetError(f"Image folder {root} holds no readable images ("
-                       f"{', '.join(IMAGE_EXTENSIONS)}).")
+    raise DatasetError(
+      f"Image folder {root} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})."
+    )
   # Training would search the stream forever for an image that decodes: say so now.
   if _first_decodable(paths) is None:
-    raise DatasetError(f"Image folder {root}: none of its {len(paths)} image files decodes "
-                       f"(e.g. {', '.join(_shown(p) for p in paths[:3])}).")
+    raise DatasetError(
+      f"Image folder {root}: none of its {len(paths)} image files decodes "
+      f"(e.g. {', '.join(_shown(p) for p in paths[:3])})."
+    )
 
-  records = tf.data.Dataset.from_tensor_slices({
+  records = tf.data.Dataset.from_tensor_slices(
+    {
       # Bytes as the file system has them: names need not be valid UTF-8.
       "image": tf.constant([os.fsencode(p) if _is_local(p) else p.encode() for p in paths]),
       "label": tf.constant(labels, tf.int64),
       "id": tf.range(len(paths), dtype=tf.int64),  # Assigned after skipping: stable ids.
-  })
+    }
+  )
   num_classes = len(class_names) if class_names is not None and classes else len(classes)
   logging.info("Image folder %s: %d images, %d classes", root, len(paths), num_classes)
-  return Source(name=IMAGE_FOLDER, split=split, num_examples=len(paths),
-                num_classes=num_classes, records=records, reads_files=True,
-                class_names=tuple(class_names if class_names is not None and classes
-                                  else classes),
-                files=tuple(_shown(p) for p in paths))
+  return Source(
+    name=IMAGE_FOLDER,
+    split=split,
+    num_examples=len(paths),
+    num_classes=num_classes,
+    records=records,
+    reads_files=True,
+    class_names=tuple(class_names if class_names is not None and classes else classes),
+    files=tuple(_shown(p) for p in paths),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,9 +541,10 @@ def _check_ids(source: Source, ids: np.ndarray, what: str) -> None:
   if len(unknown):
     shown = ", ".join(str(i) for i in np.unique(unknown)[:5])
     raise DatasetError(
-        f"{what} names {len(unknown)} example ids that {source.name} {source.split!r} does not "
-        f"have (its ids are 0..{source.num_examples - 1}): {shown}"
-        f"{', ...' if len(np.unique(unknown)) > 5 else ''}")
+      f"{what} names {len(unknown)} example ids that {source.name} {source.split!r} does not "
+      f"have (its ids are 0..{source.num_examples - 1}): {shown}"
+      f"{', ...' if len(np.unique(unknown)) > 5 else ''}"
+    )
 
 
 def read_label_file(path: str) -> np.ndarray:
@@ -502,15 +567,20 @@ def read_label_file(path: str) -> np.ndarray:
     try:
       ids.append(int(line))
     except ValueError:
-      raise DatasetError(f"label file {path} line {number}: {line[:60]!r} is not an example id "
-                         "(an integer)") from None
+      raise DatasetError(
+        f"label file {path} line {number}: {line[:60]!r} is not an example id (an integer)"
+      ) from None
   if not ids:
     raise DatasetError(f"label file {path} names no example ids")
   unique, counts = np.unique(np.asarray(ids, np.int64), return_counts=True)
   if (counts > 1).any():
     repeated = unique[counts > 1]
-    logging.warning("Label file %s lists %d ids more than once (e.g. %s); each is used once",
-                    path, len(repeated), ", ".join(str(i) for i in repeated[:5]))
+    logging.warning(
+      "Label file %s lists %d ids more than once (e.g. %s); each is used once",
+      path,
+      len(repeated),
+      ", ".join(str(i) for i in repeated[:5]),
+    )
   return unique
 
 
@@ -523,8 +593,9 @@ def _labels_by_id(source: Source) -> np.ndarray:
   return labels
 
 
-def label_subset(source: Source, fraction: float = 1.0, label_file: str | None = None,
-                 seed: int = 0) -> np.ndarray | None:
+def label_subset(
+  source: Source, fraction: float = 1.0, label_file: str | None = None, seed: int = 0
+) -> np.ndarray | None:
   """The labelled training examples: a class-balanced fraction, or the ids of a file.
 
   See the rule in the comment above this section. Same source and seed, same subset; with
@@ -547,34 +618,48 @@ def label_subset(source: Source, fraction: float = 1.0, label_file: str | None =
     raise DatasetError(f"the label fraction must be in (0, 1], got {fraction}")
   if label_file:
     if fraction != 1:
-      raise DatasetError(f"give a label fraction ({fraction}) or a label file ({label_file}), "
-                         "not both")
+      raise DatasetError(
+        f"give a label fraction ({fraction}) or a label file ({label_file}), not both"
+      )
     ids = read_label_file(label_file)
     _check_ids(source, ids, what=f"label file {label_file}")
     return ids
   if fraction == 1:
     return None
   if source.num_classes == 0:
-    raise DatasetError(f"a label fraction needs labels, but {source.name} {source.split!r} is "
-                       "unlabelled")
+    raise DatasetError(
+      f"a label fraction needs labels, but {source.name} {source.split!r} is unlabelled"
+    )
   labels = _labels_by_id(source)
   if (labels < 0).any():
-    raise DatasetError(f"a label fraction needs labels, but {int((labels < 0).sum())} examples "
-                       f"of {source.name} {source.split!r} have none")
+    raise DatasetError(
+      f"a label fraction needs labels, but {int((labels < 0).sum())} examples "
+      f"of {source.name} {source.split!r} have none"
+    )
   counts = np.bincount(labels, minlength=source.num_classes)
-  quota = np.where(counts > 0, np.minimum(counts, np.maximum(
-      1, np.floor(fraction * counts + 0.5).astype(np.int64))), 0)
+  quota = np.where(
+    counts > 0,
+    np.minimum(counts, np.maximum(1, np.floor(fraction * counts + 0.5).astype(np.int64))),
+    0,
+  )
   perm = tf.random.experimental.stateless_shuffle(
-      tf.range(source.num_examples, dtype=tf.int64), _root_key(seed, _SUBSET_STREAM),
-      alg=_ALG).numpy()
+    tf.range(source.num_examples, dtype=tf.int64), _root_key(seed, _SUBSET_STREAM), alg=_ALG
+  ).numpy()
   # Group perm by class, keeping perm's order within a class; then rank within the class.
   grouped = perm[np.argsort(labels[perm], kind="stable")]
   grouped_labels = labels[grouped]
   first = np.searchsorted(grouped_labels, grouped_labels)  # Index where each class begins.
   rank = np.arange(len(grouped)) - first
   ids = np.sort(grouped[rank < quota[grouped_labels]])
-  logging.info("Labelled subset of %s %r: %d of %d examples (fraction %g, seed %d)",
-               source.name, source.split, len(ids), source.num_examples, fraction, seed)
+  logging.info(
+    "Labelled subset of %s %r: %d of %d examples (fraction %g, seed %d)",
+    source.name,
+    source.split,
+    len(ids),
+    source.num_examples,
+    fraction,
+    seed,
+  )
   return ids
 
 
@@ -603,9 +688,10 @@ def write_label_subset(model_dir: str, ids) -> str | None:
     if new is None or not np.array_equal(old, new):
       this = "every example" if new is None else f"{len(new)} examples"
       raise DatasetError(
-          f"{path} holds the labelled subset of an earlier run ({len(old)} examples) and this "
-          f"run's differs ({this}): use the same seed and label fraction or file as that run, "
-          "or another model_dir")
+        f"{path} holds the labelled subset of an earlier run ({len(old)} examples) and this "
+        f"run's differs ({this}): use the same seed and label fraction or file as that run, "
+        "or another model_dir"
+      )
 
   if tf.io.gfile.exists(path):
     check_existing()
@@ -657,8 +743,7 @@ class _DecodeFailures:
     if self.count <= self.NAMED:
       logging.warning("%s: cannot decode %s; skipped (%d so far)", self.where, name, self.count)
     elif math.log10(self.count).is_integer():
-      logging.warning("%s: %d files that cannot be decoded skipped so far", self.where,
-                      self.count)
+      logging.warning("%s: %d files that cannot be decoded skipped so far", self.where, self.count)
     return False
 
 
@@ -685,13 +770,15 @@ def _decode(source: Source, records: tf.data.Dataset, read: bool | None = None):
   def decoded_or_marker(record):
     good = tf.data.Dataset.from_tensors(record).map(decode).ignore_errors()
     marker = dict(record, image=tf.zeros([0, 0, 3], tf.uint8))
-    return (good.map(lambda r: (r, True))
-            .concatenate(tf.data.Dataset.from_tensors((marker, False))).take(1)
-            .get_single_element())
+    return (
+      good.map(lambda r: (r, True))
+      .concatenate(tf.data.Dataset.from_tensors((marker, False)))
+      .take(1)
+      .get_single_element()
+    )
 
   def keep(record, ok):
-    return tf.cond(ok, lambda: True,
-                   lambda: tf.py_function(failures, [record["id"]], tf.bool))
+    return tf.cond(ok, lambda: True, lambda: tf.py_function(failures, [record["id"]], tf.bool))
 
   ds = records.map(decoded_or_marker, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.filter(keep).map(lambda record, ok: record)
@@ -722,26 +809,34 @@ def view_seeds(seed: int, epoch, example_id, num_views: int = 2) -> tf.Tensor:
   return tf.stack([_fold_in(key, v) for v in range(num_views)])
 
 
-def _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
-                    input_pipeline_id):
+def _check_batching(
+  global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
+):
   """Refuses inconsistent batching arguments; returns G / P, a pipeline's share of a batch."""
   if global_batch_size <= 0 or per_replica_batch_size <= 0:
-    raise ValueError(f"batch sizes must be positive, got global {global_batch_size} and "
-                     f"per replica {per_replica_batch_size}")
+    raise ValueError(
+      f"batch sizes must be positive, got global {global_batch_size} and "
+      f"per replica {per_replica_batch_size}"
+    )
   if num_input_pipelines <= 0 or not 0 <= input_pipeline_id < num_input_pipelines:
-    raise ValueError(f"input_pipeline_id must be in [0, {num_input_pipelines}), got "
-                     f"{input_pipeline_id}")
-  share = distribute.check_batch(global_batch_size, num_input_pipelines, "global_batch_size",
-                                 "input pipelines")
+    raise ValueError(
+      f"input_pipeline_id must be in [0, {num_input_pipelines}), got {input_pipeline_id}"
+    )
+  share = distribute.check_batch(
+    global_batch_size, num_input_pipelines, "global_batch_size", "input pipelines"
+  )
   if share % per_replica_batch_size:
-    raise ValueError(f"per-replica batch size {per_replica_batch_size} does not divide the "
-                     f"{share} examples of each global batch that an input pipeline serves "
-                     f"(global batch {global_batch_size} / {num_input_pipelines} pipelines)")
+    raise ValueError(
+      f"per-replica batch size {per_replica_batch_size} does not divide the "
+      f"{share} examples of each global batch that an input pipeline serves "
+      f"(global batch {global_batch_size} / {num_input_pipelines} pipelines)"
+    )
   return share
 
 
-def _global_stream(source: Source, seed: int, start_example: int, shuffle_buffer: int,
-                   cache: bool) -> tf.data.Dataset:
+def _global_stream(
+  source: Source, seed: int, start_example: int, shuffle_buffer: int, cache: bool
+) -> tf.data.Dataset:
   """The infinite shuffled example stream from example `start_example` on.
 
   Elements: the records plus 'epoch' (int64), still encoded (or paths, unless cached).
@@ -764,7 +859,8 @@ def _global_stream(source: Source, seed: int, start_example: int, shuffle_buffer
     epoch, index = counter // blocks_per_epoch, counter % blocks_per_epoch
     size = tf.shape(blk["id"])[0]
     order = tf.random.experimental.stateless_shuffle(
-        tf.range(size), _fold_in(_fold_in(root, epoch), index), alg=_ALG)
+      tf.range(size), _fold_in(_fold_in(root, epoch), index), alg=_ALG
+    )
     blk = {k: tf.gather(v, order) for k, v in blk.items()}
     blk["epoch"] = tf.fill([size], epoch)
     return blk
@@ -775,12 +871,22 @@ def _global_stream(source: Source, seed: int, start_example: int, shuffle_buffer
   return ds.skip(offset)
 
 
-def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size: int,
-                  num_input_pipelines: int, input_pipeline_id: int, seed: int, image_size: int,
-                  num_views: int = 2, start_step: int = 0, color_jitter_strength: float = 1.0,
-                  use_blur: bool = True, cache: bool = False,
-                  shuffle_buffer: int | None = None,
-                  augment_on_device: bool = False) -> tf.data.Dataset:
+def train_dataset(
+  source: Source,
+  global_batch_size: int,
+  per_replica_batch_size: int,
+  num_input_pipelines: int,
+  input_pipeline_id: int,
+  seed: int,
+  image_size: int,
+  num_views: int = 2,
+  start_step: int = 0,
+  color_jitter_strength: float = 1.0,
+  use_blur: bool = True,
+  cache: bool = False,
+  shuffle_buffer: int | None = None,
+  augment_on_device: bool = False,
+) -> tf.data.Dataset:
   """The pretraining input of one input pipeline: infinite, in per-replica batches.
 
   Follows the determinism contract of the module docstring: the concatenation, over the
@@ -808,11 +914,14 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
     'id': int64 [b]}; with `augment_on_device`, 'views' are the crops and 'distort' holds
     their parameters (`augment.DISTORT_SIGNATURE`, each with leading axes [b, V]).
   """
-  share = _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
-                          input_pipeline_id)
+  share = _check_batching(
+    global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
+  )
   if num_views < 1 or image_size < 1 or start_step < 0:
-    raise ValueError(f"need num_views >= 1, image_size >= 1 and start_step >= 0, got "
-                     f"{num_views}, {image_size}, {start_step}")
+    raise ValueError(
+      f"need num_views >= 1, image_size >= 1 and start_step >= 0, got "
+      f"{num_views}, {image_size}, {start_step}"
+    )
   if shuffle_buffer is None:
     shuffle_buffer = min(source.num_examples, DEFAULT_SHUFFLE_BUFFER)
   if shuffle_buffer < 1:
@@ -822,21 +931,34 @@ def train_dataset(source: Source, global_batch_size: int, per_replica_batch_size
   # Keep this pipeline's contiguous slice of each global batch, before any decoding.
   begin = input_pipeline_id * share
   ds = ds.batch(global_batch_size, drop_remainder=True)
-  ds = ds.map(lambda batch: {k: v[begin:begin + share] for k, v in batch.items()})
+  ds = ds.map(lambda batch: {k: v[begin : begin + share] for k, v in batch.items()})
   ds = ds.unbatch()
   ds = _decode(source, ds, read=source.reads_files and not cache)
 
   def make_views(ex):
     seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
     if augment_on_device:
-      crops = [augment.crop_view(ex["image"], seeds[v], image_size, image_size,
-                                 color_jitter_strength) for v in range(num_views)]
-      return {"views": tf.stack([c for c, _ in crops]),
-              "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
-              "label": ex["label"], "id": ex["id"]}
-    views = [augment.simclr_augment(ex["image"], seeds[v], image_size, image_size,
-                                    color_jitter_strength=color_jitter_strength,
-                                    use_blur=use_blur) for v in range(num_views)]
+      crops = [
+        augment.crop_view(ex["image"], seeds[v], image_size, image_size, color_jitter_strength)
+        for v in range(num_views)
+      ]
+      return {
+        "views": tf.stack([c for c, _ in crops]),
+        "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
+        "label": ex["label"],
+        "id": ex["id"],
+      }
+    views = [
+      augment.simclr_augment(
+        ex["image"],
+        seeds[v],
+        image_size,
+        image_size,
+        color_jitter_strength=color_jitter_strength,
+        use_blur=use_blur,
+      )
+      for v in range(num_views)
+    ]
     return {"views": tf.stack(views), "label": ex["label"], "id": ex["id"]}
 
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -853,9 +975,15 @@ def eval_steps(num_examples: int, global_batch_size: int, num_input_pipelines: i
   return math.ceil(math.ceil(num_examples / num_input_pipelines) / share)
 
 
-def eval_dataset(source: Source, per_replica_batch_size: int, num_input_pipelines: int,
-                 input_pipeline_id: int, image_size: int, cache: bool = False,
-                 global_batch_size: int | None = None) -> tf.data.Dataset:
+def eval_dataset(
+  source: Source,
+  per_replica_batch_size: int,
+  num_input_pipelines: int,
+  input_pipeline_id: int,
+  image_size: int,
+  cache: bool = False,
+  global_batch_size: int | None = None,
+) -> tf.data.Dataset:
   """The evaluation input of one input pipeline: each example once, padded to static batches.
 
   Pipeline p takes the examples with id = p mod P, in order. Each pipeline's dataset is padded
@@ -875,8 +1003,9 @@ def eval_dataset(source: Source, per_replica_batch_size: int, num_input_pipeline
     'label': int64 [b], 'mask': float32 [b] (1 real, 0 padding), 'id': int64 [b]}.
   """
   global_batch_size = global_batch_size or per_replica_batch_size * num_input_pipelines
-  share = _check_batching(global_batch_size, per_replica_batch_size, num_input_pipelines,
-                          input_pipeline_id)
+  share = _check_batching(
+    global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
+  )
   total = eval_steps(source.num_examples, global_batch_size, num_input_pipelines) * share
 
   ds = source.records.shard(num_input_pipelines, input_pipeline_id)
@@ -887,21 +1016,36 @@ def eval_dataset(source: Source, per_replica_batch_size: int, num_input_pipeline
   ds = _decode(source, ds, read=source.reads_files and not cache)
 
   def preprocess(ex):
-    return {"image": augment.preprocess_eval(ex["image"], image_size, image_size),
-            "label": ex["label"], "mask": tf.constant(1.0), "id": ex["id"]}
+    return {
+      "image": augment.preprocess_eval(ex["image"], image_size, image_size),
+      "label": ex["label"],
+      "mask": tf.constant(1.0),
+      "id": ex["id"],
+    }
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([image_size, image_size, 3]), "label": tf.constant(0, tf.int64),
-      "mask": tf.constant(0.0), "id": tf.constant(-1, tf.int64)}).repeat()
+  padding = tf.data.Dataset.from_tensors(
+    {
+      "image": tf.zeros([image_size, image_size, 3]),
+      "label": tf.constant(0, tf.int64),
+      "mask": tf.constant(0.0),
+      "id": tf.constant(-1, tf.int64),
+    }
+  ).repeat()
   # take() rather than an exact pad count: stays exact if a corrupt file was dropped.
   ds = ds.concatenate(padding).take(total)
   ds = ds.batch(per_replica_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def example_views(source: Source, seed: int, image_size: int, color_jitter_strength: float = 1.0,
-                  use_blur: bool = True, num_examples: int = 4) -> dict:
+def example_views(
+  source: Source,
+  seed: int,
+  image_size: int,
+  color_jitter_strength: float = 1.0,
+  use_blur: bool = True,
+  num_examples: int = 4,
+) -> dict:
   """The first examples of the run's first step with their two views, to look at (TensorBoard).
 
   The global stream does not depend on the batch size, so these are exactly the views that
@@ -912,8 +1056,22 @@ def example_views(source: Source, seed: int, image_size: int, color_jitter_stren
      'id': int64 [k]}, k = min(num_examples, source.num_examples).
   """
   k = min(num_examples, source.num_examples)
-  batch = next(iter(train_dataset(source, k, k, 1, 0, seed, image_size,
-                                  color_jitter_strength=color_jitter_strength,
-                                  use_blur=use_blur)))
-  return {"images": tf.reshape(batch["views"], [2 * k, image_size, image_size, 3]),
-          "id": batch["id"]}
+  batch = next(
+    iter(
+      train_dataset(
+        source,
+        k,
+        k,
+        1,
+        0,
+        seed,
+        image_size,
+        color_jitter_strength=color_jitter_strength,
+        use_blur=use_blur,
+      )
+    )
+  )
+  return {
+    "images": tf.reshape(batch["views"], [2 * k, image_size, image_size, 3]),
+    "id": batch["id"],
+  }

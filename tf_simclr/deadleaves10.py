@@ -19,6 +19,7 @@ random class order. `Deadleaves10` is a TFDS builder (`offline_builder.OfflineBu
 as 'deadleaves10' when this module is imported, prepared like any TFDS dataset
 (`~/tensorflow_datasets/deadleaves10/1.0.0/`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -92,8 +93,9 @@ class Deadleaves10(offline_builder.OfflineBuilder):
 
   CLASS_NAMES = CLASS_NAMES
   DESCRIPTION = (
-      "deadleaves10: 32x32 grey (RGB) class-conditional dead-leaves images: many overlapping "
-      "leaves of one shape family (" + ", ".join(CLASS_NAMES) + ") of random size, position, "
-      "small rotation and grey level over a grey background. Built offline and "
-      "deterministically by tf_simclr; the class is the leaves' shape.")
+    "deadleaves10: 32x32 grey (RGB) class-conditional dead-leaves images: many overlapping "
+    "leaves of one shape family (" + ", ".join(CLASS_NAMES) + ") of random size, position, "
+    "small rotation and grey level over a grey background. Built offline and "
+    "deterministically by tf_simclr; the class is the leaves' shape."
+  )
   generate = staticmethod(generate)

@@ -16,6 +16,7 @@ from its manifest, `export.MANIFEST`), or a google-research/simclr checkpoint or
 (both from its variables, `convert`). It is rebuilt as a SimCLRModel under the caller's
 strategy scope, so it runs under any strategy, like the student.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,35 +40,42 @@ _HEAD = ("model", "supervised_head")
 
 def _checkpoint_prefix(path: str) -> str:
   """The teacher's checkpoint prefix (`checkpoints.resolve_prefix`)."""
-  return checkpoints.resolve_prefix(path, "--teacher_checkpoint",
-                                    also="an exported SavedModel, model_dir/saved_model/<step>")
+  return checkpoints.resolve_prefix(
+    path, "--teacher_checkpoint", also="an exported SavedModel, model_dir/saved_model/<step>"
+  )
 
 
 def _checkpoint_config(prefix: str) -> ModelConfig:
   """The ModelConfig of a tf_simclr checkpoint: flags.json beside it, classes from its head."""
   flags_path = os.path.join(os.path.dirname(prefix), "flags.json")
   if not tf.io.gfile.exists(flags_path):
-    raise ValueError(f"teacher checkpoint {prefix} has no flags.json beside it to tell its "
-                     "architecture; give its exported SavedModel (model_dir/saved_model/<step>)")
+    raise ValueError(
+      f"teacher checkpoint {prefix} has no flags.json beside it to tell its "
+      "architecture; give its exported SavedModel (model_dir/saved_model/<step>)"
+    )
   with tf.io.gfile.GFile(flags_path) as f:
     flags = json.load(f)
   try:
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
     graph = checkpoints.object_graph(reader)
-    kernels = [shapes[k] for k in checkpoints.variable_keys_under(graph, _HEAD)
-               if len(shapes[k]) == 2]
+    kernels = [
+      shapes[k] for k in checkpoints.variable_keys_under(graph, _HEAD) if len(shapes[k]) == 2
+    ]
     if len(kernels) != 1:
       raise KeyError("no kernel")
     num_classes = int(kernels[0][-1])
   except KeyError:
-    raise ValueError(f"teacher checkpoint {prefix} has no supervised head (logits); fine-tune "
-                     "it first (--train_mode=finetune)") from None
+    raise ValueError(
+      f"teacher checkpoint {prefix} has no supervised head (logits); fine-tune "
+      "it first (--train_mode=finetune)"
+    ) from None
   except tf.errors.OpError as err:
     raise ValueError(f"teacher checkpoint {prefix} is unreadable ({type(err).__name__})") from None
   known = {f.name for f in dataclasses.fields(ModelConfig)}
-  return ModelConfig(**{k: v for k, v in flags.items() if k in known and k != "num_classes"},
-                     num_classes=num_classes)
+  return ModelConfig(
+    **{k: v for k, v in flags.items() if k in known and k != "num_classes"}, num_classes=num_classes
+  )
 
 
 def teacher_config(path: str) -> ModelConfig:
@@ -91,17 +99,21 @@ def teacher_config(path: str) -> ModelConfig:
   else:
     config = _checkpoint_config(_checkpoint_prefix(path))
   if config.num_classes == 0:
-    raise ValueError(f"teacher {path} has no supervised head (logits); fine-tune it first "
-                     "(--train_mode=finetune)")
-  return dataclasses.replace(config, train_mode="finetune", fine_tune_after_block=-1,
-                             global_bn=False)
+    raise ValueError(
+      f"teacher {path} has no supervised head (logits); fine-tune it first (--train_mode=finetune)"
+    )
+  return dataclasses.replace(
+    config, train_mode="finetune", fine_tune_after_block=-1, global_bn=False
+  )
 
 
 def check_classes(config: ModelConfig, num_classes: int, path: str) -> None:
   """ValueError unless the teacher (`config`, from `path`) predicts `num_classes` classes."""
   if config.num_classes != num_classes:
-    raise ValueError(f"teacher {path} predicts {config.num_classes} classes, but the student "
-                     f"and the dataset have {num_classes}")
+    raise ValueError(
+      f"teacher {path} predicts {config.num_classes} classes, but the student "
+      f"and the dataset have {num_classes}"
+    )
 
 
 def load_teacher(path: str) -> model_lib.SimCLRModel:
@@ -138,8 +150,11 @@ def distillation_loss(teacher_logits, student_logits, temperature: float = 1.0):
     float32 scalar.
   """
   targets = tf.nn.softmax(tf.stop_gradient(tf.cast(teacher_logits, tf.float32)) / temperature)
-  return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
-      targets, tf.cast(student_logits, tf.float32) / temperature))
+  return tf.reduce_mean(
+    tf.nn.softmax_cross_entropy_with_logits(
+      targets, tf.cast(student_logits, tf.float32) / temperature
+    )
+  )
 
 
 def labels_only_for(source: datasets.Source, ids) -> datasets.Source:
@@ -159,8 +174,9 @@ def labels_only_for(source: datasets.Source, ids) -> datasets.Source:
   keep = tf.constant(keep)
 
   def relabel(record):
-    label = tf.where(tf.gather(keep, record["id"]), record["label"],
-                     tf.constant(-1, record["label"].dtype))
+    label = tf.where(
+      tf.gather(keep, record["id"]), record["label"], tf.constant(-1, record["label"].dtype)
+    )
     return dict(record, label=label)
 
   return dataclasses.replace(source, records=source.records.map(relabel))

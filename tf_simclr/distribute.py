@@ -7,6 +7,7 @@ which is how its correctness is tested.
 Also what the training loop needs to stop together: `StopSignal` (SIGTERM, sent by schedulers
 and preemptible VMs before they stop a job) and `ClusterSync` (values agreed over workers).
 """
+
 from __future__ import annotations
 
 import glob
@@ -32,7 +33,8 @@ def configure_cpu_replicas(num_replicas: int) -> None:
     return
   cpus = tf.config.list_physical_devices("CPU")
   tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+    cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
+  )
 
 
 def _tpu_strategy(tpu_name, tpu_zone, gcp_project, master):
@@ -40,17 +42,20 @@ def _tpu_strategy(tpu_name, tpu_zone, gcp_project, master):
   tpu = tpu_name or master or ""
   try:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=tpu, zone=tpu_zone, project=gcp_project)
+      tpu=tpu, zone=tpu_zone, project=gcp_project
+    )
     tf.config.experimental_connect_to_cluster(resolver)
     topology = tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, RuntimeError, ImportError, OSError, tf.errors.OpError) as err:
     # e.g. no TPU name off Cloud, an unreachable metadata server (zone, project), no
     # cloud-tpu-client for a named TPU, an unknown TPU, a TensorFlow without TPU support.
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise ValueError(f"cannot set up the TPU {tpu or '(found from the environment)'!r}: "
-                     f"{first[:300]}") from None
-  logging.info("TPU topology: %d tasks, %d TPUs per task", topology.num_tasks,
-               topology.num_tpus_per_task)
+    raise ValueError(
+      f"cannot set up the TPU {tpu or '(found from the environment)'!r}: {first[:300]}"
+    ) from None
+  logging.info(
+    "TPU topology: %d tasks, %d TPUs per task", topology.num_tasks, topology.num_tpus_per_task
+  )
   return tf.distribute.TPUStrategy(resolver)
 
 
@@ -63,12 +68,15 @@ def _check_tf_config(text: str) -> None:
   cluster = config.get("cluster") if isinstance(config, dict) else None
   task = config.get("task") if isinstance(config, dict) else None
   if not isinstance(cluster, dict) or not isinstance(task, dict):
-    raise ValueError('TF_CONFIG needs "cluster" and "task", e.g. {"cluster": {"worker": '
-                     '["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}')
+    raise ValueError(
+      'TF_CONFIG needs "cluster" and "task", e.g. {"cluster": {"worker": '
+      '["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}'
+    )
   others = sorted(set(cluster) - {"chief", "worker"})
   if others:
-    raise ValueError(f"TF_CONFIG: multi_worker training uses 'chief' and 'worker' tasks only, "
-                     f"not {others}")
+    raise ValueError(
+      f"TF_CONFIG: multi_worker training uses 'chief' and 'worker' tasks only, not {others}"
+    )
   kind, index = task.get("type"), task.get("index")
   tasks = cluster.get(kind)
   if not isinstance(tasks, list) or not isinstance(index, int) or not 0 <= index < len(tasks):
@@ -83,10 +91,15 @@ def _tpu_available() -> bool:
   return os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
 
 
-def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool | None = None,
-                  tpu_name: str | None = None, tpu_zone: str | None = None,
-                  gcp_project: str | None = None, master: str | None = None
-                  ) -> tf.distribute.Strategy:
+def make_strategy(
+  strategy: str = "auto",
+  cpu_replicas: int = 0,
+  use_tpu: bool | None = None,
+  tpu_name: str | None = None,
+  tpu_zone: str | None = None,
+  gcp_project: str | None = None,
+  master: str | None = None,
+) -> tf.distribute.Strategy:
   """Returns the strategy asked for.
 
   Args:
@@ -106,12 +119,15 @@ def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool |
     return _tpu_strategy(tpu_name, tpu_zone, gcp_project, master)
   if strategy == "multi_worker":
     if "TF_CONFIG" not in os.environ:
-      raise ValueError("strategy=multi_worker needs the cluster in the TF_CONFIG environment "
-                       "variable")
+      raise ValueError(
+        "strategy=multi_worker needs the cluster in the TF_CONFIG environment variable"
+      )
     _check_tf_config(os.environ["TF_CONFIG"])
     if cpu_replicas > 1:
-      raise ValueError("--cpu_replicas does not apply to strategy=multi_worker: each worker "
-                       "uses all its GPUs, or one CPU")
+      raise ValueError(
+        "--cpu_replicas does not apply to strategy=multi_worker: each worker "
+        "uses all its GPUs, or one CPU"
+      )
     # A worker that dies is detected by the coordination service that this strategy starts
     # (heartbeats, 10 s by default) and fails the collectives of the others; a collective
     # timeout (CommunicationOptions) is, per TF's docs, for debugging only.
@@ -121,11 +137,14 @@ def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool |
   if cpu_replicas > 1:
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_replicas]
     if len(devices) < cpu_replicas:
-      raise ValueError(f"cpu_replicas={cpu_replicas} but only {len(devices)} logical CPU "
-                       "devices exist (configure_cpu_replicas must run before TF starts)")
+      raise ValueError(
+        f"cpu_replicas={cpu_replicas} but only {len(devices)} logical CPU "
+        "devices exist (configure_cpu_replicas must run before TF starts)"
+      )
     # The default NCCL all-reduce is GPU-only; reduce through one device.
     return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+      devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
   if strategy == "one_device":
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
   if strategy == "auto" and use_tpu and _tpu_available():
@@ -135,8 +154,9 @@ def make_strategy(strategy: str = "auto", cpu_replicas: int = 0, use_tpu: bool |
   return tf.distribute.OneDeviceStrategy("/cpu:0")
 
 
-def check_batch(batch_size: int, parts: int, what: str = "train_batch_size",
-                parts_name: str = "replicas") -> int:
+def check_batch(
+  batch_size: int, parts: int, what: str = "train_batch_size", parts_name: str = "replicas"
+) -> int:
   """Refuses a batch that does not split evenly into `parts`; returns the share of each.
 
   Args:
@@ -149,8 +169,9 @@ def check_batch(batch_size: int, parts: int, what: str = "train_batch_size",
     ValueError: B <= 0, or B not a multiple of P.
   """
   if batch_size <= 0 or batch_size % parts:
-    raise ValueError(f"{what}={batch_size} must be a positive multiple of the number of "
-                     f"{parts_name} ({parts})")
+    raise ValueError(
+      f"{what}={batch_size} must be a positive multiple of the number of {parts_name} ({parts})"
+    )
   return batch_size // parts
 
 
@@ -165,15 +186,20 @@ def input_fn(global_batch_size: int, make_dataset):
   Returns:
     A function of a `tf.distribute.InputContext` returning a tf.data.Dataset.
   """
+
   def fn(ctx: tf.distribute.InputContext):
-    return make_dataset(per_replica_batch_size=ctx.get_per_replica_batch_size(global_batch_size),
-                        num_input_pipelines=ctx.num_input_pipelines,
-                        input_pipeline_id=ctx.input_pipeline_id)
+    return make_dataset(
+      per_replica_batch_size=ctx.get_per_replica_batch_size(global_batch_size),
+      num_input_pipelines=ctx.num_input_pipelines,
+      input_pipeline_id=ctx.input_pipeline_id,
+    )
+
   return fn
 
 
-def distribute_input(strategy: tf.distribute.Strategy, global_batch_size: int, make_dataset,
-                     what: str = "batch_size") -> tf.distribute.DistributedDataset:
+def distribute_input(
+  strategy: tf.distribute.Strategy, global_batch_size: int, make_dataset, what: str = "batch_size"
+) -> tf.distribute.DistributedDataset:
   """`make_dataset` (see `input_fn`) distributed over the replicas of `strategy`.
 
   Raises:
@@ -237,9 +263,11 @@ def warn_slow_bfloat16(strategy: tf.distribute.Strategy, mixed_precision: str) -
     return False
   if native_bfloat16(text):
     return False
-  logging.warning("--mixed_precision=mixed_bfloat16 on a CPU without bfloat16 arithmetic (no "
-                  "avx512_bf16 / amx_bf16): TensorFlow emulates it, several times slower than "
-                  "float32 (--mixed_precision=none) here")
+  logging.warning(
+    "--mixed_precision=mixed_bfloat16 on a CPU without bfloat16 arithmetic (no "
+    "avx512_bf16 / amx_bf16): TensorFlow emulates it, several times slower than "
+    "float32 (--mixed_precision=none) here"
+  )
   return True
 
 
@@ -286,8 +314,11 @@ class StopSignal:
     self.name = self.name or signal.Signals(signum).name
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.SIG_DFL)
-      os.write(2, b"SIGINT: stopping at the next step boundary with a checkpoint; press Ctrl-C "
-               b"again to stop at once, without one\n")
+      os.write(
+        2,
+        b"SIGINT: stopping at the next step boundary with a checkpoint; press Ctrl-C "
+        b"again to stop at once, without one\n",
+      )
 
 
 class ClusterSync:
@@ -305,6 +336,7 @@ class ClusterSync:
       def gather(values):
         per_replica = strategy.run(tf.identity, args=(values,))
         return strategy.gather(per_replica, axis=0)
+
       self._gather = gather
 
   def __call__(self, *values: int) -> np.ndarray:

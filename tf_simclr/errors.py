@@ -1,4 +1,5 @@
 """One-line messages from errors, TensorFlow's included, for `error: ...` lines."""
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ Eval batches are padded to a static shape with mask-0 examples (`datasets.eval_d
 every replica runs the same number of steps and the counts are exact on any strategy.
 `restored_checkpoints` drives continuous evaluation beside a training job.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,9 +22,16 @@ from tf_simclr import distribute
 from tf_simclr import optimizers
 
 
-def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
-             eval_batch_size: int, image_size: int, eval_steps: int = 0,
-             weight_decay: float = 0.0, optimizer_name: str = "lars") -> dict:
+def evaluate(
+  model,
+  strategy: tf.distribute.Strategy,
+  source: datasets.Source,
+  eval_batch_size: int,
+  image_size: int,
+  eval_steps: int = 0,
+  weight_decay: float = 0.0,
+  optimizer_name: str = "lars",
+) -> dict:
   """Runs the supervised head over `source`; returns the reference's metric names.
 
   Args:
@@ -37,8 +45,9 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
   num_classes = model.config.num_classes
   top_k = min(5, num_classes)
 
-  make_dataset = functools.partial(datasets.eval_dataset, source, image_size=image_size,
-                                   global_batch_size=eval_batch_size)
+  make_dataset = functools.partial(
+    datasets.eval_dataset, source, image_size=image_size, global_batch_size=eval_batch_size
+  )
   dist = distribute.distribute_input(strategy, eval_batch_size, make_dataset, "eval_batch_size")
 
   def replica_step(batch):
@@ -47,13 +56,13 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
     mask = batch["mask"]
     top1 = tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32)
     top5 = tf.cast(tf.nn.in_top_k(labels, logits, top_k), tf.float32)
-    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask),
-                     tf.reduce_sum(mask)])
+    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)])
 
   @tf.function
   def step(batch):
-    return strategy.reduce(tf.distribute.ReduceOp.SUM,
-                           strategy.run(replica_step, args=(batch,)), axis=None)
+    return strategy.reduce(
+      tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None
+    )
 
   totals = tf.zeros([3])
   for i, batch in enumerate(dist):
@@ -61,16 +70,20 @@ def evaluate(model, strategy: tf.distribute.Strategy, source: datasets.Source,
       break
     totals += step(batch)
   top1, top5, count = (float(v) for v in totals.numpy())
-  reg = float(optimizers.explicit_weight_decay(model.trainable_variables, weight_decay,
-                                               optimizer_name))
+  reg = float(
+    optimizers.explicit_weight_decay(model.trainable_variables, weight_decay, optimizer_name)
+  )
   if count == 0:
     raise ValueError(f"the eval split {source.split!r} of {source.name} has no examples")
-  return {"eval/label_top_1_accuracy": top1 / count, "eval/label_top_5_accuracy": top5 / count,
-          "eval/regularization_loss": reg, "eval/num_examples": count}
+  return {
+    "eval/label_top_1_accuracy": top1 / count,
+    "eval/label_top_5_accuracy": top5 / count,
+    "eval/regularization_loss": reg,
+    "eval/num_examples": count,
+  }
 
 
-def write_results(model_dir: str, result: dict, step: int, writer=None,
-                  merge: bool = False) -> str:
+def write_results(model_dir: str, result: dict, step: int, writer=None, merge: bool = False) -> str:
   """Writes `result.json` and `result_<step>.json` (and summaries); returns the first path.
 
   With `merge`, a file's entries of the same step are kept and `result`'s added or updated
@@ -81,8 +94,10 @@ def write_results(model_dir: str, result: dict, step: int, writer=None,
   payload = {k: float(v) if math.isfinite(float(v)) else None for k, v in result.items()}
   payload["global_step"] = int(step)
   tf.io.gfile.makedirs(model_dir)
-  paths = [os.path.join(model_dir, "result.json"),
-           os.path.join(model_dir, f"result_{int(step)}.json")]
+  paths = [
+    os.path.join(model_dir, "result.json"),
+    os.path.join(model_dir, f"result_{int(step)}.json"),
+  ]
   for path in paths:
     content = dict(payload)
     if merge and tf.io.gfile.exists(path):
@@ -106,8 +121,14 @@ def write_results(model_dir: str, result: dict, step: int, writer=None,
 _CKPT_NUMBER = re.compile(r"-([0-9]+)$")
 
 
-def restored_checkpoints(checkpoint: tf.train.Checkpoint, model_dir: str, last_step: int,
-                         step_of=None, poll_secs: float = 5.0, timeout_secs: float = 0.0):
+def restored_checkpoints(
+  checkpoint: tf.train.Checkpoint,
+  model_dir: str,
+  last_step: int,
+  step_of=None,
+  poll_secs: float = 5.0,
+  timeout_secs: float = 0.0,
+):
   """Restores each new checkpoint of `model_dir` into `checkpoint` and yields its step.
 
   For evaluating beside a training job: every checkpoint the `checkpoint` index lists, oldest
@@ -135,16 +156,20 @@ def restored_checkpoints(checkpoint: tf.train.Checkpoint, model_dir: str, last_s
   while True:
     state = tf.train.get_checkpoint_state(model_dir)
     listed = list(state.all_model_checkpoint_paths) if state is not None else []
-    numbered = sorted((int(m.group(1)), p) for p in listed
-                      if (m := _CKPT_NUMBER.search(p)) is not None)
+    numbered = sorted(
+      (int(m.group(1)), p) for p in listed if (m := _CKPT_NUMBER.search(p)) is not None
+    )
     fresh = [(n, p) for n, p in numbered if n > last_number]
     for number, path in fresh:
       last_number = number
       try:
         checkpoint.restore(path).expect_partial()
       except tf.errors.OpError as err:
-        logging.warning("Skipping checkpoint %s: it could not be restored (%s; pruned by the "
-                        "training job?)", path, type(err).__name__)
+        logging.warning(
+          "Skipping checkpoint %s: it could not be restored (%s; pruned by the training job?)",
+          path,
+          type(err).__name__,
+        )
         continue
       step = int(step_of()) if step_of is not None else number
       logging.info("Evaluating checkpoint %s (step %d)", path, step)
@@ -165,14 +190,25 @@ def _waiting(model_dir, last_step, timeout_secs, since, yielded):
   now = time.monotonic()
   if since is None:
     limit = f"up to {timeout_secs:g} s" if timeout_secs else "without a time limit"
-    logging.info("Waiting for %s checkpoint in %s (%s; --eval_timeout_s), until step %d",
-                 "a new" if yielded else "a", model_dir, limit, last_step)
+    logging.info(
+      "Waiting for %s checkpoint in %s (%s; --eval_timeout_s), until step %d",
+      "a new" if yielded else "a",
+      model_dir,
+      limit,
+      last_step,
+    )
     return now
   if timeout_secs and now - since >= timeout_secs:
     if not yielded:
-      raise ValueError(f"no checkpoint appeared in {model_dir} within --eval_timeout_s="
-                       f"{timeout_secs:g} s; is it the training job's --model_dir?")
-    logging.warning("No new checkpoint in %s for %g s (--eval_timeout_s): evaluation ends "
-                    "before step %d", model_dir, timeout_secs, last_step)
+      raise ValueError(
+        f"no checkpoint appeared in {model_dir} within --eval_timeout_s="
+        f"{timeout_secs:g} s; is it the training job's --model_dir?"
+      )
+    logging.warning(
+      "No new checkpoint in %s for %g s (--eval_timeout_s): evaluation ends before step %d",
+      model_dir,
+      timeout_secs,
+      last_step,
+    )
     return None
   return since

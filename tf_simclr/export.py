@@ -25,6 +25,7 @@ single-device model with plain batch norm and the same weights, so the export is
 The twin has no frozen layers either (`fine_tune_after_block=-1`): whatever the run trained, the
 export's `trainable_variables` are all the weights, for its consumer to fine-tune.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,12 +74,15 @@ def make_export_twin(model: model_lib.SimCLRModel) -> model_lib.SimCLRModel:
       weights do not line up with the model's (path, shape or dtype).
   """
   if tf.distribute.has_strategy():
-    raise ValueError("Export outside `strategy.scope()` (and outside `strategy.run`): the "
-                     "exported twin must be a plain single-device model.")
+    raise ValueError(
+      "Export outside `strategy.scope()` (and outside `strategy.run`): the "
+      "exported twin must be a plain single-device model."
+    )
   if not model.built or not model.weights:
     raise ValueError("The model has no weights yet; build it (model_lib.build_model) first.")
-  config = dataclasses.replace(model.config, global_bn=False, train_mode="finetune",
-                               fine_tune_after_block=-1)
+  config = dataclasses.replace(
+    model.config, global_bn=False, train_mode="finetune", fine_tune_after_block=-1
+  )
   # Building draws initializer seeds from Python's `random`; restore its state so that
   # exporting mid-training leaves the rest of the run's randomness unchanged.
   random_state = random.getstate()
@@ -99,15 +103,18 @@ def make_export_twin(model: model_lib.SimCLRModel) -> model_lib.SimCLRModel:
 def _copy_weights(source, target):
   """Assigns `source[i]` to `target[i]` after checking that the two lists describe one model."""
   if len(source) != len(target):
-    raise ValueError(f"Export twin has {len(target)} weights, the model {len(source)}: the "
-                     "two models differ in structure.")
+    raise ValueError(
+      f"Export twin has {len(target)} weights, the model {len(source)}: the "
+      "two models differ in structure."
+    )
   for src, dst in zip(source, target):
     # Not trainability: the twin unfreezes what fine-tuning froze.
     if (src.path, tuple(src.shape), src.dtype) != (dst.path, tuple(dst.shape), dst.dtype):
       raise ValueError(
-          "Export twin does not line up with the model: "
-          f"model {src.path} {tuple(src.shape)} {src.dtype} vs twin "
-          f"{dst.path} {tuple(dst.shape)} {dst.dtype}.")
+        "Export twin does not line up with the model: "
+        f"model {src.path} {tuple(src.shape)} {src.dtype} vs twin "
+        f"{dst.path} {tuple(dst.shape)} {dst.dtype}."
+      )
   for src, dst in zip(source, target):
     # `numpy()` reads a distributed (e.g. mirrored) variable's value in cross-replica context.
     dst.assign(src.numpy())
@@ -126,8 +133,12 @@ def _regularization_losses(twin, weight_decay, optimizer_name):
   return [l2_term]
 
 
-def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_decay: float = 0.0,
-                       optimizer_name: str = "lars") -> str:
+def export_saved_model(
+  model: model_lib.SimCLRModel,
+  export_dir: str,
+  weight_decay: float = 0.0,
+  optimizer_name: str = "lars",
+) -> str:
   """Writes `model` as a reusable SavedModel to the new directory `export_dir`.
 
   The SavedModel is written to a temporary sibling directory and renamed into place, so a
@@ -162,8 +173,9 @@ def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_dec
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
   if optimizer_name not in optimizers.OPTIMIZERS:
-    raise ValueError(f"optimizer_name must be one of {optimizers.OPTIMIZERS}, "
-                     f"got {optimizer_name!r}")
+    raise ValueError(
+      f"optimizer_name must be one of {optimizers.OPTIMIZERS}, got {optimizer_name!r}"
+    )
   if tf.io.gfile.exists(export_dir):
     raise FileExistsError(f"Export directory {export_dir} already exists; not overwriting it.")
 
@@ -193,8 +205,9 @@ def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_dec
     _write_manifest(tmp_dir, twin)
     tf.io.gfile.rename(tmp_dir, export_dir, overwrite=False)
   except tf.errors.AlreadyExistsError as e:
-    raise FileExistsError(f"Export directory {export_dir} appeared while exporting; not "
-                          "overwriting it.") from e
+    raise FileExistsError(
+      f"Export directory {export_dir} appeared while exporting; not overwriting it."
+    ) from e
   finally:
     if tf.io.gfile.exists(tmp_dir):
       tf.io.gfile.rmtree(tmp_dir)
@@ -204,10 +217,12 @@ def export_saved_model(model: model_lib.SimCLRModel, export_dir: str, weight_dec
 def _write_manifest(export_dir, twin):
   """Writes `MANIFEST`: the twin's config and its `variables` in the order they are saved."""
   manifest = {
-      "format": _MANIFEST_FORMAT,
-      "model_config": dataclasses.asdict(twin.config),
-      "variables": [{"path": v.path, "shape": [int(d) for d in v.shape],
-                     "dtype": str(tf.as_dtype(v.dtype).name)} for v in twin.variables],
+    "format": _MANIFEST_FORMAT,
+    "model_config": dataclasses.asdict(twin.config),
+    "variables": [
+      {"path": v.path, "shape": [int(d) for d in v.shape], "dtype": str(tf.as_dtype(v.dtype).name)}
+      for v in twin.variables
+    ],
   }
   path = os.path.join(export_dir, MANIFEST)
   tf.io.gfile.makedirs(os.path.dirname(path))
@@ -228,13 +243,17 @@ def read_manifest(export_dir: str) -> dict:
   """
   path = os.path.join(export_dir, MANIFEST)
   if not tf.io.gfile.exists(path):
-    raise ValueError(f"SavedModel {export_dir} has no {MANIFEST}: it was not exported by this "
-                     "version of tf_simclr; give the checkpoint it was exported from instead")
+    raise ValueError(
+      f"SavedModel {export_dir} has no {MANIFEST}: it was not exported by this "
+      "version of tf_simclr; give the checkpoint it was exported from instead"
+    )
   with tf.io.gfile.GFile(path) as f:
     manifest = json.load(f)
   if manifest.get("format") != _MANIFEST_FORMAT:
-    raise ValueError(f"{path} has format {manifest.get('format')!r}; this tf_simclr reads "
-                     f"format {_MANIFEST_FORMAT}")
+    raise ValueError(
+      f"{path} has format {manifest.get('format')!r}; this tf_simclr reads "
+      f"format {_MANIFEST_FORMAT}"
+    )
   return manifest
 
 
@@ -265,16 +284,18 @@ def restore_from_saved_model(model: model_lib.SimCLRModel, export_dir: str) -> N
     reader = tf.train.load_checkpoint(os.path.join(export_dir, "variables", "variables"))
     graph = checkpoints.object_graph(reader)
   except (tf.errors.OpError, ValueError) as err:
-    raise ValueError(f"SavedModel {export_dir} has unreadable variables "
-                     f"({type(err).__name__})") from None
+    raise ValueError(
+      f"SavedModel {export_dir} has unreadable variables ({type(err).__name__})"
+    ) from None
   for v in model.weights:
     index, shape = by_path.get(v.path, (None, None))
     if index is None or shape != tuple(v.shape):
       found = "no such weight" if index is None else f"shape {list(shape)}"
       raise checkpoints.CheckpointMismatchError(
-          f"SavedModel {export_dir} does not match the model asked for ({v.path} "
-          f"{list(v.shape)}: {found}); use the model flags it was trained with "
-          f"(its {MANIFEST} lists them)")
+        f"SavedModel {export_dir} does not match the model asked for ({v.path} "
+        f"{list(v.shape)}: {found}); use the model flags it was trained with "
+        f"(its {MANIFEST} lists them)"
+      )
   for v in model.weights:
     index, _ = by_path[v.path]
     v.assign(reader.get_tensor(checkpoints.variable_key(graph, ["variables", str(index)])))

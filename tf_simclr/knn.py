@@ -14,6 +14,7 @@ the top k, which is exactly the top k over the whole bank (the global top k is i
 union of the shards' top k). Memory per replica: its shard plus [B, chunk] floats.
 Padded eval examples (mask 0, `datasets.eval_dataset`) are neither in the bank nor counted.
 """
+
 from __future__ import annotations
 
 import functools
@@ -90,17 +91,22 @@ def nearest_neighbours(query, bank, bank_labels, k, bank_valid=None, chunk_size=
 
   def body(i, values, labels):
     start = i * chunk_size
-    cv, cl = top(tf.slice(bank, [start, 0], [chunk_size, d]),
-                 tf.slice(bank_labels, [start], [chunk_size]),
-                 tf.slice(bank_valid, [start], [chunk_size]), kc)
+    cv, cl = top(
+      tf.slice(bank, [start, 0], [chunk_size, d]),
+      tf.slice(bank_labels, [start], [chunk_size]),
+      tf.slice(bank_valid, [start], [chunk_size]),
+      kc,
+    )
     # Candidates so far first: on ties top_k keeps the earlier bank row, as one top_k would.
     values, index = tf.math.top_k(tf.concat([values, cv], 1), k)
     labels = tf.gather(tf.concat([labels, cl], 1), index, batch_dims=1)
     return i + 1, values, labels
 
   _, values, labels = tf.while_loop(
-      lambda i, *_: i < num_chunks, body,
-      (tf.constant(0), tf.fill([b, k], -math.inf), tf.zeros([b, k], tf.int32)))
+    lambda i, *_: i < num_chunks,
+    body,
+    (tf.constant(0), tf.fill([b, k], -math.inf), tf.zeros([b, k], tf.int32)),
+  )
   return values, labels
 
 
@@ -125,8 +131,9 @@ def vote(similarities, labels, num_classes, temperature=DEFAULT_TEMPERATURE):
   weights = tf.exp((similarities - top) / temperature)  # [b, k]
   b = tf.shape(labels)[0]
   cells = tf.range(b)[:, tf.newaxis] * num_classes + labels  # Row-major index into [b, C].
-  votes = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(cells, [-1]),
-                                       b * num_classes)
+  votes = tf.math.unsorted_segment_sum(
+    tf.reshape(weights, [-1]), tf.reshape(cells, [-1]), b * num_classes
+  )
   return tf.argmax(tf.reshape(votes, [b, num_classes]), axis=1, output_type=tf.int32)
 
 
@@ -143,11 +150,20 @@ class KnnMonitor:
   variables are read, not captured, so each call sees the current weights.
   """
 
-  def __init__(self, model, strategy: tf.distribute.Strategy, train_source: datasets.Source,
-               eval_source: datasets.Source, batch_size: int, image_size: int,
-               k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
-               max_bank_examples: int | None = None, feature_key: str = "final_avg_pool",
-               bank_chunk_size: int = DEFAULT_BANK_CHUNK):
+  def __init__(
+    self,
+    model,
+    strategy: tf.distribute.Strategy,
+    train_source: datasets.Source,
+    eval_source: datasets.Source,
+    batch_size: int,
+    image_size: int,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    max_bank_examples: int | None = None,
+    feature_key: str = "final_avg_pool",
+    bank_chunk_size: int = DEFAULT_BANK_CHUNK,
+  ):
     """Checks the arguments and makes the steps; see `knn_accuracy` for their meaning.
 
     Raises:
@@ -160,8 +176,9 @@ class KnnMonitor:
       raise ValueError(f"bank_chunk_size must be >= 1, got {bank_chunk_size}")
     for source in (train_source, eval_source):
       if source.num_classes == 0:
-        raise ValueError(f"the kNN monitor needs labels, but {source.name} {source.split!r} is "
-                         "unlabelled")
+        raise ValueError(
+          f"the kNN monitor needs labels, but {source.name} {source.split!r} is unlabelled"
+        )
     if max_bank_examples is not None:
       if max_bank_examples < 1:
         raise ValueError(f"max_bank_examples must be >= 1, got {max_bank_examples}")
@@ -179,10 +196,12 @@ class KnnMonitor:
     self.last = None
 
   def _distributed(self, source):
-    make_dataset = functools.partial(datasets.eval_dataset, source, image_size=self.image_size,
-                                     global_batch_size=self.batch_size)
-    return distribute.distribute_input(self.strategy, self.batch_size, make_dataset,
-                                       "kNN batch_size")
+    make_dataset = functools.partial(
+      datasets.eval_dataset, source, image_size=self.image_size, global_batch_size=self.batch_size
+    )
+    return distribute.distribute_input(
+      self.strategy, self.batch_size, make_dataset, "kNN batch_size"
+    )
 
   def _features(self, images):
     out = self.model(images, training=False)[self.feature_key]
@@ -190,23 +209,32 @@ class KnnMonitor:
 
   def _embed_step(self, batch):
     """A batch's features, labels and validity, left on each replica; and its valid count."""
+
     def replica_fn(batch):
       ctx = tf.distribute.get_replica_context()
       valid = batch["mask"] > 0
-      return (_replica_id(ctx), self._features(batch["image"]),
-              tf.cast(batch["label"], tf.int32), valid, tf.reduce_sum(tf.cast(valid, tf.int32)))
+      return (
+        _replica_id(ctx),
+        self._features(batch["image"]),
+        tf.cast(batch["label"], tf.int32),
+        valid,
+        tf.reduce_sum(tf.cast(valid, tf.int32)),
+      )
+
     out = self.strategy.run(replica_fn, args=(batch,))
     return out[:4], self.strategy.reduce(tf.distribute.ReduceOp.SUM, out[4], axis=None)
 
   def _query_step(self, batch, bank, k, chunk):
     """(correct, counted) of an eval batch against the sharded bank: float32 [2]."""
+
     def replica_fn(batch, bank):
       ctx = tf.distribute.get_replica_context()
       many = ctx.num_replicas_in_sync > 1
       query = self._features(batch["image"])  # [b, d]
       queries = ctx.all_gather(query, axis=0) if many else query  # [B, d]
-      sims, labels = nearest_neighbours(queries, bank[0], bank[1], k, bank[2],
-                                        chunk_size=chunk)  # [B, k']
+      sims, labels = nearest_neighbours(
+        queries, bank[0], bank[1], k, bank[2], chunk_size=chunk
+      )  # [B, k']
       if many:  # Merge the shards' candidates: [B, R k'] -> [B, k].
         sims = ctx.all_gather(sims, axis=1)
         labels = ctx.all_gather(labels, axis=1)
@@ -215,12 +243,14 @@ class KnnMonitor:
       predicted = vote(sims, labels, self.num_classes, self.temperature)  # [B]
       if many:  # This replica's rows of the gathered batch.
         b = tf.shape(query)[0]
-        predicted = predicted[_replica_id(ctx) * b:(_replica_id(ctx) + 1) * b]
+        predicted = predicted[_replica_id(ctx) * b : (_replica_id(ctx) + 1) * b]
       mask = batch["mask"]
       correct = tf.cast(tf.equal(predicted, tf.cast(batch["label"], tf.int32)), tf.float32)
       return tf.stack([tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
-    return self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                self.strategy.run(replica_fn, args=(batch, bank)), axis=None)
+
+    return self.strategy.reduce(
+      tf.distribute.ReduceOp.SUM, self.strategy.run(replica_fn, args=(batch, bank)), axis=None
+    )
 
   def _bank(self):
     """The bank, each replica's features kept on its device: (bank, size, chunk).
@@ -235,20 +265,27 @@ class KnnMonitor:
       for rid, *rows in zip(*(strategy.experimental_local_results(v) for v in local)):
         parts.setdefault(int(rid), []).append(rows)
     if bank_size == 0:
-      raise ValueError(f"the kNN bank is empty: {self.train_source.name} "
-                       f"{self.train_source.split!r} has no examples")
+      raise ValueError(
+        f"the kNN bank is empty: {self.train_source.name} "
+        f"{self.train_source.split!r} has no examples"
+      )
     # Every replica's shard has eval_steps * b rows (eval_dataset pads all pipelines alike).
-    chunk = min(self.bank_chunk_size, max(sum(int(r[0].shape[0]) for r in rows)
-                                          for rows in parts.values()))
+    chunk = min(
+      self.bank_chunk_size, max(sum(int(r[0].shape[0]) for r in rows) for rows in parts.values())
+    )
     shards = {}
     for rid, rows in parts.items():
       with tf.device(rows[0][0].device):
         bank, labels, valid = (tf.concat(column, 0) for column in zip(*rows))
         pad = -int(bank.shape[0]) % chunk  # Padded once here rather than at every eval step.
-        shards[rid] = (tf.pad(bank, [[0, pad], [0, 0]]), tf.pad(labels, [[0, pad]]),
-                       tf.pad(valid, [[0, pad]]))
+        shards[rid] = (
+          tf.pad(bank, [[0, pad], [0, 0]]),
+          tf.pad(labels, [[0, pad]]),
+          tf.pad(valid, [[0, pad]]),
+        )
     bank = strategy.experimental_distribute_values_from_function(
-        lambda ctx: shards[ctx.replica_id_in_sync_group])
+      lambda ctx: shards[ctx.replica_id_in_sync_group]
+    )
     return bank, bank_size, chunk
 
   def accuracy(self) -> dict:
@@ -268,10 +305,15 @@ class KnnMonitor:
       totals += self.query_step(batch, bank, k_used, chunk).numpy()
     correct, count = totals
     if count == 0:
-      raise ValueError(f"the kNN eval split {self.eval_source.name} "
-                       f"{self.eval_source.split!r} has no examples")
-    return {"knn/top_1_accuracy": float(correct / count), "knn/k": int(k_used),
-            "knn/num_examples": int(count), "knn/bank_size": int(bank_size)}
+      raise ValueError(
+        f"the kNN eval split {self.eval_source.name} {self.eval_source.split!r} has no examples"
+      )
+    return {
+      "knn/top_1_accuracy": float(correct / count),
+      "knn/k": int(k_used),
+      "knn/num_examples": int(count),
+      "knn/bank_size": int(bank_size),
+    }
 
   def at(self, step: int) -> dict:
     """`accuracy()` at training step `step`, computed once per step (`last` keeps it)."""
@@ -280,11 +322,19 @@ class KnnMonitor:
     return self.last[1]
 
 
-def knn_accuracy(model, strategy: tf.distribute.Strategy, train_source: datasets.Source,
-                 eval_source: datasets.Source, batch_size: int, image_size: int,
-                 k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
-                 max_bank_examples: int | None = None, feature_key: str = "final_avg_pool",
-                 bank_chunk_size: int = DEFAULT_BANK_CHUNK) -> dict:
+def knn_accuracy(
+  model,
+  strategy: tf.distribute.Strategy,
+  train_source: datasets.Source,
+  eval_source: datasets.Source,
+  batch_size: int,
+  image_size: int,
+  k: int = DEFAULT_K,
+  temperature: float = DEFAULT_TEMPERATURE,
+  max_bank_examples: int | None = None,
+  feature_key: str = "final_avg_pool",
+  bank_chunk_size: int = DEFAULT_BANK_CHUNK,
+) -> dict:
   """kNN top-1 of `eval_source` against a bank of `train_source`, under `strategy`, once.
 
   A `KnnMonitor` used once; a run that monitors training keeps one (`knn_monitor`).
@@ -311,13 +361,30 @@ def knn_accuracy(model, strategy: tf.distribute.Strategy, train_source: datasets
     ValueError: bad k, temperature, batch size or max_bank_examples; an unlabelled split;
       an empty bank or eval split.
   """
-  return KnnMonitor(model, strategy, train_source, eval_source, batch_size, image_size, k=k,
-                    temperature=temperature, max_bank_examples=max_bank_examples,
-                    feature_key=feature_key, bank_chunk_size=bank_chunk_size).accuracy()
+  return KnnMonitor(
+    model,
+    strategy,
+    train_source,
+    eval_source,
+    batch_size,
+    image_size,
+    k=k,
+    temperature=temperature,
+    max_bank_examples=max_bank_examples,
+    feature_key=feature_key,
+    bank_chunk_size=bank_chunk_size,
+  ).accuracy()
 
 
-def knn_monitor(cfg: RunConfig, strategy: tf.distribute.Strategy, state, sources: tuple,
-                step: int, is_chief: bool = True, writer=None) -> dict:
+def knn_monitor(
+  cfg: RunConfig,
+  strategy: tf.distribute.Strategy,
+  state,
+  sources: tuple,
+  step: int,
+  is_chief: bool = True,
+  writer=None,
+) -> dict:
   """kNN top-1 of the eval split against the train split's features, during a run.
 
   The run's `KnnMonitor` is made at the first call and kept in `state.knn` (so its steps are
@@ -335,13 +402,26 @@ def knn_monitor(cfg: RunConfig, strategy: tf.distribute.Strategy, state, sources
   """
   t = cfg.train
   if state.knn is None:
-    state.knn = KnnMonitor(state.model, strategy, sources[0], sources[1], t.eval_batch_size,
-                           cfg.model.image_size, k=t.knn_k, temperature=t.knn_temperature)
+    state.knn = KnnMonitor(
+      state.model,
+      strategy,
+      sources[0],
+      sources[1],
+      t.eval_batch_size,
+      cfg.model.image_size,
+      k=t.knn_k,
+      temperature=t.knn_temperature,
+    )
   if state.knn.last is not None and state.knn.last[0] == step:
     return state.knn.last[1]
   result = state.knn.at(step)
   if is_chief and writer is not None:
     evaluate.write_results(t.model_dir, result, step, writer, merge=True)
-  logging.info("Step %d: kNN top-1 %.4f (k=%d, bank %d)", step, result["knn/top_1_accuracy"],
-               result["knn/k"], result["knn/bank_size"])
+  logging.info(
+    "Step %d: kNN top-1 %.4f (k=%d, bank %d)",
+    step,
+    result["knn/top_1_accuracy"],
+    result["knn/k"],
+    result["knn/bank_size"],
+  )
   return result

@@ -18,6 +18,7 @@ gradient `g`, momentum buffer `v`, learning rate `lr`:
 The weight decay is an L2 term coupled into the gradient (it is then scaled
 by the trust ratio and momentum), not Keras' decoupled `weight_decay`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -48,17 +49,19 @@ class LARS(keras.optimizers.Optimizer):
   `keras.optimizers.LossScaleOptimizer`.
   """
 
-  def __init__(self,
-               learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
-               momentum: float = 0.9,
-               use_nesterov: bool = False,
-               weight_decay: float = 0.0,
-               exclude_from_weight_decay: Sequence[str] | None = None,
-               exclude_from_layer_adaptation: Sequence[str] | None = None,
-               classic_momentum: bool = True,
-               eeta: float = EETA_DEFAULT,
-               name: str = "LARS",
-               **kwargs) -> None:
+  def __init__(
+    self,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    momentum: float = 0.9,
+    use_nesterov: bool = False,
+    weight_decay: float = 0.0,
+    exclude_from_weight_decay: Sequence[str] | None = None,
+    exclude_from_layer_adaptation: Sequence[str] | None = None,
+    classic_momentum: bool = True,
+    eeta: float = EETA_DEFAULT,
+    name: str = "LARS",
+    **kwargs,
+  ) -> None:
     """Creates the optimizer.
 
     Args:
@@ -98,8 +101,7 @@ class LARS(keras.optimizers.Optimizer):
     self._wd_exclude = list(exclude_from_weight_decay or [])
     self._adapt_exclude_arg = exclude_from_layer_adaptation
     # Falsy (None or empty), like the reference: same list as weight decay.
-    self._adapt_exclude = list(
-        exclude_from_layer_adaptation or self._wd_exclude)
+    self._adapt_exclude = list(exclude_from_layer_adaptation or self._wd_exclude)
 
   def build(self, var_list: list[keras.Variable]) -> None:
     """Creates one momentum buffer per variable and resolves the exclusions.
@@ -120,12 +122,12 @@ class LARS(keras.optimizers.Optimizer):
     for variable in var_list:
       path = variable_path(variable)
       self._decay_flags.append(
-          bool(self.weight_decay)
-          and not any(re.search(r, path) for r in self._wd_exclude)
-          # Also honour Keras' `optimizer.exclude_from_weight_decay(...)`.
-          and super()._use_weight_decay(variable))
-      self._adapt_flags.append(
-          not any(re.search(r, path) for r in self._adapt_exclude))
+        bool(self.weight_decay)
+        and not any(re.search(r, path) for r in self._wd_exclude)
+        # Also honour Keras' `optimizer.exclude_from_weight_decay(...)`.
+        and super()._use_weight_decay(variable)
+      )
+      self._adapt_flags.append(not any(re.search(r, path) for r in self._adapt_exclude))
 
   def _apply_weight_decay(self, variables):
     # Decay is folded into the gradient in `update_step`; see __init__.
@@ -135,13 +137,11 @@ class LARS(keras.optimizers.Optimizer):
     """eeta * ||w|| / ||x||, or 1 when either norm is 0."""
     one = tf.ones_like(w_norm)
     # The division may give inf/nan in the branch that is not selected.
-    return tf.where(
-        w_norm > 0,
-        tf.where(x_norm > 0, self.eeta * w_norm / x_norm, one),
-        one)
+    return tf.where(w_norm > 0, tf.where(x_norm > 0, self.eeta * w_norm / x_norm, one), one)
 
-  def update_step(self, gradient: tf.Tensor, variable: tf.Variable,
-                  learning_rate: tf.Tensor) -> None:
+  def update_step(
+    self, gradient: tf.Tensor, variable: tf.Variable, learning_rate: tf.Tensor
+  ) -> None:
     """Applies one LARS update to `variable` (called per variable/replica)."""
     index = self._get_variable_index(variable)
     dtype = variable.dtype
@@ -185,15 +185,17 @@ class LARS(keras.optimizers.Optimizer):
 
   def get_config(self) -> dict:
     config = super().get_config()
-    config.update({
+    config.update(
+      {
         "momentum": self.momentum,
         "use_nesterov": self.use_nesterov,
         "weight_decay": self.weight_decay,
         "exclude_from_weight_decay": list(self._wd_exclude) or None,
         "exclude_from_layer_adaptation": (
-            list(self._adapt_exclude_arg)
-            if self._adapt_exclude_arg else None),
+          list(self._adapt_exclude_arg) if self._adapt_exclude_arg else None
+        ),
         "classic_momentum": self.classic_momentum,
         "eeta": self.eeta,
-    })
+      }
+    )
     return config

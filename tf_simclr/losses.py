@@ -4,6 +4,7 @@ Scale: `contrastive_loss` returns the mean over the N positive pairs of l(i, j) 
 twice the per-view mean of Algorithm 1 in the paper. The reference implementation computes this
 and its learning rates and weight decay were tuned with it, so we keep it.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -22,9 +23,11 @@ def _replica_context():
   return ctx
 
 
-def contrastive_loss(hidden: tf.types.experimental.TensorLike, hidden_norm: bool = True,
-                     temperature: float | tf.Tensor = 1.0
-                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def contrastive_loss(
+  hidden: tf.types.experimental.TensorLike,
+  hidden_norm: bool = True,
+  temperature: float | tf.Tensor = 1.0,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """NT-Xent loss of two views, negatives gathered from all replicas.
 
   Args:
@@ -105,8 +108,9 @@ def contrastive_metrics(logits_ab: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Ten
   return accuracy, entropy
 
 
-def supervised_loss(labels: tf.Tensor, logits: tf.Tensor,
-                    weights: tf.Tensor | None = None) -> tf.Tensor:
+def supervised_loss(
+  labels: tf.Tensor, logits: tf.Tensor, weights: tf.Tensor | None = None
+) -> tf.Tensor:
   """Mean softmax cross-entropy over the local batch.
 
   Args:

@@ -4,6 +4,7 @@
 encoder's endpoints, `proj_head_input` (= h), `proj_head_output` (= z, fed to the contrastive
 loss), `sup_head_input` (the projection-head layer chosen by `ft_proj_selector`) and `logits_sup`.
 """
+
 from __future__ import annotations
 
 import keras
@@ -13,8 +14,7 @@ from tf_simclr import resnet
 from tf_simclr.config import ModelConfig
 
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
-OUTPUTS = resnet.ENDPOINTS + ("proj_head_input", "proj_head_output", "sup_head_input",
-                              "logits_sup")
+OUTPUTS = resnet.ENDPOINTS + ("proj_head_input", "proj_head_output", "sup_head_input", "logits_sup")
 SUPERVISED_HEAD_NAME = "head_supervised"  # LARS's weight-decay exclusion selects it by path.
 
 
@@ -25,18 +25,26 @@ class LinearLayer(keras.layers.Layer):
   `[B, D_in] -> [B, units]`.
   """
 
-  def __init__(self, units, use_bias=True, use_bn=False, bn_decay=0.9, synchronized_bn=False,
-               **kwargs):
+  def __init__(
+    self, units, use_bias=True, use_bn=False, bn_decay=0.9, synchronized_bn=False, **kwargs
+  ):
     super().__init__(**kwargs)
     self.units = units
     self.use_bias = use_bias
     self.use_bn = use_bn
     self.dense = keras.layers.Dense(
-        units, use_bias=use_bias and not use_bn,
-        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), name="dense")
-    self.bn = (resnet.BatchNormRelu(relu=False, center=use_bias, decay=bn_decay,
-                                    synchronized=synchronized_bn, name="bn")
-               if use_bn else None)
+      units,
+      use_bias=use_bias and not use_bn,
+      kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+      name="dense",
+    )
+    self.bn = (
+      resnet.BatchNormRelu(
+        relu=False, center=use_bias, decay=bn_decay, synchronized=synchronized_bn, name="bn"
+      )
+      if use_bn
+      else None
+    )
 
   def call(self, inputs, training=None):
     x = self.dense(inputs)
@@ -52,8 +60,17 @@ class ProjectionHead(keras.layers.Layer):
   the supervised head. `[B, D] -> ([B, out_dim], [B, D or out_dim])`.
   """
 
-  def __init__(self, mode, input_dim, out_dim=128, num_layers=3, ft_proj_selector=0,
-               bn_decay=0.9, synchronized_bn=False, **kwargs):
+  def __init__(
+    self,
+    mode,
+    input_dim,
+    out_dim=128,
+    num_layers=3,
+    ft_proj_selector=0,
+    bn_decay=0.9,
+    synchronized_bn=False,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     if mode not in PROJ_HEAD_MODES:
       raise ValueError(f"proj_head_mode must be one of {PROJ_HEAD_MODES}, got {mode!r}")
@@ -61,8 +78,10 @@ class ProjectionHead(keras.layers.Layer):
       raise ValueError(f"num_proj_layers must be >= 1, got {num_layers}")
     depth = {"none": 0, "linear": 1, "nonlinear": num_layers}[mode]
     if not 0 <= ft_proj_selector <= depth:
-      raise ValueError(f"ft_proj_selector must be in 0..{depth} for proj_head_mode={mode!r} "
-                       f"with num_proj_layers={num_layers}, got {ft_proj_selector}")
+      raise ValueError(
+        f"ft_proj_selector must be in 0..{depth} for proj_head_mode={mode!r} "
+        f"with num_proj_layers={num_layers}, got {ft_proj_selector}"
+      )
     self.mode = mode
     self.ft_proj_selector = ft_proj_selector
     bn = dict(bn_decay=bn_decay, synchronized_bn=synchronized_bn)
@@ -70,10 +89,11 @@ class ProjectionHead(keras.layers.Layer):
       layers = [LinearLayer(out_dim, use_bias=False, use_bn=True, **bn, name="l_0")]
     elif mode == "nonlinear":
       layers = [
-          LinearLayer(input_dim, use_bias=True, use_bn=True, **bn, name=f"nl_{j}")
-          if j != num_layers - 1 else
-          LinearLayer(out_dim, use_bias=False, use_bn=True, **bn, name=f"nl_{j}")
-          for j in range(num_layers)]
+        LinearLayer(input_dim, use_bias=True, use_bn=True, **bn, name=f"nl_{j}")
+        if j != num_layers - 1
+        else LinearLayer(out_dim, use_bias=False, use_bn=True, **bn, name=f"nl_{j}")
+        for j in range(num_layers)
+      ]
     else:
       layers = []
     # Attributes, not a list: tf.train.Checkpoint does not follow Keras 3's tracked lists.
@@ -117,21 +137,34 @@ class SimCLRModel(keras.Model):
     super().__init__(**kwargs)
     self.config = config
     self.encoder = resnet.ResNet(
-        depth=config.resnet_depth, width_multiplier=config.width_multiplier,
-        cifar_stem=config.use_cifar_stem, sk_ratio=config.sk_ratio, se_ratio=config.se_ratio,
-        batch_norm_decay=config.batch_norm_decay, synchronized_bn=config.global_bn,
-        fine_tune_after_block=config.fine_tune_after_block,
-        zero_init_residual=config.zero_init_residual, name="resnet")
+      depth=config.resnet_depth,
+      width_multiplier=config.width_multiplier,
+      cifar_stem=config.use_cifar_stem,
+      sk_ratio=config.sk_ratio,
+      se_ratio=config.se_ratio,
+      batch_norm_decay=config.batch_norm_decay,
+      synchronized_bn=config.global_bn,
+      fine_tune_after_block=config.fine_tune_after_block,
+      zero_init_residual=config.zero_init_residual,
+      name="resnet",
+    )
     self.projection_head = ProjectionHead(
-        config.proj_head_mode, self.encoder.output_dim, out_dim=config.proj_out_dim,
-        num_layers=config.num_proj_layers, ft_proj_selector=config.ft_proj_selector,
-        bn_decay=config.batch_norm_decay, synchronized_bn=config.global_bn,
-        name="projection_head")
+      config.proj_head_mode,
+      self.encoder.output_dim,
+      out_dim=config.proj_out_dim,
+      num_layers=config.num_proj_layers,
+      ft_proj_selector=config.ft_proj_selector,
+      bn_decay=config.batch_norm_decay,
+      synchronized_bn=config.global_bn,
+      name="projection_head",
+    )
     if config.fine_tune_after_block == 4:
       self.projection_head.trainable = False
     self.supervised_head = (
-        LinearLayer(config.num_classes, use_bias=True, use_bn=False, name=SUPERVISED_HEAD_NAME)
-        if config.num_classes > 0 else None)
+      LinearLayer(config.num_classes, use_bias=True, use_bn=False, name=SUPERVISED_HEAD_NAME)
+      if config.num_classes > 0
+      else None
+    )
 
   def call(self, images, training=None):
     out = dict(self.encoder(images, training=training))

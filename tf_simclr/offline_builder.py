@@ -4,6 +4,7 @@ A built-in dataset is a NumPy renderer of labelled 32x32 images; this module tur
 class-balanced, seeded split and into a real `tfds.core.GeneratorBasedBuilder`, so it is prepared,
 cached and read exactly like any TFDS dataset (`~/tensorflow_datasets/<name>/<version>/`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -64,14 +65,16 @@ class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # the split is already in a seeded random order
+      builder=self,
+      description=self.DESCRIPTION,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+          "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,  # the split is already in a seeded random order
     )
 
   def _split_generators(self, dl_manager):

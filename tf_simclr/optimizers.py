@@ -15,8 +15,7 @@ OPTIMIZERS = ("momentum", "adam", "lars")
 # supervised head get no LARS weight decay (and, by LARS' default, no layer
 # adaptation). The supervised head's decay is added to the loss instead, see
 # `explicit_weight_decay`.
-LARS_EXCLUDE_FROM_WEIGHT_DECAY = ("batch_normalization", "bias",
-                                  "head_supervised")
+LARS_EXCLUDE_FROM_WEIGHT_DECAY = ("batch_normalization", "bias", "head_supervised")
 
 
 def build_optimizer(name, learning_rate, momentum=0.9, weight_decay=0.0):
@@ -37,16 +36,16 @@ def build_optimizer(name, learning_rate, momentum=0.9, weight_decay=0.0):
   """
   if name == "momentum":
     # keras SGD insists on a float momentum.
-    return keras.optimizers.SGD(learning_rate, momentum=float(momentum),
-                                nesterov=True)
+    return keras.optimizers.SGD(learning_rate, momentum=float(momentum), nesterov=True)
   if name == "adam":
     return keras.optimizers.Adam(learning_rate)
   if name == "lars":
     return lars.LARS(
-        learning_rate,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        exclude_from_weight_decay=list(LARS_EXCLUDE_FROM_WEIGHT_DECAY))
+      learning_rate,
+      momentum=momentum,
+      weight_decay=weight_decay,
+      exclude_from_weight_decay=list(LARS_EXCLUDE_FROM_WEIGHT_DECAY),
+    )
   raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}.")
 
 
@@ -75,12 +74,13 @@ def explicit_weight_decay(variables, weight_decay, optimizer_name):
     variable qualifies.
   """
   if "lars" in optimizer_name:
-    chosen = [v for v in variables
-              if "head_supervised" in _path(v) and "bias" not in _path(v)]
+    chosen = [v for v in variables if "head_supervised" in _path(v) and "bias" not in _path(v)]
   else:
-    chosen = [v for v in variables
-              if getattr(v, "trainable", True)
-              and "batch_normalization" not in _path(v)]
+    chosen = [
+      v
+      for v in variables
+      if getattr(v, "trainable", True) and "batch_normalization" not in _path(v)
+    ]
   if not chosen:
     return tf.constant(0.0, tf.float32)
   l2 = tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in chosen])

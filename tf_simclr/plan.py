@@ -6,6 +6,7 @@ subset, the evaluation split and the kNN monitor's bank, and refuses what cannot
 ValueError line). `run.py` builds, trains and evaluates as the plan says; tests check the
 decisions without building a model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ class RunPlan:
     label_ids: sorted int64 ids [n] of the labelled subset; None: every label (or none asked).
     teacher: the distillation teacher's ModelConfig (`distill.teacher_config`), else None.
   """
+
   cfg: RunConfig
   train_source: datasets.Source
   eval_source: datasets.Source | None = None
@@ -65,12 +67,14 @@ def make_plan(cfg: RunConfig) -> RunPlan:
   # (for --distill_label_weight) only on the subset. Not needed to evaluate, unless by kNN.
   ids, knn_bank = None, train_source
   if m.train_mode != "pretrain" and (t.mode != "eval" or t.knn_eval_every_n_steps):
-    ids = datasets.label_subset(train_source, cfg.data.train_label_fraction,
-                                cfg.data.train_label_file, seed=t.seed)
+    ids = datasets.label_subset(
+      train_source, cfg.data.train_label_fraction, cfg.data.train_label_file, seed=t.seed
+    )
     if ids is not None:
       knn_bank = datasets.subset_source(train_source, ids)
-      train_source = (knn_bank if m.train_mode == "finetune"
-                      else distill.labels_only_for(train_source, ids))
+      train_source = (
+        knn_bank if m.train_mode == "finetune" else distill.labels_only_for(train_source, ids)
+      )
   knn_sources = (knn_bank, eval_source) if t.knn_eval_every_n_steps else None
   return RunPlan(cfg, train_source, eval_source, knn_sources, ids, teacher)
 
@@ -87,8 +91,9 @@ def _classes(cfg: RunConfig, data_classes: int, split: str) -> tuple[int, ModelC
     if data_classes:
       distill.check_classes(teacher, data_classes, t.teacher_checkpoint)
     elif t.distill_label_weight > 0:
-      raise ValueError(f"--distill_label_weight={t.distill_label_weight} needs labels, but "
-                       f"{split} is unlabeled")
+      raise ValueError(
+        f"--distill_label_weight={t.distill_label_weight} needs labels, but {split} is unlabeled"
+      )
     return teacher.num_classes, teacher
   if train_mode == "pretrain" and not t.lineareval_while_pretraining:
     return 0, None
@@ -105,11 +110,17 @@ def _eval_source(cfg: RunConfig, train_source: datasets.Source) -> datasets.Sour
   if not ((cfg.model.num_classes and t.mode != "train") or t.knn_eval_every_n_steps):
     return None
   # Image folders: the training split's classes decide the labels of every split.
-  source = datasets.load_source(cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir,
-                                class_names=train_source.class_names or None)
+  source = datasets.load_source(
+    cfg.data.dataset,
+    cfg.data.eval_split,
+    cfg.data.data_dir,
+    class_names=train_source.class_names or None,
+  )
   if t.knn_eval_every_n_steps and source.num_classes == 0:
-    raise ValueError(f"--knn_eval_every_n_steps needs labels, but {cfg.data.dataset} split "
-                     f"{cfg.data.eval_split!r} is unlabeled")
+    raise ValueError(
+      f"--knn_eval_every_n_steps needs labels, but {cfg.data.dataset} split "
+      f"{cfg.data.eval_split!r} is unlabeled"
+    )
   if source.num_classes == 0:  # Distilling on unlabeled images: nothing to score.
     logging.info("Unlabeled eval split %r: no evaluation", cfg.data.eval_split)
     return None

@@ -12,6 +12,7 @@ parameter counts agree and its released weights can be mapped onto ours:
 The encoder returns a dict of named endpoints (`ENDPOINTS`); `final_avg_pool` is the
 representation `h` of the paper.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,23 +26,31 @@ BATCH_NORM_EPSILON = 1e-5
 
 # depth -> (block kind, blocks per group). Basic blocks below 50 layers, bottlenecks above.
 DEPTHS = {
-    10: ("basic", (1, 1, 1, 1)),  # not the reference's: a CPU-sized encoder (the quick start)
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-    200: ("bottleneck", (3, 24, 36, 3)),
+  10: ("basic", (1, 1, 1, 1)),  # not the reference's: a CPU-sized encoder (the quick start)
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+  152: ("bottleneck", (3, 8, 36, 3)),
+  200: ("bottleneck", (3, 24, 36, 3)),
 }
 
-ENDPOINTS = ("initial_conv", "initial_max_pool", "block_group1", "block_group2", "block_group3",
-             "block_group4", "final_avg_pool")
+ENDPOINTS = (
+  "initial_conv",
+  "initial_max_pool",
+  "block_group1",
+  "block_group2",
+  "block_group3",
+  "block_group4",
+  "final_avg_pool",
+)
 
 
 def _conv_init():
   # The reference's tf.keras.initializers.VarianceScaling(): scale 1, fan_in, truncated normal.
-  return keras.initializers.VarianceScaling(scale=1.0, mode="fan_in",
-                                            distribution="truncated_normal")
+  return keras.initializers.VarianceScaling(
+    scale=1.0, mode="fan_in", distribution="truncated_normal"
+  )
 
 
 class BatchNorm(keras.layers.Layer):
@@ -62,8 +71,16 @@ class BatchNorm(keras.layers.Layer):
   Shapes: `[..., C] -> [..., C]`.
   """
 
-  def __init__(self, momentum=0.9, epsilon=BATCH_NORM_EPSILON, center=True, scale=True,
-               gamma_initializer="ones", synchronized=False, **kwargs):
+  def __init__(
+    self,
+    momentum=0.9,
+    epsilon=BATCH_NORM_EPSILON,
+    center=True,
+    scale=True,
+    gamma_initializer="ones",
+    synchronized=False,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     self.momentum = momentum
     self.epsilon = epsilon
@@ -78,15 +95,19 @@ class BatchNorm(keras.layers.Layer):
     # autocast=False: under a mixed policy every BN variable is read in float32 (statistics and
     # the fused kernel's scale/offset), as Keras's own BatchNormalization does.
     if self.scale:
-      self.gamma = self.add_weight(shape=(channels,), name="gamma",
-                                   initializer=self.gamma_initializer, autocast=False)
+      self.gamma = self.add_weight(
+        shape=(channels,), name="gamma", initializer=self.gamma_initializer, autocast=False
+      )
     if self.center:
-      self.beta = self.add_weight(shape=(channels,), name="beta", initializer="zeros",
-                                  autocast=False)
-    self.moving_mean = self.add_weight(shape=(channels,), name="moving_mean",
-                                       initializer="zeros", trainable=False, autocast=False)
-    self.moving_variance = self.add_weight(shape=(channels,), name="moving_variance",
-                                           initializer="ones", trainable=False, autocast=False)
+      self.beta = self.add_weight(
+        shape=(channels,), name="beta", initializer="zeros", autocast=False
+      )
+    self.moving_mean = self.add_weight(
+      shape=(channels,), name="moving_mean", initializer="zeros", trainable=False, autocast=False
+    )
+    self.moving_variance = self.add_weight(
+      shape=(channels,), name="moving_variance", initializer="ones", trainable=False, autocast=False
+    )
 
   def _affine(self, channels):
     gamma = self.gamma if self.gamma is not None else tf.ones([channels])
@@ -106,9 +127,16 @@ class BatchNorm(keras.layers.Layer):
     if not (training and self.trainable):
       if fused:
         y, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
-            variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
-            exponential_avg_factor=1.0, data_format="NHWC", is_training=False)
+          x=inputs,
+          scale=gamma,
+          offset=beta,
+          mean=tf.cast(self.moving_mean, tf.float32),
+          variance=tf.cast(self.moving_variance, tf.float32),
+          epsilon=self.epsilon,
+          exponential_avg_factor=1.0,
+          data_format="NHWC",
+          is_training=False,
+        )
         return y
       return self._normalize(inputs, self.moving_mean, self.moving_variance, gamma, beta)
 
@@ -117,24 +145,33 @@ class BatchNorm(keras.layers.Layer):
       x = tf.cast(inputs, tf.float32)
       axes = list(range(inputs.shape.rank - 1))
       count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-      local = tf.concat([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes),
-                         tf.reshape(count, [1])], axis=0)
+      local = tf.concat(
+        [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), tf.reshape(count, [1])], axis=0
+      )
       total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
       n = total[-1]
       mean = total[:channels] / n
-      variance = tf.maximum(total[channels:2 * channels] / n - tf.square(mean), 0.0)
+      variance = tf.maximum(total[channels : 2 * channels] / n - tf.square(mean), 0.0)
       self._update_moving(mean, variance)
       return self._normalize(inputs, mean, variance, gamma, beta)
     if fused:
       y, mean, unbiased_var, *_ = tf.raw_ops.FusedBatchNormV3(
-          x=inputs, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
-          epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
-          is_training=True)
+        x=inputs,
+        scale=gamma,
+        offset=beta,
+        mean=tf.zeros([0]),
+        variance=tf.zeros([0]),
+        epsilon=self.epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+      )
       # The kernel reports the Bessel-corrected variance; Keras and the reference keep the
       # biased one in the moving average.
       n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
-      self._update_moving(tf.stop_gradient(mean),
-                          tf.stop_gradient(unbiased_var * (n - 1.0) / tf.maximum(n, 1.0)))
+      self._update_moving(
+        tf.stop_gradient(mean), tf.stop_gradient(unbiased_var * (n - 1.0) / tf.maximum(n, 1.0))
+      )
       return y
     x = tf.cast(inputs, tf.float32)
     mean, variance = tf.nn.moments(x, list(range(inputs.shape.rank - 1)))
@@ -149,9 +186,14 @@ class BatchNorm(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(momentum=self.momentum, epsilon=self.epsilon, center=self.center,
-                  scale=self.scale, synchronized=self.synchronized,
-                  gamma_initializer=keras.initializers.serialize(self.gamma_initializer))
+    config.update(
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      center=self.center,
+      scale=self.scale,
+      synchronized=self.synchronized,
+      gamma_initializer=keras.initializers.serialize(self.gamma_initializer),
+    )
     return config
 
 
@@ -168,8 +210,16 @@ class BatchNormRelu(keras.layers.Layer):
   Shapes: `[..., C] -> [..., C]`, normalised over all axes but the last.
   """
 
-  def __init__(self, relu=True, init_zero=False, center=True, scale=True, decay=0.9,
-               synchronized=False, **kwargs):
+  def __init__(
+    self,
+    relu=True,
+    init_zero=False,
+    center=True,
+    scale=True,
+    decay=0.9,
+    synchronized=False,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     self.relu = relu
     self.init_zero = init_zero
@@ -180,9 +230,14 @@ class BatchNormRelu(keras.layers.Layer):
     # The name keeps 'batch_normalization' in every variable path: LARS's exclusion regexes
     # (the reference's) select BN variables by it.
     self.bn = BatchNorm(
-        momentum=decay, epsilon=BATCH_NORM_EPSILON, center=center, scale=scale,
-        gamma_initializer="zeros" if init_zero else "ones", synchronized=synchronized,
-        name="batch_normalization")
+      momentum=decay,
+      epsilon=BATCH_NORM_EPSILON,
+      center=center,
+      scale=scale,
+      gamma_initializer="zeros" if init_zero else "ones",
+      synchronized=synchronized,
+      name="batch_normalization",
+    )
 
   def call(self, inputs, training=None):
     x = self.bn(inputs, training=training)
@@ -190,8 +245,14 @@ class BatchNormRelu(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(relu=self.relu, init_zero=self.init_zero, center=self.center, scale=self.scale,
-                  decay=self.decay, synchronized=self.synchronized)
+    config.update(
+      relu=self.relu,
+      init_zero=self.init_zero,
+      center=self.center,
+      scale=self.scale,
+      decay=self.decay,
+      synchronized=self.synchronized,
+    )
     return config
 
 
@@ -212,8 +273,14 @@ class Conv2dFixedPadding(keras.layers.Layer):
     self.kernel_size = kernel_size
     self.strides = strides
     self.conv = keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same" if strides == 1 else "valid",
-        use_bias=False, kernel_initializer=_conv_init(), name="conv2d")
+      filters,
+      kernel_size,
+      strides=strides,
+      padding="same" if strides == 1 else "valid",
+      use_bias=False,
+      kernel_initializer=_conv_init(),
+      name="conv2d",
+    )
 
   def call(self, inputs):
     if self.strides > 1:
@@ -224,7 +291,8 @@ class Conv2dFixedPadding(keras.layers.Layer):
       # The same convolution as self.conv (stride 1, SAME, no bias, no activation); only the
       # way its kernel gradient is computed differs.
       return batch_major_conv.conv2d_same_batch_major_grad(
-          inputs, tf.cast(self.conv.kernel, inputs.dtype))
+        inputs, tf.cast(self.conv.kernel, inputs.dtype)
+      )
     return self.conv(inputs)
 
   def get_config(self):
@@ -246,11 +314,13 @@ class SelectiveKernel(keras.layers.Layer):
     self.conv = Conv2dFixedPadding(2 * filters, 3, strides, name="conv_streams")
     self.bn = BatchNormRelu(**bn_args, name="bn_streams")
     mid_dim = max(int(filters * sk_ratio), min_dim)
-    self.conv_reduce = keras.layers.Conv2D(mid_dim, 1, use_bias=False,
-                                           kernel_initializer=_conv_init(), name="conv_reduce")
+    self.conv_reduce = keras.layers.Conv2D(
+      mid_dim, 1, use_bias=False, kernel_initializer=_conv_init(), name="conv_reduce"
+    )
     self.bn_reduce = BatchNormRelu(**bn_args, name="bn_reduce")
-    self.conv_mix = keras.layers.Conv2D(2 * filters, 1, use_bias=False,
-                                        kernel_initializer=_conv_init(), name="conv_mix")
+    self.conv_mix = keras.layers.Conv2D(
+      2 * filters, 1, use_bias=False, kernel_initializer=_conv_init(), name="conv_mix"
+    )
 
   def call(self, inputs, training=None):
     x = self.bn(self.conv(inputs), training=training)
@@ -270,13 +340,19 @@ class SqueezeExcitation(keras.layers.Layer):
 
   def __init__(self, filters, se_ratio, **kwargs):
     super().__init__(**kwargs)
-    self.reduce = keras.layers.Conv2D(max(1, int(filters * se_ratio)), 1, use_bias=True,
-                                      kernel_initializer=_conv_init(), name="se_reduce")
+    self.reduce = keras.layers.Conv2D(
+      max(1, int(filters * se_ratio)),
+      1,
+      use_bias=True,
+      kernel_initializer=_conv_init(),
+      name="se_reduce",
+    )
     self.expand = None
 
   def build(self, input_shape):
-    self.expand = keras.layers.Conv2D(int(input_shape[-1]), 1, use_bias=True,
-                                      kernel_initializer=_conv_init(), name="se_expand")
+    self.expand = keras.layers.Conv2D(
+      int(input_shape[-1]), 1, use_bias=True, kernel_initializer=_conv_init(), name="se_expand"
+    )
 
   def call(self, inputs):
     gate = tf.reduce_mean(inputs, axis=[1, 2], keepdims=True)
@@ -300,7 +376,8 @@ class _Block(keras.layers.Layer):
       if sk_ratio > 0:
         # ResNet-D: average-pool then a stride-1 1x1 conv, so no activations are skipped.
         self.shortcut_pool = keras.layers.AveragePooling2D(
-            2, strides=strides, padding="same" if strides == 1 else "valid")
+          2, strides=strides, padding="same" if strides == 1 else "valid"
+        )
         self.shortcut_conv = Conv2dFixedPadding(out, 1, 1, name="shortcut_conv")
         self._shortcut_pad = strides > 1
       else:
@@ -320,8 +397,17 @@ class _Block(keras.layers.Layer):
 class ResidualBlock(_Block):
   """Basic block: 3x3 conv, BN-ReLU, 3x3 conv, BN(gamma 0), [SE], + shortcut, ReLU."""
 
-  def __init__(self, filters, strides, use_projection=False, sk_ratio=0.0, se_ratio=0.0,
-               bn_args=None, zero_init_last_bn=True, **kwargs):
+  def __init__(
+    self,
+    filters,
+    strides,
+    use_projection=False,
+    sk_ratio=0.0,
+    se_ratio=0.0,
+    bn_args=None,
+    zero_init_last_bn=True,
+    **kwargs,
+  ):
     bn_args = bn_args or {}
     super().__init__(filters, strides, use_projection, sk_ratio, se_ratio, bn_args, **kwargs)
     self.conv1 = Conv2dFixedPadding(filters, 3, strides, name="conv1")
@@ -343,8 +429,17 @@ class BottleneckBlock(_Block):
 
   expansion = 4
 
-  def __init__(self, filters, strides, use_projection=False, sk_ratio=0.0, se_ratio=0.0,
-               bn_args=None, zero_init_last_bn=True, **kwargs):
+  def __init__(
+    self,
+    filters,
+    strides,
+    use_projection=False,
+    sk_ratio=0.0,
+    se_ratio=0.0,
+    bn_args=None,
+    zero_init_last_bn=True,
+    **kwargs,
+  ):
     bn_args = bn_args or {}
     super().__init__(filters, strides, use_projection, sk_ratio, se_ratio, bn_args, **kwargs)
     self.conv1 = Conv2dFixedPadding(filters, 1, 1, name="conv1")
@@ -387,11 +482,17 @@ def check_width(width_multiplier, sk_ratio=0.0):
   The smallest count is the stem's `round(64 w)`, halved in the selective-kernel (ResNet-D) stem.
   """
   smallest = 2 if sk_ratio > 0 else 1
-  if (isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float))
-      or not math.isfinite(width_multiplier) or channels(64, width_multiplier) < smallest):
-    raise ValueError(f"width_multiplier must be a positive number with round(64 * w) >= "
-                     f"{smallest}{' (selective kernels halve the stem)' if smallest > 1 else ''},"
-                     f" got {width_multiplier}")
+  if (
+    isinstance(width_multiplier, bool)
+    or not isinstance(width_multiplier, (int, float))
+    or not math.isfinite(width_multiplier)
+    or channels(64, width_multiplier) < smallest
+  ):
+    raise ValueError(
+      f"width_multiplier must be a positive number with round(64 * w) >= "
+      f"{smallest}{' (selective kernels halve the stem)' if smallest > 1 else ''},"
+      f" got {width_multiplier}"
+    )
 
 
 class ResNet(keras.layers.Layer):
@@ -418,9 +519,19 @@ class ResNet(keras.layers.Layer):
   and `final_avg_pool` `[B, 512w*e]`.
   """
 
-  def __init__(self, depth=50, width_multiplier=1, cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,
-               batch_norm_decay=0.9, synchronized_bn=False, fine_tune_after_block=-1,
-               zero_init_residual=True, **kwargs):
+  def __init__(
+    self,
+    depth=50,
+    width_multiplier=1,
+    cifar_stem=False,
+    sk_ratio=0.0,
+    se_ratio=0.0,
+    batch_norm_decay=0.9,
+    synchronized_bn=False,
+    fine_tune_after_block=-1,
+    zero_init_residual=True,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     if depth not in DEPTHS:
       raise ValueError(f"resnet_depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -444,11 +555,13 @@ class ResNet(keras.layers.Layer):
       stem = [Conv2dFixedPadding(width, 3, 1, name="stem_conv")]
     elif sk_ratio > 0:
       # ResNet-D stem: three 3x3 convs replace the 7x7.
-      stem = [Conv2dFixedPadding(width // 2, 3, 2, name="stem_conv_a"),
-              BatchNormRelu(**bn_args, name="stem_bn_a"),
-              Conv2dFixedPadding(width // 2, 3, 1, name="stem_conv_b"),
-              BatchNormRelu(**bn_args, name="stem_bn_b"),
-              Conv2dFixedPadding(width, 3, 1, name="stem_conv")]
+      stem = [
+        Conv2dFixedPadding(width // 2, 3, 2, name="stem_conv_a"),
+        BatchNormRelu(**bn_args, name="stem_bn_a"),
+        Conv2dFixedPadding(width // 2, 3, 1, name="stem_conv_b"),
+        BatchNormRelu(**bn_args, name="stem_bn_b"),
+        Conv2dFixedPadding(width, 3, 1, name="stem_conv"),
+      ]
     else:
       stem = [Conv2dFixedPadding(width, 7, 2, name="stem_conv")]
     for layer in stem:
@@ -461,14 +574,24 @@ class ResNet(keras.layers.Layer):
     block_cls = ResidualBlock if kind == "basic" else BottleneckBlock
     self._group_names = []
     for g, (num_blocks, group_strides) in enumerate(zip(blocks, (1, 2, 2, 2))):
-      filters = channels(64 * 2 ** g, width_multiplier)
+      filters = channels(64 * 2**g, width_multiplier)
       names = []
       for b in range(num_blocks):
         name = f"block_group{g + 1}_block{b}"
-        setattr(self, name, block_cls(filters, group_strides if b == 0 else 1,
-                                      use_projection=(b == 0), sk_ratio=sk_ratio,
-                                      se_ratio=se_ratio, bn_args=bn_args,
-                                      zero_init_last_bn=zero_init_residual, name=name))
+        setattr(
+          self,
+          name,
+          block_cls(
+            filters,
+            group_strides if b == 0 else 1,
+            use_projection=(b == 0),
+            sk_ratio=sk_ratio,
+            se_ratio=se_ratio,
+            bn_args=bn_args,
+            zero_init_last_bn=zero_init_residual,
+            name=name,
+          ),
+        )
         names.append(name)
       self._group_names.append(names)
 
@@ -519,9 +642,15 @@ class ResNet(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(depth=self.depth, width_multiplier=self.width_multiplier,
-                  cifar_stem=self.cifar_stem, sk_ratio=self.sk_ratio, se_ratio=self.se_ratio,
-                  batch_norm_decay=self.batch_norm_decay, synchronized_bn=self.synchronized_bn,
-                  fine_tune_after_block=self.fine_tune_after_block,
-                  zero_init_residual=self.zero_init_residual)
+    config.update(
+      depth=self.depth,
+      width_multiplier=self.width_multiplier,
+      cifar_stem=self.cifar_stem,
+      sk_ratio=self.sk_ratio,
+      se_ratio=self.se_ratio,
+      batch_norm_decay=self.batch_norm_decay,
+      synchronized_bn=self.synchronized_bn,
+      fine_tune_after_block=self.fine_tune_after_block,
+      zero_init_residual=self.zero_init_residual,
+    )
     return config

@@ -11,6 +11,7 @@
   ends however it ends, so a crashed run's lock is taken over by the next. Object stores (gs://)
   have no locks: there the model_dir is not protected. Evaluation (`--mode=eval`) takes no lock.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -31,14 +32,42 @@ LOCK_FILE = "train.lock"
 # evaluation, checkpoint frequency and retention, data_dir, devices, mixed precision, kNN
 # monitor, eval split).
 RUN_DEFINING = (
-    "train_mode", "dataset", "train_split", "image_size", "resnet_depth", "width_multiplier",
-    "sk_ratio", "se_ratio", "batch_norm_decay", "global_bn", "proj_head_mode", "proj_out_dim",
-    "num_proj_layers", "ft_proj_selector", "lineareval_while_pretraining",
-    "fine_tune_after_block", "zero_init_logits_layer", "checkpoint", "teacher_checkpoint",
-    "optimizer", "learning_rate", "learning_rate_scaling", "warmup_epochs", "weight_decay",
-    "momentum", "temperature", "hidden_norm", "train_batch_size", "seed",
-    "color_jitter_strength", "use_blur", "train_label_fraction", "train_label_file",
-    "distill_temperature", "distill_label_weight")
+  "train_mode",
+  "dataset",
+  "train_split",
+  "image_size",
+  "resnet_depth",
+  "width_multiplier",
+  "sk_ratio",
+  "se_ratio",
+  "batch_norm_decay",
+  "global_bn",
+  "proj_head_mode",
+  "proj_out_dim",
+  "num_proj_layers",
+  "ft_proj_selector",
+  "lineareval_while_pretraining",
+  "fine_tune_after_block",
+  "zero_init_logits_layer",
+  "checkpoint",
+  "teacher_checkpoint",
+  "optimizer",
+  "learning_rate",
+  "learning_rate_scaling",
+  "warmup_epochs",
+  "weight_decay",
+  "momentum",
+  "temperature",
+  "hidden_norm",
+  "train_batch_size",
+  "seed",
+  "color_jitter_strength",
+  "use_blur",
+  "train_label_fraction",
+  "train_label_file",
+  "distill_temperature",
+  "distill_label_weight",
+)
 # Needed only to start a run: leaving it out when resuming is not a change.
 _START_ONLY = ("checkpoint",)
 
@@ -59,8 +88,9 @@ def _json_values(values: dict) -> dict:
 
 
 def _has_checkpoint(model_dir: str) -> bool:
-  return (tf.train.get_checkpoint_state(model_dir) is not None
-          or bool(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*.index"))))
+  return tf.train.get_checkpoint_state(model_dir) is not None or bool(
+    tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*.index"))
+  )
 
 
 def _read_flags(model_dir: str) -> dict | None:
@@ -111,9 +141,10 @@ def check_resume(model_dir: str, values: dict) -> bool:
     shown = "; ".join(f"--{k}={a} there, {b} here" for k, a, b in diffs[:4])
     more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
     raise ModelDirError(
-        f"{model_dir} holds the checkpoints of another run ({shown}{more}): a model_dir belongs "
-        f"to one run. Use a new --model_dir (e.g. with --checkpoint={model_dir} to start from "
-        f"it), or that run's settings ({os.path.join(model_dir, FLAGS_FILE)}) to resume it")
+      f"{model_dir} holds the checkpoints of another run ({shown}{more}): a model_dir belongs "
+      f"to one run. Use a new --model_dir (e.g. with --checkpoint={model_dir} to start from "
+      f"it), or that run's settings ({os.path.join(model_dir, FLAGS_FILE)}) to resume it"
+    )
   return True
 
 
@@ -132,8 +163,11 @@ def record_flags(model_dir: str, values: dict) -> str | None:
     path = os.path.join(model_dir, FLAGS_FILE)
     content = now
   else:
-    changed = {k: {"before": before.get(k), "now": now.get(k)}
-               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    changed = {
+      k: {"before": before.get(k), "now": now.get(k)}
+      for k in sorted(set(before) | set(now))
+      if before.get(k) != now.get(k)
+    }
     if not changed:
       return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -183,9 +217,11 @@ class TrainingLock:
 
   def acquire(self) -> None:
     import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+
     if not _is_local(self.model_dir):
-      logging.warning("%s is not on a local disk: no lock keeps a second training job out of it",
-                      self.model_dir)
+      logging.warning(
+        "%s is not on a local disk: no lock keeps a second training job out of it", self.model_dir
+      )
       return
     try:
       self._created_dir = not os.path.isdir(self.model_dir)
@@ -203,9 +239,10 @@ class TrainingLock:
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
           raise
         raise ModelDirError(
-            f"{self.model_dir} is in use by another training run ({holder}; lock file "
-            f"{self.path}): wait for it to end or stop it, or use another --model_dir "
-            "(--mode=eval beside it is fine)") from None
+          f"{self.model_dir} is in use by another training run ({holder}; lock file "
+          f"{self.path}): wait for it to end or stop it, or use another --model_dir "
+          "(--mode=eval beside it is fine)"
+        ) from None
       try:
         same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
       except FileNotFoundError:
@@ -215,10 +252,12 @@ class TrainingLock:
       os.close(fd)  # Removed by its holder between our open and lock: lock the new file.
     previous = os.pread(fd, 4096, 0)
     if previous:
-      logging.warning("Taking over %s from a run that is gone (%s)", self.path,
-                      self._holder(fd))
-    info = {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+      logging.warning("Taking over %s from a run that is gone (%s)", self.path, self._holder(fd))
+    info = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     self._fd = fd

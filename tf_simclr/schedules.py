@@ -3,6 +3,7 @@
 Semantics follow google-research/simclr `tf2/model.py` (`get_train_steps`,
 `WarmUpAndCosineDecay`), with the flags turned into explicit arguments.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import tensorflow as tf
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")
 
 
-def get_train_steps(num_examples: int, train_epochs: float, train_batch_size: int,
-                    train_steps: int = 0) -> int:
+def get_train_steps(
+  num_examples: int, train_epochs: float, train_batch_size: int, train_steps: int = 0
+) -> int:
   """Number of optimizer steps of a run.
 
   Args:
@@ -27,8 +29,7 @@ def get_train_steps(num_examples: int, train_epochs: float, train_batch_size: in
     An int: `train_steps`, or `num_examples * train_epochs // batch + 1` (the
     reference's count, one more than the whole batches in the epochs).
   """
-  return int(train_steps or
-             num_examples * train_epochs // train_batch_size + 1)
+  return int(train_steps or num_examples * train_epochs // train_batch_size + 1)
 
 
 def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: str) -> float:
@@ -47,11 +48,12 @@ def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: st
     ValueError: for another `scaling`.
   """
   if scaling == "linear":
-    return base_learning_rate * batch_size / 256.
+    return base_learning_rate * batch_size / 256.0
   if scaling == "sqrt":
     return base_learning_rate * math.sqrt(batch_size)
-  raise ValueError(f"learning_rate_scaling must be one of "
-                   f"{LEARNING_RATE_SCALINGS}, got {scaling!r}.")
+  raise ValueError(
+    f"learning_rate_scaling must be one of {LEARNING_RATE_SCALINGS}, got {scaling!r}."
+  )
 
 
 @keras.saving.register_keras_serializable(package="tf_simclr")
@@ -68,15 +70,17 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
   with T <= W the rate after warm-up is 0.
   """
 
-  def __init__(self,
-               base_learning_rate: float,
-               num_examples: int,
-               train_batch_size: int,
-               warmup_epochs: float,
-               train_epochs: float,
-               train_steps: int = 0,
-               learning_rate_scaling: str = "linear",
-               name: str | None = None) -> None:
+  def __init__(
+    self,
+    base_learning_rate: float,
+    num_examples: int,
+    train_batch_size: int,
+    warmup_epochs: float,
+    train_epochs: float,
+    train_steps: int = 0,
+    learning_rate_scaling: str = "linear",
+    name: str | None = None,
+  ) -> None:
     """Creates the schedule.
 
     Args:
@@ -100,12 +104,11 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     self.name = name
     # Validated here so that a bad value fails at construction.
     self.peak_learning_rate = scaled_learning_rate(
-        base_learning_rate, train_batch_size, learning_rate_scaling)
+      base_learning_rate, train_batch_size, learning_rate_scaling
+    )
     # The reference's exact expression (floor division, then round).
-    self.warmup_steps = int(
-        round(warmup_epochs * num_examples // train_batch_size))
-    self.total_steps = get_train_steps(
-        num_examples, train_epochs, train_batch_size, train_steps)
+    self.warmup_steps = int(round(warmup_epochs * num_examples // train_batch_size))
+    self.total_steps = get_train_steps(num_examples, train_epochs, train_batch_size, train_steps)
 
   def __call__(self, step: tf.types.experimental.TensorLike) -> tf.Tensor:
     """The learning rate at `step` (any int or float scalar), float32 scalar."""
@@ -122,7 +125,7 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         # Keras CosineDecay(peak, decay_steps, alpha=0) at s = step - W:
         # peak * 0.5 * (1 + cos(pi * min(s, decay_steps) / decay_steps)).
         progress = tf.minimum(step - warmup_steps, decay_steps) / decay_steps
-        decay_lr = peak * 0.5 * (1. + tf.cos(math.pi * progress))
+        decay_lr = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
       else:
         # No room for decay (T <= W): the reference would divide by 0.
         decay_lr = tf.zeros_like(peak)
@@ -130,12 +133,12 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
   def get_config(self) -> dict:
     return {
-        "base_learning_rate": self.base_learning_rate,
-        "num_examples": self.num_examples,
-        "train_batch_size": self.train_batch_size,
-        "warmup_epochs": self.warmup_epochs,
-        "train_epochs": self.train_epochs,
-        "train_steps": self.train_steps,
-        "learning_rate_scaling": self.learning_rate_scaling,
-        "name": self.name,
+      "base_learning_rate": self.base_learning_rate,
+      "num_examples": self.num_examples,
+      "train_batch_size": self.train_batch_size,
+      "warmup_epochs": self.warmup_epochs,
+      "train_epochs": self.train_epochs,
+      "train_steps": self.train_steps,
+      "learning_rate_scaling": self.learning_rate_scaling,
+      "name": self.name,
     }

@@ -13,14 +13,25 @@ Generation is pure NumPy with a fixed seed per split, so every machine builds th
 this module is imported: `tfds.builder('shapes10', data_dir=...).download_and_prepare()` writes it
 like any other TFDS dataset (default `~/tensorflow_datasets/shapes10/1.0.0/`).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from tf_simclr import offline_builder
 
-CLASS_NAMES = ("circle", "square", "triangle", "plus", "ring", "star", "diamond",
-               "horizontal_bar", "crescent", "x_cross")
+CLASS_NAMES = (
+  "circle",
+  "square",
+  "triangle",
+  "plus",
+  "ring",
+  "star",
+  "diamond",
+  "horizontal_bar",
+  "crescent",
+  "x_cross",
+)
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = offline_builder.IMAGE_SIZE
 SPLIT_SIZES = offline_builder.SPLIT_SIZES
@@ -143,8 +154,9 @@ class Shapes10(offline_builder.OfflineBuilder):
 
   CLASS_NAMES = CLASS_NAMES
   DESCRIPTION = (
-      "shapes10: 32x32 RGB images of 10 shapes (" + ", ".join(CLASS_NAMES) + ") in random "
-      "colours, sizes, positions and small rotations over random backgrounds with a gradient "
-      "and noise. Built offline and deterministically by tf_simclr; the class is the shape, "
-      "colour is a nuisance.")
+    "shapes10: 32x32 RGB images of 10 shapes (" + ", ".join(CLASS_NAMES) + ") in random "
+    "colours, sizes, positions and small rotations over random backgrounds with a gradient "
+    "and noise. Built offline and deterministically by tf_simclr; the class is the shape, "
+    "colour is a nuisance."
+  )
   generate = staticmethod(generate)

@@ -4,6 +4,7 @@ The step is written for one replica (its share of the global batch); `strategy.r
 only in the loop. The loss is divided by the number of replicas because gradients are summed
 across replicas when they are applied, so the applied gradient is that of the global mean.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,14 +39,15 @@ def num_views(train_mode: str) -> int:
   return 2 if train_mode == "pretrain" else 1
 
 
-
 def warn_batch_over_split(global_batch_size: int, source: datasets.Source) -> str | None:
   """Warns (returns the message) when a batch is larger than the split it draws from."""
   if global_batch_size <= source.num_examples:
     return None
-  message = (f"--train_batch_size={global_batch_size} is larger than the {source.num_examples} "
-             f"examples of {source.name} split {source.split!r}: each batch repeats examples "
-             "(pretraining contrasts the copies of an image as negatives of each other)")
+  message = (
+    f"--train_batch_size={global_batch_size} is larger than the {source.num_examples} "
+    f"examples of {source.name} split {source.split!r}: each batch repeats examples "
+    "(pretraining contrasts the copies of an image as negatives of each other)"
+  )
   logging.warning("%s", message)
   return message
 
@@ -84,10 +86,20 @@ def _labelled_cross_entropy(logits, labels):
   return loss, accuracy
 
 
-def compute_losses(outputs: dict, labels, variables, teacher_logits=None, *,
-                   contrastive: bool = True, temperature: float = 0.1, hidden_norm: bool = True,
-                   distill_temperature: float = 1.0, distill_label_weight: float = 0.0,
-                   weight_decay: float = 0.0, optimizer_name: str = "lars"):
+def compute_losses(
+  outputs: dict,
+  labels,
+  variables,
+  teacher_logits=None,
+  *,
+  contrastive: bool = True,
+  temperature: float = 0.1,
+  hidden_norm: bool = True,
+  distill_temperature: float = 1.0,
+  distill_label_weight: float = 0.0,
+  weight_decay: float = 0.0,
+  optimizer_name: str = "lars",
+):
   """The objective of one replica's batch (Algorithm 1, and SimCLRv2's): (loss, metrics).
 
     loss = contrastive loss of the projections (pretraining)
@@ -117,9 +129,11 @@ def compute_losses(outputs: dict, labels, variables, teacher_logits=None, *,
   loss = tf.constant(0.0)
   if contrastive:
     con_loss, logits_ab, labels_con = losses.contrastive_loss(
-        outputs["proj_head_output"], hidden_norm=hidden_norm, temperature=temperature)
+      outputs["proj_head_output"], hidden_norm=hidden_norm, temperature=temperature
+    )
     metrics["contrast_acc"], metrics["contrast_entropy"] = losses.contrastive_metrics(
-        logits_ab, labels_con)
+      logits_ab, labels_con
+    )
     metrics["contrast_loss"] = con_loss
     loss += con_loss
   if "logits_sup" in outputs:
@@ -131,14 +145,16 @@ def compute_losses(outputs: dict, labels, variables, teacher_logits=None, *,
       w = distill_label_weight
       loss += (1.0 - w) * distill_loss + w * sup_loss
       metrics["distill_loss"] = distill_loss
-      metrics["teacher_agreement"] = tf.reduce_mean(tf.cast(
-          tf.equal(tf.argmax(logits, 1), tf.argmax(teacher_logits, 1)), tf.float32))
+      metrics["teacher_agreement"] = tf.reduce_mean(
+        tf.cast(tf.equal(tf.argmax(logits, 1), tf.argmax(teacher_logits, 1)), tf.float32)
+      )
     else:
       loss += sup_loss
   elif teacher_logits is not None:
     raise ValueError("distillation needs a student with a supervised head ('logits_sup')")
-  metrics["weight_decay"] = optimizers.explicit_weight_decay(variables, weight_decay,
-                                                             optimizer_name)
+  metrics["weight_decay"] = optimizers.explicit_weight_decay(
+    variables, weight_decay, optimizer_name
+  )
   loss += metrics["weight_decay"]
   metrics["total_loss"] = loss
   return loss, metrics
@@ -147,6 +163,7 @@ def compute_losses(outputs: dict, labels, variables, teacher_logits=None, *,
 @dataclasses.dataclass
 class TrainState:
   """What the loop and the evaluation share: built under the strategy's scope."""
+
   model: model_lib.SimCLRModel
   optimizer: keras.optimizers.Optimizer
   learning_rate: schedules.WarmUpAndCosineDecay
@@ -182,8 +199,9 @@ def init_weights(model: model_lib.SimCLRModel, path: str, new_head: bool = False
     checkpoints.restore_weights(model, path)
 
 
-def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: int,
-                is_chief: bool = True) -> TrainState:
+def build_state(
+  cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: int, is_chief: bool = True
+) -> TrainState:
   """Creates model, optimizer and checkpoint manager under `strategy.scope()` and restores.
 
   Resumes from the newest restorable checkpoint in `model_dir`; otherwise initialises from
@@ -194,8 +212,9 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
   the model asked for, or when the teacher is unusable or predicts another number of classes.
   """
   t = cfg.train
-  total_steps = schedules.get_train_steps(num_examples, t.train_epochs, t.train_batch_size,
-                                          t.train_steps)
+  total_steps = schedules.get_train_steps(
+    num_examples, t.train_epochs, t.train_batch_size, t.train_steps
+  )
   epoch_steps = max(1, int(round(num_examples / t.train_batch_size)))
   steps_per_loop = t.checkpoint_steps or t.checkpoint_epochs * epoch_steps  # as the reference
   with strategy.scope():
@@ -204,20 +223,29 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
     keras.utils.set_random_seed(t.seed)
     model = model_lib.build_model(cfg.model)
     learning_rate = schedules.WarmUpAndCosineDecay(
-        cfg.optim.learning_rate, num_examples, t.train_batch_size, cfg.optim.warmup_epochs,
-        t.train_epochs, t.train_steps, cfg.optim.learning_rate_scaling)
-    optimizer = optimizers.build_optimizer(cfg.optim.optimizer, learning_rate,
-                                           momentum=cfg.optim.momentum,
-                                           weight_decay=cfg.optim.weight_decay)
+      cfg.optim.learning_rate,
+      num_examples,
+      t.train_batch_size,
+      cfg.optim.warmup_epochs,
+      t.train_epochs,
+      t.train_steps,
+      cfg.optim.learning_rate_scaling,
+    )
+    optimizer = optimizers.build_optimizer(
+      cfg.optim.optimizer,
+      learning_rate,
+      momentum=cfg.optim.momentum,
+      weight_decay=cfg.optim.weight_decay,
+    )
     if cfg.runtime.mixed_precision == "mixed_float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Slots exist before restoring, so a checkpoint's optimizer state has somewhere to go.
     optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     directory = t.model_dir if is_chief else checkpoints.worker_dir(t.model_dir)
-    manager = tf.train.CheckpointManager(checkpoint, directory=directory,
-                                         max_to_keep=t.keep_checkpoint_max,
-                                         checkpoint_name="ckpt")
+    manager = tf.train.CheckpointManager(
+      checkpoint, directory=directory, max_to_keep=t.keep_checkpoint_max, checkpoint_name="ckpt"
+    )
     # An eval job beside a training job must not touch (set aside) checkpoints being pruned.
     restored = t.mode == "eval" or checkpoints.restore_latest(checkpoint, manager, t.model_dir)
     if not restored:
@@ -226,14 +254,24 @@ def build_state(cfg: RunConfig, strategy: tf.distribute.Strategy, num_examples: 
         if t.zero_init_logits_layer and model.supervised_head is not None:
           model.zero_init_supervised_head()
       elif cfg.model.train_mode == "finetune":
-        raise ValueError("train_mode=finetune needs --checkpoint (a pretrained checkpoint or "
-                         f"SavedModel) or a checkpoint of its own in model_dir={t.model_dir}")
+        raise ValueError(
+          "train_mode=finetune needs --checkpoint (a pretrained checkpoint or "
+          f"SavedModel) or a checkpoint of its own in model_dir={t.model_dir}"
+        )
     teacher = None
     if cfg.model.train_mode == "distill" and t.mode != "eval":
       teacher = distill.load_teacher(t.teacher_checkpoint)
       distill.check_classes(teacher.config, cfg.model.num_classes, t.teacher_checkpoint)
-  return TrainState(model, optimizer, learning_rate, checkpoint, manager, total_steps,
-                    max(1, steps_per_loop), teacher)
+  return TrainState(
+    model,
+    optimizer,
+    learning_rate,
+    checkpoint,
+    manager,
+    total_steps,
+    max(1, steps_per_loop),
+    teacher,
+  )
 
 
 class Trainer:
@@ -262,20 +300,31 @@ class Trainer:
     if jit and self.num_replicas > 1 and not isinstance(strategy, tf.distribute.TPUStrategy):
       # XLA cannot compile the cross-replica all-reduce (BN) and all-gather (loss) of the
       # mirrored strategies into the step; TPUStrategy compiles the whole step anyway.
-      raise ValueError("--jit_compile needs one replica per process (or a TPU, which always "
-                       f"compiles); this run has {self.num_replicas}")
-    self._gradients = (tf.function(self.compute_gradients, jit_compile=True) if jit
-                       else self.compute_gradients)
+      raise ValueError(
+        "--jit_compile needs one replica per process (or a TPU, which always "
+        f"compiles); this run has {self.num_replicas}"
+      )
+    self._gradients = (
+      tf.function(self.compute_gradients, jit_compile=True) if jit else self.compute_gradients
+    )
     self._loop = tf.function(self._train_loop)
 
   def input_fn(self, source: datasets.Source, start_step: int):
     """The `distribute_datasets_from_function` argument feeding this step from `start_step`."""
     t, data = self.cfg.train, self.cfg.data
     make_dataset = functools.partial(
-        datasets.train_dataset, source, global_batch_size=t.train_batch_size, seed=t.seed,
-        image_size=self.cfg.model.image_size, num_views=num_views(self.cfg.model.train_mode), start_step=start_step,
-        color_jitter_strength=self.color_jitter_strength, use_blur=self.use_blur,
-        cache=data.cache_dataset, augment_on_device=self.cfg.runtime.augment_on_device)
+      datasets.train_dataset,
+      source,
+      global_batch_size=t.train_batch_size,
+      seed=t.seed,
+      image_size=self.cfg.model.image_size,
+      num_views=num_views(self.cfg.model.train_mode),
+      start_step=start_step,
+      color_jitter_strength=self.color_jitter_strength,
+      use_blur=self.use_blur,
+      cache=data.cache_dataset,
+      augment_on_device=self.cfg.runtime.augment_on_device,
+    )
     return distribute.input_fn(t.train_batch_size, make_dataset)
 
   def replica_step(self, batch):
@@ -305,10 +354,18 @@ class Trainer:
     with tf.GradientTape() as tape:
       outputs = model(images, training=True)
       loss, metrics = compute_losses(
-          outputs, labels, model.trainable_variables, teacher_logits, contrastive=self.pretrain,
-          temperature=t.temperature, hidden_norm=t.hidden_norm,
-          distill_temperature=t.distill_temperature, distill_label_weight=t.distill_label_weight,
-          weight_decay=o.weight_decay, optimizer_name=o.optimizer)
+        outputs,
+        labels,
+        model.trainable_variables,
+        teacher_logits,
+        contrastive=self.pretrain,
+        temperature=t.temperature,
+        hidden_norm=t.hidden_norm,
+        distill_temperature=t.distill_temperature,
+        distill_label_weight=t.distill_label_weight,
+        weight_decay=o.weight_decay,
+        optimizer_name=o.optimizer,
+      )
       scaled_loss = loss / self.num_replicas  # the replicas' gradients are summed (docstring)
       if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         scaled_loss = optimizer.scale_loss(scaled_loss)
@@ -320,9 +377,10 @@ class Trainer:
     sums = {k: tf.constant(0.0) for k in self.metric_names}
     for _ in tf.range(num_steps):
       per_replica = self.strategy.run(self.replica_step, args=(next(iterator),))
-      sums = {k: sums[k] + self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[k],
-                                                axis=None)
-              for k in self.metric_names}
+      sums = {
+        k: sums[k] + self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[k], axis=None)
+        for k in self.metric_names
+      }
     return {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
 
   def run_loop(self, iterator, num_steps: int):
@@ -350,8 +408,9 @@ class NonFiniteError(ValueError):
 
 def all_finite(variables) -> bool:
   """Whether every floating-point value of `variables` is finite: one reduction each."""
-  checks = [tf.reduce_all(tf.math.is_finite(v)) for v in variables
-            if tf.as_dtype(v.dtype).is_floating]
+  checks = [
+    tf.reduce_all(tf.math.is_finite(v)) for v in variables if tf.as_dtype(v.dtype).is_floating
+  ]
   return bool(tf.reduce_all(checks)) if checks else True
 
 
@@ -362,9 +421,10 @@ def _check_finite(state: TrainState, loss: float, step: int) -> None:
   what = "the loss" if not math.isfinite(loss) else "a weight"
   last = state.manager.latest_checkpoint
   raise NonFiniteError(
-      f"training diverged: {what} is not finite (NaN or inf) at step {step}, so no checkpoint "
-      f"was written for it; the last finite checkpoint is {last or 'none (none was written)'}. "
-      "Try a lower --learning_rate or --mixed_precision=none")
+    f"training diverged: {what} is not finite (NaN or inf) at step {step}, so no checkpoint "
+    f"was written for it; the last finite checkpoint is {last or 'none (none was written)'}. "
+    "Try a lower --learning_rate or --mixed_precision=none"
+  )
 
 
 class LossWatch:
@@ -388,9 +448,11 @@ class LossWatch:
       return None
     if not self.warned and self.first > 0 and loss > self.factor * self.first:
       self.warned = True
-      message = (f"The loss grew from {self.first:.4g} to {loss:.4g} by step {step} "
-                 f"(x{loss / self.first:.0f}): training is diverging; a lower --learning_rate "
-                 "may help")
+      message = (
+        f"The loss grew from {self.first:.4g} to {loss:.4g} by step {step} "
+        f"(x{loss / self.first:.0f}): training is diverging; a lower --learning_rate "
+        "may help"
+      )
       logging.warning("%s", message)
       return message
     return None
@@ -409,8 +471,13 @@ class _StepCalls:
   same calls and stop at the same step.
   """
 
-  def __init__(self, trainer: Trainer, iterator, sync: distribute.ClusterSync,
-               stop_signal: distribute.StopSignal):
+  def __init__(
+    self,
+    trainer: Trainer,
+    iterator,
+    sync: distribute.ClusterSync,
+    stop_signal: distribute.StopSignal,
+  ):
     self.trainer, self.iterator, self.sync, self.stop_signal = trainer, iterator, sync, stop_signal
     self.call_steps = 1  # the first call also traces the step: time the next one
     self.loss_watch = LossWatch()
@@ -431,26 +498,41 @@ class _StepCalls:
       wanted = int(_CALL_SECONDS * n / max(time.time() - c0, 1e-3))
       step = int(state.optimizer.iterations.numpy())
       self.loss_watch.update(step, out["total_loss"])
-      stop, self.call_steps = _agree(self.sync, step, self.stop_signal.received,
-                                     min(max(wanted, 1), state.steps_per_loop))
+      stop, self.call_steps = _agree(
+        self.sync, step, self.stop_signal.received, min(max(wanted, 1), state.steps_per_loop)
+      )
     return step, sums, stop
 
 
 class _IntervalEnd:
   """The work at the end of a checkpoint interval: summaries, checkpoint, progress, kNN."""
 
-  def __init__(self, cfg: RunConfig, strategy: tf.distribute.Strategy, state: TrainState,
-               metric_names: list, step: int, is_chief: bool, view_examples: dict | None,
-               knn_sources: tuple | None):
+  def __init__(
+    self,
+    cfg: RunConfig,
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    metric_names: list,
+    step: int,
+    is_chief: bool,
+    view_examples: dict | None,
+    knn_sources: tuple | None,
+  ):
     self.cfg, self.strategy, self.state = cfg, strategy, state
     self.is_chief, self.knn_sources = is_chief, knn_sources
-    self.writer = (tf.summary.create_file_writer(cfg.train.model_dir) if is_chief
-                   else tf.summary.create_noop_writer())
+    self.writer = (
+      tf.summary.create_file_writer(cfg.train.model_dir)
+      if is_chief
+      else tf.summary.create_noop_writer()
+    )
     if is_chief and view_examples is not None and step == 0:
       with self.writer.as_default():
         tf.summary.image("augmented_views", view_examples["images"], step=0, max_outputs=8)
-    self.progbar = (keras.utils.Progbar(state.total_steps, stateful_metrics=metric_names)
-                    if sys.stdout.isatty() and is_chief else None)
+    self.progbar = (
+      keras.utils.Progbar(state.total_steps, stateful_metrics=metric_names)
+      if sys.stdout.isatty() and is_chief
+      else None
+    )
     if self.progbar is not None:
       self.progbar.update(step)
     self.started, self.first_step = time.time(), step
@@ -473,12 +555,17 @@ class _IntervalEnd:
     if self.progbar is not None:
       self.progbar.update(step, [(k, v) for k, v in metrics.items()])
     else:
-      logging.info("%s", _progress_line(step, self.state.total_steps, metrics, images_per_s,
-                                        self.started, self.first_step))
+      logging.info(
+        "%s",
+        _progress_line(
+          step, self.state.total_steps, metrics, images_per_s, self.started, self.first_step
+        ),
+      )
     every = self.cfg.train.knn_eval_every_n_steps
     if self.knn_sources is not None and every and step // every > first // every:
-      knn.knn_monitor(self.cfg, self.strategy, self.state, self.knn_sources, step,
-                      self.is_chief, self.writer)
+      knn.knn_monitor(
+        self.cfg, self.strategy, self.state, self.knn_sources, step, self.is_chief, self.writer
+      )
     return True
 
   def _summaries(self, step: int, metrics: dict, images_per_s: float) -> None:
@@ -490,9 +577,15 @@ class _IntervalEnd:
     self.writer.flush()
 
 
-def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Source,
-          state: TrainState, is_chief: bool = True, view_examples: dict | None = None,
-          knn_sources: tuple | None = None) -> int:
+def train(
+  cfg: RunConfig,
+  strategy: tf.distribute.Strategy,
+  source: datasets.Source,
+  state: TrainState,
+  is_chief: bool = True,
+  view_examples: dict | None = None,
+  knn_sources: tuple | None = None,
+) -> int:
   """Trains from the restored step to `state.total_steps`; returns the step reached.
 
   `knn_sources` (bank, eval split) turn on the kNN monitor (`knn.knn_monitor`) after each
@@ -521,8 +614,9 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
     return step
 
   iterator = iter(strategy.distribute_datasets_from_function(trainer.input_fn(source, step)))
-  end_interval = _IntervalEnd(cfg, strategy, state, trainer.metric_names, step, is_chief,
-                              view_examples, knn_sources)
+  end_interval = _IntervalEnd(
+    cfg, strategy, state, trainer.metric_names, step, is_chief, view_examples, knn_sources
+  )
   with distribute.StopSignal() as stop_signal:
     logging.info("Training from step %d to %d", step, state.total_steps)  # signals handled
     calls, stop = _StepCalls(trainer, iterator, sync, stop_signal), False
@@ -535,8 +629,12 @@ def train(cfg: RunConfig, strategy: tf.distribute.Strategy, source: datasets.Sou
         break
   if step < state.total_steps:
     state.stopped_by = stop_signal.name or "SIGTERM"
-    logging.warning("%s: stopped at step %d of %d with a checkpoint; the same command "
-                    "resumes", state.stopped_by, step, state.total_steps)
+    logging.warning(
+      "%s: stopped at step %d of %d with a checkpoint; the same command resumes",
+      state.stopped_by,
+      step,
+      state.total_steps,
+    )
   else:
     logging.info("Training complete at step %d", step)
   return step
@@ -551,8 +649,10 @@ def _agree(sync: distribute.ClusterSync, step: int, stop: bool = False, call_ste
   rows = sync(int(stop), step, call_steps)
   steps = sorted(set(rows[:, 1].tolist()))
   if len(steps) > 1:
-    raise ValueError(f"the workers are at different steps {steps}: each restored another "
-                     "checkpoint. Give every worker the same --model_dir, on storage they share")
+    raise ValueError(
+      f"the workers are at different steps {steps}: each restored another "
+      "checkpoint. Give every worker the same --model_dir, on storage they share"
+    )
   return bool(rows[:, 0].any()), int(rows[:, 2].min())
 
 
