@@ -12,19 +12,12 @@ from absl import flags
 
 from tf_simclr import config as config_lib
 
-# The lists of choices come from the modules that define them (these import TensorFlow).
-from tf_simclr import datasets
-from tf_simclr import distribute
-from tf_simclr import model as model_lib
-from tf_simclr import optimizers
-from tf_simclr import schedules
-
 # --- The reference's flags (google-research/simclr tf2/run.py), unchanged. ---
 flags.DEFINE_float("learning_rate", 0.3, "Initial learning rate per batch size of 256.")
 flags.DEFINE_enum(
   "learning_rate_scaling",
   "linear",
-  schedules.LEARNING_RATE_SCALINGS,
+  config_lib.LEARNING_RATE_SCALINGS,
   "How to scale the learning rate as a function of batch size.",
 )
 flags.DEFINE_float("warmup_epochs", 10, "Number of epochs of warmup.")
@@ -51,8 +44,8 @@ flags.DEFINE_string(
   "dataset",
   "imagenet2012",
   "Name of a dataset: any tensorflow-datasets name, "
-  f"'{datasets.IMAGE_FOLDER}' (images under data_dir/<split>/<class>/), or a "
-  f"built-in ({', '.join(datasets.BUILT_IN)}: generated, no download).",
+  f"'{config_lib.IMAGE_FOLDER}' (images under data_dir/<split>/<class>/), or a "
+  f"built-in ({', '.join(config_lib.BUILT_IN_DATASETS)}: generated, no download).",
 )
 flags.DEFINE_bool(
   "cache_dataset",
@@ -113,7 +106,7 @@ flags.DEFINE_string("tpu_zone", None, "[Optional] GCE zone where the Cloud TPU i
 flags.DEFINE_string(
   "gcp_project", None, "[Optional] Project name for the Cloud TPU-enabled project."
 )
-flags.DEFINE_enum("optimizer", "lars", optimizers.OPTIMIZERS, "Optimizer to use.")
+flags.DEFINE_enum("optimizer", "lars", config_lib.OPTIMIZERS, "Optimizer to use.")
 flags.DEFINE_float("momentum", 0.9, "Momentum parameter.")
 flags.DEFINE_string(
   "eval_name",
@@ -128,7 +121,7 @@ flags.DEFINE_boolean(
   "hidden_norm", True, "Whether to L2-normalise the hidden vectors in the contrastive loss."
 )
 flags.DEFINE_enum(
-  "proj_head_mode", "nonlinear", model_lib.PROJ_HEAD_MODES, "How the head projection is done."
+  "proj_head_mode", "nonlinear", config_lib.PROJ_HEAD_MODES, "How the head projection is done."
 )
 flags.DEFINE_integer("proj_out_dim", 128, "Number of head projection dimension.")
 flags.DEFINE_integer("num_proj_layers", 3, "Number of non-linear head layers.")
@@ -169,7 +162,7 @@ flags.DEFINE_boolean(
 flags.DEFINE_enum(
   "strategy",
   "auto",
-  distribute.STRATEGIES,
+  config_lib.STRATEGIES,
   "tf.distribute strategy. auto: a TPU if one is named or attached (and "
   "--use_tpu), else all GPUs, else the CPU.",
 )

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 
-# Choices of settings that no other module owns (flags/definitions.py offers these).
+# The choices of each setting, here (no TensorFlow import) so that flags/definitions.py offers
+# them without importing TensorFlow; the modules that act on them use these names.
 MODES = ("train", "eval", "train_then_eval")
 TRAIN_MODES = ("pretrain", "finetune", "distill")
 MIXED_PRECISION_POLICIES = ("none", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "tpu", "multi_worker", "mirrored", "one_device")  # distribute
+OPTIMIZERS = ("momentum", "adam", "lars")  # optimizers
+PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
+LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
+IMAGE_FOLDER = "image_folder"  # datasets
+BUILT_IN_DATASETS = ("deadleaves10", "shapes10")  # datasets
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,12 +64,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr import augment
+from tf_simclr import config
 from tf_simclr import deadleaves10  # noqa: F401  (registers the tfds builder)
 from tf_simclr import distribute
 from tf_simclr import shapes10  # noqa: F401  (registers the tfds builder)
 
-IMAGE_FOLDER = "image_folder"
-BUILT_IN = ("deadleaves10", "shapes10")
+IMAGE_FOLDER = config.IMAGE_FOLDER
+BUILT_IN = config.BUILT_IN_DATASETS
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
 DEFAULT_SHUFFLE_BUFFER = 50_000
 # Stream tags of the root keys [seed, tag]: the order and the views never share random numbers.

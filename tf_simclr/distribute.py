@@ -20,7 +20,9 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-STRATEGIES = ("auto", "tpu", "multi_worker", "mirrored", "one_device")
+from tf_simclr import config
+
+STRATEGIES = config.STRATEGIES
 
 
 def configure_cpu_replicas(num_replicas: int) -> None:

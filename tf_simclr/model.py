@@ -10,10 +10,11 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_simclr import config
 from tf_simclr import resnet
 from tf_simclr.config import ModelConfig
 
-PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
+PROJ_HEAD_MODES = config.PROJ_HEAD_MODES
 OUTPUTS = resnet.ENDPOINTS + ("proj_head_input", "proj_head_output", "sup_head_input", "logits_sup")
 SUPERVISED_HEAD_NAME = "head_supervised"  # LARS's weight-decay exclusion selects it by path.
 

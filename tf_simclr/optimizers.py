@@ -7,9 +7,10 @@ Same choices as google-research/simclr `tf2/model.py` (`build_optimizer`,
 import keras
 import tensorflow as tf
 
+from tf_simclr import config
 from tf_simclr import lars
 
-OPTIMIZERS = ("momentum", "adam", "lars")
+OPTIMIZERS = config.OPTIMIZERS
 
 # Regular expressions searched in variable paths: batch norm, biases and the
 # supervised head get no LARS weight decay (and, by LARS' default, no layer

@@ -11,7 +11,9 @@ import math
 import keras
 import tensorflow as tf
 
-LEARNING_RATE_SCALINGS = ("linear", "sqrt")
+from tf_simclr import config
+
+LEARNING_RATE_SCALINGS = config.LEARNING_RATE_SCALINGS
 
 
 def get_train_steps(
