@@ -152,6 +152,18 @@ flags.DEFINE_boolean(
 )
 
 # --- tf_simclr's own flags. ---
+flags.DEFINE_float(
+  "min_scale",
+  0.08,
+  "Smallest area of a training view's random crop, as a fraction of the image, in (0, 1] "
+  "(the reference's 0.08). Larger values keep more of small images (0.3-0.5 for 32 px).",
+)
+flags.DEFINE_boolean(
+  "horizontal_flip",
+  True,
+  "Mirror training views with probability 0.5 (the reference). Turn it off for images whose "
+  "mirror image is another thing: digits, letters, text.",
+)
 flags.DEFINE_boolean(
   "zero_init_residual",
   True,
@@ -293,6 +305,8 @@ def validate(values: dict) -> None:
     raise ValueError("--model_dir is required (where checkpoints, results and exports go)")
   if values["train_steps"] == 0 and values["train_epochs"] == 0:
     raise ValueError("one of --train_steps or --train_epochs must be > 0")
+  if not 0 < values["min_scale"] <= 1:  # Also rejects NaN.
+    raise ValueError(f"--min_scale must be in (0, 1], got {values['min_scale']}")
   if not 0 < values["train_label_fraction"] <= 1:  # Also rejects NaN.
     raise ValueError(
       f"--train_label_fraction must be in (0, 1], got {values['train_label_fraction']}"

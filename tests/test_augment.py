@@ -32,14 +32,14 @@ def _views(image, seeds, height, width, **kwargs):
   return _map(lambda s: augment.simclr_augment(image, s, height, width, **kwargs), seeds)
 
 
-def _params(seeds, image_shape, height, width, strength=1.0):
+def _params(seeds, image_shape, height, width, strength=1.0, **kwargs):
   image_size = tf.constant(image_shape, tf.int32)
-  return _map(lambda s: augment._draw(s, image_size, height, width, strength), seeds)
+  return _map(lambda s: augment._draw(s, image_size, height, width, strength, **kwargs), seeds)
 
 
-def _crop_boxes(seeds, image_shape, height, width):
+def _crop_boxes(seeds, image_shape, height, width, **kwargs):
   """int32 [n, 4]: (offset_y, offset_x, crop_height, crop_width) of each seed's crop."""
-  p = _params(seeds, image_shape, height, width)
+  p = _params(seeds, image_shape, height, width, **kwargs)
   return np.concatenate([p["begin"][:, :2], p["size"][:, :2]], 1)
 
 
@@ -185,7 +185,7 @@ def test_jitter_parameters():
   assert np.abs(q["factors"][:, 3]).max() > 0.35
 
 
-def _monte_carlo_crop_areas(height, width, n, seed=0):
+def _monte_carlo_crop_areas(height, width, n, seed=0, min_scale=0.08):
   """Independent re-implementation of TF's crop sampler (numpy, vectorized).
 
   sample_distorted_bounding_box_op.cc: per attempt an aspect a ~ U[3/4, 4/3],
@@ -195,7 +195,7 @@ def _monte_carlo_crop_areas(height, width, n, seed=0):
   """
   rng = np.random.default_rng(seed)
   total = float(height * width)
-  min_area, max_area = np.float32(0.08) * total, np.float32(1.0) * total
+  min_area, max_area = np.float32(min_scale) * total, np.float32(1.0) * total
   area = np.full(n, total)
   aspect = np.full(n, width / height)
   pending = np.ones(n, bool)
@@ -250,12 +250,62 @@ def test_crop_geometry_matches_the_sampler_distribution():
   # draws the height, not the area, uniformly.
   assert abs(np.median(area) - np.median(ref_area)) < 0.03
   assert abs(np.median(ref_area) - 0.54) > 0.05
-  # Kolmogorov-Smirnov, alpha = 0.001.
   for ours, ref in ((area, ref_area), (aspect, ref_aspect)):
-    grid = np.sort(ours)
-    ecdf = np.arange(1, grid.size + 1) / grid.size
-    ref_cdf = np.searchsorted(np.sort(ref), grid, side="right") / ref.size
-    assert np.abs(ecdf - ref_cdf).max() < 1.95 / np.sqrt(grid.size)
+    _assert_same_distribution(ours, ref)
+
+
+def _assert_same_distribution(ours, ref):
+  """Kolmogorov-Smirnov two-sample test (ref large), alpha = 0.001."""
+  grid = np.sort(ours)
+  ecdf = np.arange(1, grid.size + 1) / grid.size
+  ref_cdf = np.searchsorted(np.sort(ref), grid, side="right") / ref.size
+  assert np.abs(ecdf - ref_cdf).max() < 1.95 / np.sqrt(grid.size)
+
+
+@pytest.mark.parametrize("min_scale", [0.3, 0.6])
+def test_min_scale_is_the_crop_area_floor(min_scale):
+  # --min_scale replaces the reference's 0.08 as the sampler's smallest area; the
+  # distribution must be the sampler's with that floor (independent NumPy sampler), and
+  # differ from the default's.
+  side = 200
+  boxes = _crop_boxes(_seeds(N_STATS, stream=13), [side, side, 3], 64, 64, min_scale=min_scale)
+  area = boxes[:, 2] * boxes[:, 3] / side**2
+  assert area.min() >= min_scale - 2 * side / side**2  # Rounding of h and w to pixels.
+  ref_area, ref_aspect = _monte_carlo_crop_areas(side, side, 200_000, min_scale=min_scale)
+  _assert_same_distribution(area, ref_area)
+  _assert_same_distribution(boxes[:, 3] / boxes[:, 2], ref_aspect)
+  default_area, _ = _monte_carlo_crop_areas(side, side, 200_000)
+  assert np.median(area) - np.median(default_area) > 0.05
+
+
+def test_min_scale_one_is_the_whole_image():
+  boxes = _crop_boxes(_seeds(200, stream=14), [28, 28, 3], 32, 32, min_scale=1.0)
+  np.testing.assert_array_equal(boxes, np.tile([[0, 0, 28, 28]], [200, 1]))
+  image = _random_image((28, 28, 3), seed=5)
+  views = _views(
+    image, _seeds(50), 28, 28, color_jitter_strength=0.0, use_blur=False, flip=False, min_scale=1.0
+  )
+  np.testing.assert_allclose(views, np.broadcast_to(image / 255.0, views.shape), atol=1e-6)
+
+
+def test_no_flip_changes_only_the_flip():
+  # flip=False never mirrors, and every other draw of the view (crop, colour, blur) is the
+  # one it would have had: the flip's coin is still drawn in its slot.
+  seeds = _seeds(500, stream=15)
+  flipping = _params(seeds, (40, 48, 3), 32, 32)
+  fixed = _params(seeds, (40, 48, 3), 32, 32, flip=False)
+  assert flipping["flip"].any() and not fixed["flip"].any()
+  for key in flipping:
+    if key != "flip":
+      np.testing.assert_array_equal(fixed[key], flipping[key], err_msg=key)
+  ramp = np.broadcast_to(
+    np.linspace(0.0, 1.0, 48, dtype=np.float32)[None, :, None], (40, 48, 3)
+  ).copy()
+  views = _views(ramp, seeds, 32, 32, color_jitter_strength=0.0, use_blur=False, flip=False)
+  assert (views[:, :, 16:].mean(axis=(1, 2, 3)) > views[:, :, :16].mean(axis=(1, 2, 3))).all()
+  # The split form (--augment_on_device) carries the same decision to the accelerator.
+  crops, params = augment.crop_view(ramp, seeds[0], 32, 32, flip=False)
+  assert not params["flip"].numpy()
 
 
 def test_crop_box_is_the_crop_of_the_view():
@@ -481,5 +531,8 @@ def test_bad_arguments_raise_clear_errors():
     augment.simclr_augment(image, [1, 2], 8, 8, color_jitter_strength=-1.0)
   with pytest.raises(ValueError, match="height"):
     augment.simclr_augment(image, [1, 2], 0, 8)
+  for bad in (0.0, 1.5, float("nan")):
+    with pytest.raises(ValueError, match="min_scale"):
+      augment.simclr_augment(image, [1, 2], 8, 8, min_scale=bad)
   with pytest.raises(ValueError, match=r"crops must have rank 4"):
     augment.distort_batch(image, {})

@@ -151,8 +151,8 @@ def _to_float(image):
 # Random parameters of one view.
 
 
-def _sample_box(box_seed, image_size, height, width):
-  """(begin, size), int32 [3] each, of one random resized crop."""
+def _sample_box(box_seed, image_size, height, width, min_scale=_AREA_RANGE[0]):
+  """(begin, size), int32 [3] each, of one random resized crop of area in [min_scale, 1]."""
   aspect = width / height
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
     image_size,
@@ -161,14 +161,14 @@ def _sample_box(box_seed, image_size, height, width):
     min_object_covered=_MIN_OBJECT_COVERED,
     # The reference scales the range by the target aspect width / height.
     aspect_ratio_range=(_ASPECT_RANGE[0] * aspect, _ASPECT_RANGE[1] * aspect),
-    area_range=_AREA_RANGE,
+    area_range=(min_scale, _AREA_RANGE[1]),
     max_attempts=_MAX_ATTEMPTS,
     use_image_if_no_bounding_boxes=True,
   )
   return begin, size
 
 
-def _draw(seed, image_size, height, width, strength):
+def _draw(seed, image_size, height, width, strength, min_scale=_AREA_RANGE[0], flip=True):
   """Every random decision of one view.
 
   Args:
@@ -177,6 +177,8 @@ def _draw(seed, image_size, height, width, strength):
     height: output height (Python int).
     width: output width (Python int).
     strength: colour jitter strength s (Python float).
+    min_scale: smallest crop area, as a fraction of the image (Python float).
+    flip: whether the view may be flipped; False keeps every other draw unchanged.
 
   Returns:
     dict: 'begin', 'size' int32 [3] (crop, `tf.slice` style); 'flip',
@@ -185,10 +187,11 @@ def _draw(seed, image_size, height, width, strength):
     applied at each step); 'sigma' float32 [].
   """
   box_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(seed))
-  begin, size = _sample_box(box_seed, image_size, height, width)
+  begin, size = _sample_box(box_seed, image_size, height, width, min_scale)
   u = tf.random.stateless_uniform([_NUM_UNIFORMS], draw_seed)
   coins, factors, keys, sigma = tf.split(u, [4, 4, 4, 1])
-  flip, jitter, gray, blur = tf.unstack(coins < tf.constant([_P_FLIP, _P_JITTER, _P_GRAY, _P_BLUR]))
+  p_flip = _P_FLIP if flip else 0.0  # The coin is drawn either way: other slots stay put.
+  flip, jitter, gray, blur = tf.unstack(coins < tf.constant([p_flip, _P_JITTER, _P_GRAY, _P_BLUR]))
   b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
   # SimCLRv2 multiplicative brightness: factor ~ U[max(0, 1 - b), 1 + b];
   # contrast, saturation ~ U[1 - c, 1 + c]; hue delta ~ U[-h, h].
@@ -389,13 +392,22 @@ def _jitter_one(x, factors, order, ops):
   return x
 
 
-def _resized_crop(image, seed, height, width, color_jitter_strength):
+def _check_min_scale(min_scale):
+  if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float, np.number)):
+    raise TypeError(f"min_scale must be a Python number, got {min_scale!r}.")
+  if not 0.0 < min_scale <= 1.0:
+    raise ValueError(f"min_scale must be in (0, 1], got {min_scale}.")
+  return float(min_scale)
+
+
+def _resized_crop(image, seed, height, width, color_jitter_strength, min_scale, flip):
   """The view's random resized crop [height, width, 3] in [0, 1], and its draws."""
   height, width = _check_size(height, width)
   strength = _check_strength(color_jitter_strength)
+  min_scale = _check_min_scale(min_scale)
   image = _check_image(image, rank=3)
   seed = _check_seed(seed, rank=1)
-  p = _draw(seed, tf.shape(image), height, width, strength)
+  p = _draw(seed, tf.shape(image), height, width, strength, min_scale, bool(flip))
   # Crop before the dtype conversion: less data to convert.
   crop = _to_float(tf.slice(image, p["begin"], p["size"]))
   crop = tf.ensure_shape(crop, [None, None, 3])
@@ -412,6 +424,8 @@ def simclr_augment(
   width: int,
   color_jitter_strength: float = 1.0,
   use_blur: bool = True,
+  min_scale: float = _AREA_RANGE[0],
+  flip: bool = True,
 ) -> tf.Tensor:
   """One SimCLR pretraining view of one image.
 
@@ -423,13 +437,17 @@ def simclr_augment(
     color_jitter_strength: s >= 0 (Python number): brightness, contrast and
       saturation 0.8 s, hue 0.2 s. 0 turns jitter and grayscale off.
     use_blur: whether to apply the Gaussian blur (p = 0.5).
+    min_scale: smallest crop area as a fraction of the image, in (0, 1]; the
+      reference's 0.08 by default.
+    flip: whether to flip horizontally (p = 0.5), as the reference; False for
+      images whose mirror image means something else (digits, text).
 
   Returns:
     float32 [height, width, 3] in [0, 1].
   """
   height, width = _check_size(height, width)
   strength = _check_strength(color_jitter_strength)
-  view, p = _resized_crop(image, seed, height, width, strength)
+  view, p = _resized_crop(image, seed, height, width, strength, min_scale, flip)
   # Small views: TF's fused interleaved kernels (few graph nodes; per-node
   # cost dominates). Large views: planar ops (less arithmetic, see the module
   # docstring). Both compute the same view up to float rounding (~1e-6).
@@ -514,7 +532,13 @@ DISTORT_SIGNATURE = {
 
 
 def crop_view(
-  image: TensorLike, seed: TensorLike, height: int, width: int, color_jitter_strength: float = 1.0
+  image: TensorLike,
+  seed: TensorLike,
+  height: int,
+  width: int,
+  color_jitter_strength: float = 1.0,
+  min_scale: float = _AREA_RANGE[0],
+  flip: bool = True,
 ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
   """The host half of one view: random resized crop, and the other draws.
 
@@ -523,13 +547,13 @@ def crop_view(
     seed: int32/int64 [2], the view's stateless seed (as `simclr_augment`).
     height: output height (Python int).
     width: output width (Python int).
-    color_jitter_strength: as in `simclr_augment`.
+    color_jitter_strength, min_scale, flip: as in `simclr_augment`.
 
   Returns:
     (crop, params): crop float32 [height, width, 3] in [0, 1], not flipped;
     params a dict shaped like `DISTORT_SIGNATURE` for `distort_batch`.
   """
-  crop, p = _resized_crop(image, seed, height, width, color_jitter_strength)
+  crop, p = _resized_crop(image, seed, height, width, color_jitter_strength, min_scale, flip)
   return crop, {k: p[k] for k in DISTORT_SIGNATURE}
 
 

@@ -81,6 +81,10 @@ class DataConfig:
   eval_split: str = "validation"
   color_jitter_strength: float = 1.0
   use_blur: bool = True
+  # Training views (pretraining and fine-tuning): the random crop's smallest area (the
+  # reference's 0.08) and whether views are mirrored (the reference flips with p = 0.5).
+  min_scale: float = 0.08
+  horizontal_flip: bool = True
   cache_dataset: bool = False
   # Few labels (datasets.label_subset): a class-balanced fraction in (0, 1], or a file of ids.
   train_label_fraction: float = 1.0

@@ -884,6 +884,8 @@ def train_dataset(
   start_step: int = 0,
   color_jitter_strength: float = 1.0,
   use_blur: bool = True,
+  min_scale: float = 0.08,
+  horizontal_flip: bool = True,
   cache: bool = False,
   shuffle_buffer: int | None = None,
   augment_on_device: bool = False,
@@ -904,7 +906,8 @@ def train_dataset(
     image_size: s, side of the square views.
     num_views: V, augmented views per example.
     start_step: the first step to produce (a restart resumes at the same example and views).
-    color_jitter_strength, use_blur: passed to `augment.simclr_augment`.
+    color_jitter_strength, use_blur, min_scale: passed to `augment.simclr_augment`.
+    horizontal_flip: passed to `augment.simclr_augment` as `flip`.
     cache: keep the (encoded) records in memory after the first epoch.
     shuffle_buffer: examples per shuffle block; None: min(num_examples, 50,000).
     augment_on_device: leave the flip, colour jitter, grayscale and blur to the training step
@@ -940,7 +943,15 @@ def train_dataset(
     seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
     if augment_on_device:
       crops = [
-        augment.crop_view(ex["image"], seeds[v], image_size, image_size, color_jitter_strength)
+        augment.crop_view(
+          ex["image"],
+          seeds[v],
+          image_size,
+          image_size,
+          color_jitter_strength,
+          min_scale=min_scale,
+          flip=horizontal_flip,
+        )
         for v in range(num_views)
       ]
       return {
@@ -957,6 +968,8 @@ def train_dataset(
         image_size,
         color_jitter_strength=color_jitter_strength,
         use_blur=use_blur,
+        min_scale=min_scale,
+        flip=horizontal_flip,
       )
       for v in range(num_views)
     ]
@@ -1046,6 +1059,8 @@ def example_views(
   color_jitter_strength: float = 1.0,
   use_blur: bool = True,
   num_examples: int = 4,
+  min_scale: float = 0.08,
+  horizontal_flip: bool = True,
 ) -> dict:
   """The first examples of the run's first step with their two views, to look at (TensorBoard).
 
@@ -1069,6 +1084,8 @@ def example_views(
         image_size,
         color_jitter_strength=color_jitter_strength,
         use_blur=use_blur,
+        min_scale=min_scale,
+        horizontal_flip=horizontal_flip,
       )
     )
   )

@@ -63,6 +63,8 @@ RUN_DEFINING = (
   "seed",
   "color_jitter_strength",
   "use_blur",
+  "min_scale",
+  "horizontal_flip",
   "train_label_fraction",
   "train_label_file",
   "distill_temperature",

@@ -322,6 +322,8 @@ class Trainer:
       start_step=start_step,
       color_jitter_strength=self.color_jitter_strength,
       use_blur=self.use_blur,
+      min_scale=data.min_scale,
+      horizontal_flip=data.horizontal_flip,
       cache=data.cache_dataset,
       augment_on_device=self.cfg.runtime.augment_on_device,
     )

