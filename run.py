@@ -190,11 +190,10 @@ def _summary_keys(train_mode):
   with the encoder's decaying learning rate, and moves by several points with the seed
   (README, "What the quick start shows").
   """
-  head = (("top-1", "eval/label_top_1_accuracy"), ("top-5", "eval/label_top_5_accuracy"))
-  knn = (("kNN top-1", "knn/top_1_accuracy"),)
+  top1, top5, knn = "eval/label_top_1_accuracy", "eval/label_top_5_accuracy", "knn/top_1_accuracy"
   if train_mode == "pretrain":
-    return knn + (("linear head top-1", head[0][1]), head[1])
-  return head + knn
+    return (("kNN top-1", knn), ("linear head top-1", top1), ("top-5", top5))
+  return (("top-1", top1), ("top-5", top5), ("kNN top-1", knn))
 
 
 def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_sources=None):

