@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 from absl import flags
+from absl import logging
 
 from tf_simclr import config as config_lib
 
@@ -275,12 +276,11 @@ def validate(values: dict) -> None:
     # `not > 0` also refuses NaN.
     if not values[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {values[name]}")
-  from tf_simclr import resnet  # pylint: disable=g-import-not-at-top
-
   try:
-    resnet.check_width(values["width_multiplier"], values["sk_ratio"])
+    config_lib.check_width(values["width_multiplier"], values["sk_ratio"])
   except ValueError as err:
     raise ValueError(f"--{err}") from None
+  _check_scale(values)
   for name in (
     "train_steps",
     "train_epochs",
@@ -342,6 +342,41 @@ def validate(values: dict) -> None:
     # NaN passes comparisons such as `lr < 0` and then poisons the weights.
     if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"--{name} must be a finite number, got {value}")
+
+
+def _check_scale(values: dict) -> None:
+  """Refuses sizes and settings that cannot give a meaningful run; warns of a weak contrast."""
+  bound = config_lib.min_temperature(values["hidden_norm"])
+  if not values["temperature"] >= bound:
+    raise ValueError(
+      f"--temperature={values['temperature']} is below {bound:.3g}, the smallest at which the "
+      f"contrastive loss is exact in float32 with --hidden_norm={values['hidden_norm']} "
+      "(config.min_temperature says why); the reference uses 0.1 to 0.5"
+    )
+  if values["image_size"] > config_lib.MAX_IMAGE_SIZE:
+    raise ValueError(
+      f"--image_size must be <= {config_lib.MAX_IMAGE_SIZE} (one example's activations "
+      f"would not fit in memory), got {values['image_size']}"
+    )
+  if values["strategy"] == "one_device" and values["cpu_replicas"] > 1:
+    raise ValueError(
+      f"--strategy=one_device runs on one device, but --cpu_replicas={values['cpu_replicas']} "
+      "asks for several: give --strategy=mirrored (or auto) with --cpu_replicas"
+    )
+  batch = values["train_batch_size"]  # The global batch: every replica's rows are negatives.
+  if values["train_mode"] == "pretrain" and batch < 2:
+    raise ValueError(
+      f"--train_batch_size={batch}: pretraining needs a global batch of at least 2 (each "
+      "example's negatives are the other examples of the batch)"
+    )
+  training = values["mode"] != "eval"
+  if values["train_mode"] == "pretrain" and training and batch < config_lib.FEW_NEGATIVES_BATCH:
+    logging.warning(
+      "--train_batch_size=%d gives each example only %d negatives: the contrastive task is "
+      "easy and the features weak (the reference uses 256 to 4096)",
+      batch,
+      2 * batch - 2,
+    )
 
 
 def to_config(values: dict) -> config_lib.RunConfig:

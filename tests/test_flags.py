@@ -89,3 +89,76 @@ def test_integer_width_is_an_int_however_spelt():
   for width, want in [(2.0, 2), (1, 1), (0.25, 0.25)]:
     got = config_lib.ModelConfig(width_multiplier=width).width_multiplier
     assert got == want and type(got) is type(want), width
+
+
+def _defaults(**changes):
+  values = {name: definitions.FLAGS[name].default for name in definitions.FLAGS}
+  values.update(model_dir="/tmp/m", **changes)
+  return values
+
+
+@pytest.mark.parametrize("hidden_norm", [True, False])
+def test_temperature_bound_is_where_the_loss_stops_being_exact(hidden_norm):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from tf_simclr import losses  # pylint: disable=g-import-not-at-top
+
+  bound = config_lib.min_temperature(hidden_norm)
+  # Without hidden_norm, rows small enough that h.h' / T is of order 1 at the bound.
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(8, 4)).astype(np.float32)
+  if not hidden_norm:
+    hidden = (np.sign(hidden) * 2e-19).astype(np.float32)
+  above = bound * 1.05
+  definitions.validate(_defaults(temperature=above, hidden_norm=hidden_norm))
+  loss = float(losses.contrastive_loss(hidden, hidden_norm, above)[0])
+  # NT-Xent in float64: each anchor against the other 2N - 1 rows, its own similarity left out.
+  h = hidden.astype(np.float64)
+  if hidden_norm:
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+  logits = h @ h.T / np.float64(np.float32(above))
+  np.fill_diagonal(logits, -np.inf)
+  n = len(h) // 2
+  positive = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
+  top = logits.max(axis=1)
+  lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+  want = 2 * np.mean(lse - logits[np.arange(2 * n), positive])
+  assert np.isfinite(loss) and loss == pytest.approx(want, rel=1e-4)
+  with pytest.raises(ValueError, match=r"--temperature=.* is below .*hidden_norm"):
+    definitions.validate(_defaults(temperature=bound * 0.95, hidden_norm=hidden_norm))
+  # Further below, the float32 loss is no longer NT-Xent (the mask or 1/T fails).
+  wrong = float(losses.contrastive_loss(hidden, hidden_norm, bound * 1e-3)[0])
+  assert not wrong == pytest.approx(want * 1e3, rel=1e-2)
+
+
+def test_few_negatives_warn_and_other_objectives_take_any_batch(caplog):
+  definitions.validate(_defaults(train_batch_size=8))
+  assert "only 14 negatives" in caplog.text
+  caplog.clear()
+  definitions.validate(_defaults(train_batch_size=16))
+  definitions.validate(_defaults(train_batch_size=1, train_mode="finetune"))
+  definitions.validate(_defaults(image_size=2048, strategy="one_device", cpu_replicas=1))
+  assert "negatives" not in caplog.text
+
+
+def test_flag_errors_do_not_import_tensorflow():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  code = (
+    "import sys\n"
+    "from flags import definitions\n"
+    "v = {n: definitions.FLAGS[n].default for n in definitions.FLAGS}\n"
+    "v.update(model_dir='/tmp/m', width_multiplier=0.001)\n"
+    "try:\n"
+    "  definitions.to_config(v)\n"
+    "except ValueError as e:\n"
+    "  assert 'round(64 * w) >= 1' in str(e), e\n"
+    "v.update(width_multiplier=0.25)\n"
+    "definitions.to_config(v)\n"
+    "print('tensorflow' in sys.modules)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.strip() == "False"

@@ -100,6 +100,11 @@ def test_training_lock_names_its_holder_and_is_taken_over_when_gone(tmp_path, ca
     ({"sk_ratio": -1.0}, "--sk_ratio must be >= 0, got -1.0"),
     ({"keep_checkpoint_max": 0}, "--keep_checkpoint_max must be >= 1"),
     ({"eval_timeout_s": -1.0}, "--eval_timeout_s must be >= 0"),
+    ({"temperature": 1e-30}, "--temperature=1e-30 is below 2e-09"),
+    ({"temperature": 1e-39, "hidden_norm": False}, "--temperature=1e-39 is below 1.18e-38"),
+    ({"train_batch_size": 1}, "pretraining needs a global batch of at least 2"),
+    ({"image_size": 100000}, "--image_size must be <= 2048"),
+    ({"strategy": "one_device", "cpu_replicas": 4}, "--strategy=one_device runs on one device"),
   ],
 )
 def test_flags_refused_at_parse_time(changes, words):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 # The choices of each setting, here (no TensorFlow import) so that flags/definitions.py offers
 # them without importing TensorFlow; the modules that act on them use these names.
@@ -18,6 +19,69 @@ PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
 IMAGE_FOLDER = "image_folder"  # datasets
 BUILT_IN_DATASETS = ("deadleaves10", "shapes10")  # datasets
+
+# Subtracted from an example's similarity with itself in the contrastive loss (losses.py):
+# exp(-1e9) underflows to exactly 0 in float32. Here so that the flags can bound --temperature.
+LARGE_NUM = 1e9
+# The smallest normal float32. Smaller numbers are subnormal, which TensorFlow's CPU kernels
+# flush to zero: a temperature below it divides by 0 (inf, NaN) whatever the vectors.
+FLOAT32_TINY = 1.1754944e-38
+# float32 exp(x) is exactly 0 for x < -104 (below the smallest subnormal).
+_EXP_UNDERFLOW = 104.0
+# Global batches below this leave each anchor fewer than 2 * 15 negatives: a weak contrast.
+FEW_NEGATIVES_BATCH = 16
+# The largest --image_size. Activations grow with the pixels: ResNet-50 holds ~100 MB per
+# 224 px view in training, so one two-view example at 2048 px needs ~16 GB, an accelerator's
+# memory; beyond it a run fails with TensorFlow's out-of-memory text instead of one line.
+MAX_IMAGE_SIZE = 2048
+
+
+def min_temperature(hidden_norm: bool) -> float:
+  """The smallest temperature T at which the contrastive loss is exact and finite in float32.
+
+  The loss's logits are sim / T, and an example's similarity with itself is masked by
+  subtracting LARGE_NUM (losses.contrastive_loss). With `hidden_norm`, rows are unit vectors:
+  |sim| <= 1, so the logits lie in [-1/T, 1/T] and the masked self-logit 1/T - LARGE_NUM stays
+  at least LARGE_NUM - 2/T below every other logit. The mask removes the self-similarity from
+  the softmax (exp underflows to 0) only while LARGE_NUM - 2/T > 104: T >= 2 / (LARGE_NUM -
+  104), about 2e-9. Below it the self-similarity counts as a negative and, as T falls further,
+  the loss and its gradients grow as 1/T until weights or activations overflow (NaN).
+  Without `hidden_norm` the logits are h.h' / T with |h| unbounded: no T bounds them for every
+  run (the training's non-finite check stops one that overflows); only a T below the smallest
+  normal float32 fails for all data (it is flushed to 0).
+  """
+  if hidden_norm:
+    return 2.0 / (LARGE_NUM - _EXP_UNDERFLOW)
+  return FLOAT32_TINY
+
+
+def channels(base, width_multiplier):
+  """Channel count `round(base * width_multiplier)` for a reference count base (64..512).
+
+  Integer multipliers give the reference's `base * width_multiplier` exactly. A bottleneck's 4x
+  output is `4 * channels(base, w)`, as the reference computes it, so fractional widths build the
+  networks the reference's code builds when its multiplier rounds the same way.
+  """
+  return int(round(base * width_multiplier))
+
+
+def check_width(width_multiplier, sk_ratio=0.0):
+  """ValueError unless every channel count of the network comes out at least 1.
+
+  The smallest count is the stem's `round(64 w)`, halved in the selective-kernel (ResNet-D) stem.
+  """
+  smallest = 2 if sk_ratio > 0 else 1
+  if (
+    isinstance(width_multiplier, bool)
+    or not isinstance(width_multiplier, (int, float))
+    or not math.isfinite(width_multiplier)
+    or channels(64, width_multiplier) < smallest
+  ):
+    raise ValueError(
+      f"width_multiplier must be a positive number with round(64 * w) >= "
+      f"{smallest}{' (selective kernels halve the stem)' if smallest > 1 else ''},"
+      f" got {width_multiplier}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ import numbers
 
 import tensorflow as tf
 
-# Subtracted from an example's similarity with itself: exp(-1e9) underflows to exactly 0 in float32.
-LARGE_NUM = 1e9
+# Subtracted from an example's similarity with itself; in config, which bounds --temperature.
+from tf_simclr.config import LARGE_NUM
 
 
 def _replica_context():

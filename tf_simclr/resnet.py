@@ -15,12 +15,14 @@ representation `h` of the paper.
 
 from __future__ import annotations
 
-import math
-
 import keras
 import tensorflow as tf
 
 from tf_simclr import batch_major_conv
+
+# The width arithmetic lives in config (no TensorFlow import: flag checks stay fast).
+from tf_simclr.config import channels
+from tf_simclr.config import check_width
 
 BATCH_NORM_EPSILON = 1e-5
 
@@ -464,35 +466,6 @@ class BottleneckBlock(_Block):
     if self.se is not None:
       x = self.se(x)
     return tf.nn.relu(x + shortcut)
-
-
-def channels(base, width_multiplier):
-  """Channel count `round(base * width_multiplier)` for a reference count base (64..512).
-
-  Integer multipliers give the reference's `base * width_multiplier` exactly. A bottleneck's 4x
-  output is `4 * channels(base, w)`, as the reference computes it, so fractional widths build the
-  networks the reference's code builds when its multiplier rounds the same way.
-  """
-  return int(round(base * width_multiplier))
-
-
-def check_width(width_multiplier, sk_ratio=0.0):
-  """ValueError unless every channel count of the network comes out at least 1.
-
-  The smallest count is the stem's `round(64 w)`, halved in the selective-kernel (ResNet-D) stem.
-  """
-  smallest = 2 if sk_ratio > 0 else 1
-  if (
-    isinstance(width_multiplier, bool)
-    or not isinstance(width_multiplier, (int, float))
-    or not math.isfinite(width_multiplier)
-    or channels(64, width_multiplier) < smallest
-  ):
-    raise ValueError(
-      f"width_multiplier must be a positive number with round(64 * w) >= "
-      f"{smallest}{' (selective kernels halve the stem)' if smallest > 1 else ''},"
-      f" got {width_multiplier}"
-    )
 
 
 class ResNet(keras.layers.Layer):
