@@ -1,7 +1,8 @@
 """tf_simclr's entry point: `python run.py --mode=train_then_eval ...` (flags as the reference).
 
 Parses flags into a RunConfig and calls the library. Bad input ends with one line on stderr and
-exit status 1; set TF_SIMCLR_TRACEBACK=1 to see the traceback instead.
+exit status 1 (set TF_SIMCLR_TRACEBACK=1 to see the traceback instead); an internal error (a bug)
+keeps its traceback, ends with a line asking for a report, and exits with status 70.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -245,7 +247,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   started = time.time()
-  message = None
   try:
     flag_values = FLAGS.flag_values_dict()
     cfg = definitions.to_config(flag_values)
@@ -259,39 +260,55 @@ def main(argv):
       file=sys.stderr,
     )
     sys.exit(130)
-  except (ValueError, OSError) as err:
-    if os.environ.get("TF_SIMCLR_TRACEBACK"):
-      raise
-    message = f"error: {err}"
-  except Exception as err:  # TensorFlow's errors (disk full, permissions) are not ValueErrors.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    if not isinstance(err, tf.errors.OpError) or os.environ.get("TF_SIMCLR_TRACEBACK"):
-      raise
+  except Exception as err:  # pylint: disable=broad-except
     from tf_simclr import errors  # pylint: disable=g-import-not-at-top
 
-    message = f"error: {type(err).__name__}: {errors.first_line(err)}"
-    lost_peer = (
-      tf.errors.UnavailableError,
-      tf.errors.AbortedError,
-      tf.errors.DeadlineExceededError,
-      tf.errors.CancelledError,
-    )
-    if FLAGS.strategy == "multi_worker" and isinstance(err, lost_peer):
-      # What the other workers see when one dies: its connections reset, or the coordination
-      # service misses its heartbeats (10 s) and aborts every collective.
-      message = (
-        f"error: lost contact with another worker of the cluster ({message[7:]}); "
-        "restart every worker with the same command to resume from the last "
-        "checkpoint"
+    if os.environ.get("TF_SIMCLR_TRACEBACK"):
+      raise
+    if not errors.is_input_error(err):
+      # Not the user's input: our bug, or TensorFlow's. The traceback is what a report needs.
+      traceback.print_exc()
+      print(
+        f"internal error ({type(err).__name__}): this is a bug in tf_simclr, not a problem "
+        "with your input; please report it with the traceback above",
+        file=sys.stderr,
       )
-  if message is not None:
-    # Leaving the except block freed the traceback; half-restored checkpoint objects it held
-    # log warnings when collected. Let that happen first, so the error is the last line.
-    gc.collect()
-    print(message, file=sys.stderr)
-    sys.exit(1)
-  logging.info("Done in %.1f s", time.time() - started)
+      sys.exit(errors.EX_SOFTWARE)
+    message = _one_line_message(err)
+  else:
+    logging.info("Done in %.1f s", time.time() - started)
+    return
+  # Leaving the except block freed the traceback; half-restored checkpoint objects it held
+  # log warnings when collected. Let that happen first, so the error is the last line.
+  gc.collect()
+  print(message, file=sys.stderr)
+  sys.exit(1)
+
+
+def _one_line_message(err):
+  """The `error: ...` line of an input error (`errors.is_input_error`)."""
+  from tf_simclr import errors  # pylint: disable=g-import-not-at-top
+
+  if isinstance(err, (ValueError, OSError)):
+    return f"error: {err}"
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (err is one of its errors)
+
+  message = f"error: {type(err).__name__}: {errors.first_line(err)}"
+  lost_peer = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+  )
+  if FLAGS["strategy"].value == "multi_worker" and isinstance(err, lost_peer):
+    # What the other workers see when one dies: its connections reset, or the coordination
+    # service misses its heartbeats (10 s) and aborts every collective.
+    message = (
+      f"error: lost contact with another worker of the cluster ({message[7:]}); "
+      "restart every worker with the same command to resume from the last "
+      "checkpoint"
+    )
+  return message
 
 
 if __name__ == "__main__":

@@ -891,3 +891,52 @@ def test_split_slices_names_and_label_files(shapes_dir, tmp_path, caplog):
   (tmp_path / "ids.txt").write_text("3\n7\n3\n9\n7\n")
   np.testing.assert_array_equal(datasets.read_label_file(str(tmp_path / "ids.txt")), [3, 7, 9])
   assert "lists 2 ids more than once (e.g. 3, 7)" in caplog.text
+
+
+def test_reversed_slices_are_refused_before_anything_is_written(shapes_dir, tmp_path):
+  from flags import definitions  # pylint: disable=g-import-not-at-top
+  from tf_simclr import plan as plan_lib  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(
+    datasets.DatasetError, match=r"'train\[50%:40%\]' is a reversed slice .*-500 examples"
+  ):
+    datasets.load_source("shapes10", "train[50%:40%]", data_dir=shapes_dir)
+  values = {name: definitions.FLAGS[name].default for name in definitions.FLAGS}
+  values.update(
+    model_dir=str(tmp_path / "m"),
+    dataset="shapes10",
+    data_dir=shapes_dir,
+    train_steps=1,
+    image_size=16,
+    mode="train_then_eval",
+  )
+  # The evaluation split too, when the plan is made: not after training.
+  cfg = definitions.to_config(dict(values, train_split="train[:100]", eval_split="test[9:3]"))
+  with pytest.raises(datasets.DatasetError, match=r"'test\[9:3\]' is a reversed slice"):
+    plan_lib.make_plan(cfg)
+  assert not os.path.exists(tmp_path / "m")
+
+
+class BuggyBuilder(tfds.core.GeneratorBasedBuilder):
+  """A TFDS builder with a bug (not a data problem): its info raises KeyError."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return {}["features"]
+
+  def _split_generators(self, dl_manager):
+    return {}
+
+  def _generate_examples(self):
+    yield from ()
+
+
+def test_only_builder_errors_about_the_data_become_dataset_errors(shapes_dir):
+  # An unknown config is the user's: one DatasetError line.
+  with pytest.raises(datasets.DatasetError, match="Cannot use dataset 'shapes10/nope'"):
+    datasets.load_source("shapes10/nope", "train", data_dir=shapes_dir)
+  # A builder's own bug keeps its type (and traceback), not "Cannot use/prepare dataset".
+  with pytest.raises(RuntimeError, match="KeyError.*features") as info:  # TFDS's wrapping
+    datasets.load_source("buggy_builder", "train", data_dir=shapes_dir)
+  assert not isinstance(info.value, datasets.DatasetError)

@@ -10,10 +10,13 @@ import math
 import os
 import socket
 
+import keras
 import pytest
 import tensorflow as tf
 
 from flags import definitions
+from tf_simclr import config as config_lib
+from tf_simclr import datasets
 from tf_simclr import evaluate
 from tf_simclr import rundir
 
@@ -150,3 +153,62 @@ def test_eval_waits_with_a_bound_and_says_so(tmp_path, caplog):
   )
   assert [step for step, _ in walk] == [2]
   assert "No new checkpoint" in caplog.text
+
+
+def _main_status(monkeypatch, capsys, failure):
+  """(exit status, stderr) of run.main when the run itself fails by calling `failure()`."""
+  import run  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.delenv("TF_SIMCLR_TRACEBACK", raising=False)
+  monkeypatch.setattr(run.definitions, "to_config", lambda values: None)
+  monkeypatch.setattr(run, "run", lambda cfg, values: failure())
+  with pytest.raises(SystemExit) as info:
+    run.main(["run.py"])
+  return info.value.code, capsys.readouterr().err
+
+
+def _file_under_a_file(path):
+  path.write_text("")
+  tf.io.gfile.GFile(str(path / "x.txt"), "w").write("x")
+
+
+@pytest.mark.parametrize(
+  "failure,words",
+  [
+    # A `raise` of ours, and one of our classes.
+    (lambda: config_lib.check_width(0.001), "error: width_multiplier must be a positive"),
+    (lambda: datasets.read_label_file("/nonexistent/ids.txt"), "error: label file"),
+    (lambda: open("/nonexistent/dir/x"), "error: [Errno 2] No such file or directory"),
+  ],
+)
+def test_bad_input_and_its_environment_are_one_line(monkeypatch, capsys, failure, words):
+  status, err = _main_status(monkeypatch, capsys, failure)
+  assert status == 1 and "Traceback" not in err, err
+  assert err.strip().splitlines()[-1].startswith(words)
+
+
+def test_a_full_or_unwritable_disk_from_tensorflow_stays_one_line(monkeypatch, capsys, tmp_path):
+  status, err = _main_status(monkeypatch, capsys, lambda: _file_under_a_file(tmp_path / "f"))
+  assert status == 1 and "Traceback" not in err, err
+  assert err.strip().splitlines()[-1].startswith("error: FailedPreconditionError: ")
+
+
+@pytest.mark.parametrize(
+  "failure,kind",
+  [
+    # ValueErrors raised inside TensorFlow and Keras: not the user's input.
+    (lambda: tf.reshape(tf.zeros([3]), [2]), "InvalidArgumentError"),
+    (lambda: keras.layers.Dense(4)(tf.zeros([2])), "ValueError"),
+    (lambda: tf.ones([2]).numpy().reshape(3), "ValueError"),  # NumPy's
+    (lambda: int("three"), "ValueError"),  # a builtin's in our code: not a `raise` of ours
+    (lambda: {}["key"], "KeyError"),
+  ],
+)
+def test_internal_errors_keep_their_traceback_and_say_they_are_bugs(
+  monkeypatch, capsys, failure, kind
+):
+  status, err = _main_status(monkeypatch, capsys, failure)
+  assert status == 70, err
+  assert "Traceback" in err, err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(f"internal error ({kind}): this is a bug in tf_simclr"), last

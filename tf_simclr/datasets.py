@@ -62,6 +62,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import download_manager
 
 from tf_simclr import augment
 from tf_simclr import config
@@ -143,6 +144,18 @@ def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
+# What TFDS raises for data that is unknown, missing or unreadable (a DatasetError); anything
+# else from a builder (TypeError, KeyError, ...) is a bug and keeps its traceback.
+_UNUSABLE = (
+  ValueError,  # unknown config, malformed name (registered.DatasetNotFoundError too)
+  AssertionError,  # an unknown version
+  OSError,  # files, disk, network (dataset_info.DatasetInfoFileError too)
+  tf.errors.OpError,  # gfile: missing or unreadable files
+  tfds.download.DownloadError,
+  download_manager.NonMatchingChecksumError,  # a corrupt or changed download
+)
+
+
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
   """A TFDS split: downloads and prepares it first when needed and possible."""
   base_name = name.split("/")[0].split(":")[0]
@@ -158,7 +171,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # Unknown config or version: TFDS's message says which exist.
+  except _UNUSABLE as e:  # Unknown config or version: TFDS's message says which exist.
     raise DatasetError(f"Cannot use dataset '{name}': {_one_line(e)}") from e
 
   if not builder.is_prepared():
@@ -174,7 +187,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
       raise DatasetError(
         f"Preparing dataset '{name}' needs the Python package '{e.name}' (pip install {e.name})."
       ) from e
-    except Exception as e:
+    except _UNUSABLE as e:
       raise DatasetError(
         f"Could not download and prepare dataset '{name}' into "
         f"{builder.data_dir_root}: {type(e).__name__}: {_one_line(e)}"
@@ -224,6 +237,11 @@ def _split_size(name: str, split: str, splits) -> int:
     raise DatasetError(
       f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); its splits are: {sizes}."
     ) from e
+  if num_examples < 0:  # A reversed slice (`train[50%:40%]`): TFDS counts it negative.
+    raise DatasetError(
+      f"Dataset '{name}' split '{split}' is a reversed slice (its end comes before its start: "
+      f"{num_examples} examples); its splits are: {sizes}."
+    )
   if num_examples == 0:  # e.g. a slice past the end, which as_dataset would refuse obscurely
     raise DatasetError(
       f"Dataset '{name}' split '{split}' selects no examples; its splits are: {sizes}."
