@@ -217,8 +217,9 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
       cfg.optim.weight_decay,
       cfg.optim.optimizer,
     )
-  else:
-    logging.info("No linear-evaluation head: skipping eval")
+  else:  # The plan warned of an unlabelled eval split.
+    why = "no linear-evaluation head" if state.model.supervised_head is None else "no labels"
+    logging.info("Skipping eval: %s", why)
   if knn_sources is not None:
     # Computed once per step (the monitor may have run at this step); written below.
     result.update(knn.knn_monitor(cfg, strategy, state, knn_sources, step, is_chief))

@@ -940,3 +940,55 @@ def test_only_builder_errors_about_the_data_become_dataset_errors(shapes_dir):
   with pytest.raises(RuntimeError, match="KeyError.*features") as info:  # TFDS's wrapping
     datasets.load_source("buggy_builder", "train", data_dir=shapes_dir)
   assert not isinstance(info.value, datasets.DatasetError)
+
+
+def test_hidden_and_system_folders_are_skipped_and_named(tmp_path, caplog):
+  root = str(tmp_path)
+  for cls in ("a", "b"):
+    _png(0, f"{root}/train/{cls}/0.png")
+  # What Jupyter, macOS's archiver and git leave beside (and inside) class folders.
+  _png(1, f"{root}/train/.ipynb_checkpoints/0-checkpoint.png")
+  _png(2, f"{root}/train/__MACOSX/a/0.png")
+  _png(3, f"{root}/train/a/.ipynb_checkpoints/0-checkpoint.png")
+  source = datasets.load_source("image_folder", "train", data_dir=root)
+  assert source.class_names == ("a", "b") and source.num_examples == 2
+  assert [os.path.relpath(f, f"{root}/train") for f in source.files] == ["a/0.png", "b/0.png"]
+  assert "skipping 3 hidden or system folders" in caplog.text
+  assert "train/.ipynb_checkpoints" in caplog.text
+  # An unlabelled split: its images, not a class made of the checkpoint folder.
+  _png(4, f"{root}/loose/x.png")
+  _png(5, f"{root}/loose/.ipynb_checkpoints/x-checkpoint.png")
+  loose = datasets.load_source("image_folder", "loose", data_dir=root)
+  assert (loose.num_classes, loose.num_examples) == (0, 1)
+
+
+def test_a_truncated_file_is_counted_once_however_often_it_is_read(tmp_path, caplog):
+  root = str(tmp_path)
+  for i in range(2):
+    _png(i, f"{root}/train/a/{i}.png")
+  jpeg = tf.io.encode_jpeg(_random_image(9, 32, 32)).numpy()
+  _write(f"{root}/train/a/cut.jpg", jpeg[: len(jpeg) // 2])
+  source = datasets.load_source("image_folder", "train", data_dir=root)
+  assert source.num_examples == 3
+  caplog.clear()
+  # Six epochs of the two images that decode: the cut one is read (and fails) in each.
+  batches = _take(datasets.train_dataset(source, 2, 2, 1, 0, seed=0, image_size=8), 6)
+  assert all(2 not in b["id"] for b in batches)
+  warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
+  assert len(warnings) == 1 and "a/cut.jpg; skipped (1 so far)" in warnings[0], warnings
+
+
+def test_label_files_with_a_bom_and_of_one_class(shapes_dir, tmp_path, caplog):
+  source = datasets.load_source("shapes10", "train[:100]", data_dir=shapes_dir)
+  labels = _records_numpy(source)["label"]
+  # Notepad's "UTF-8" writes a byte-order mark before the first id.
+  path = tmp_path / "bom.txt"
+  path.write_bytes("\ufeff0\n5\n".encode())
+  np.testing.assert_array_equal(datasets.label_subset(source, label_file=str(path)), [0, 5])
+  assert "all of class" not in caplog.text
+  same = np.flatnonzero(labels == labels[0])[:3]
+  (tmp_path / "one.txt").write_text("".join(f"{i}\n" for i in same))
+  np.testing.assert_array_equal(
+    datasets.label_subset(source, label_file=str(tmp_path / "one.txt")), same
+  )
+  assert f"its 3 ids are all of class {labels[0]} (of 10)" in caplog.text

@@ -215,3 +215,22 @@ def test_distillation_refuses_a_teacher_of_other_classes(folders, teacher, tmp_p
     plan_lib.make_plan(
       _config(tmp_path, two_classes, train_mode="distill", teacher_checkpoint=teacher)
     )
+
+
+def test_one_class_and_an_unlabelled_eval_split_are_said(folders, tmp_path, caplog):
+  # Labelled training images, an eval split without class folders: no evaluation, and why.
+  plan = plan_lib.make_plan(
+    _config(tmp_path, folders["labelled"], mode="train_then_eval", eval_split="loose")
+  )
+  assert plan.cfg.model.num_classes == 3 and plan.eval_source is None
+  assert "image_folder split 'loose' is unlabelled: the supervised head is not evaluated" in (
+    caplog.text
+  )
+  assert "one class" not in caplog.text
+  # One class folder: a head that scores 100% whatever it learnt.
+  one = str(tmp_path / "one")
+  _write_images(os.path.join(one, "train"), [f"a/{i}" for i in range(3)])
+  _write_images(os.path.join(one, "test"), ["a/0"])
+  plan = plan_lib.make_plan(_config(tmp_path, one, mode="train_then_eval"))
+  assert plan.cfg.model.num_classes == 1
+  assert "image_folder split 'train' has one class" in caplog.text

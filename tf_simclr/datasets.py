@@ -298,7 +298,13 @@ class _Listing:
   others: int = 0  # files without an image extension
   not_regular: list = dataclasses.field(default_factory=list)  # FIFOs, sockets, broken links
   links_not_followed: list = dataclasses.field(default_factory=list)
+  system_dirs: list = dataclasses.field(default_factory=list)  # skipped (`_is_system`)
   seen_dirs: set = dataclasses.field(default_factory=set)  # real paths, for loop detection
+
+
+def _is_system(name: str) -> bool:
+  """Folders that tools leave beside images: .ipynb_checkpoints, .git, macOS's __MACOSX."""
+  return name.startswith(".") or name == "__MACOSX"
 
 
 def _list_local(folder: str, split_root: str, listing: _Listing) -> list[str]:
@@ -319,7 +325,9 @@ def _list_local(folder: str, split_root: str, listing: _Listing) -> list[str]:
     listing.seen_dirs.add(real)
     with os.scandir(directory) as entries:
       for entry in entries:
-        if entry.is_dir():
+        if entry.is_dir() and _is_system(entry.name):
+          listing.system_dirs.append(entry.path)
+        elif entry.is_dir():
           if entry.is_symlink():
             target = os.path.realpath(entry.path)
             if (
@@ -345,7 +353,9 @@ def _list_images(folder: str, split_root: str, listing: _Listing) -> list[str]:
   if _is_local(folder):
     return sorted(_list_local(folder, split_root, listing))
   paths = []
-  for root, _, files in tf.io.gfile.walk(folder):  # Object stores have no links or FIFOs.
+  for root, dirs, files in tf.io.gfile.walk(folder):  # Object stores have no links or FIFOs.
+    listing.system_dirs += [os.path.join(root, d) for d in dirs if _is_system(d.rstrip("/"))]
+    dirs[:] = [d for d in dirs if not _is_system(d.rstrip("/"))]  # walk descends into these
     for f in files:
       if f.lower().endswith(IMAGE_EXTENSIONS):
         paths.append(os.path.join(root, f))
@@ -355,6 +365,13 @@ def _list_images(folder: str, split_root: str, listing: _Listing) -> list[str]:
 
 
 def _log_listing(root: str, listing: _Listing) -> None:
+  if listing.system_dirs:
+    logging.warning(
+      "Image folder %s: skipping %d hidden or system folders (not classes, not images), e.g. %s",
+      root,
+      len(listing.system_dirs),
+      ", ".join(_shown(p) for p in sorted(listing.system_dirs)[:3]),
+    )
   if listing.others:
     logging.info(
       "Image folder %s: ignoring %d files without an image extension (%s)",
@@ -438,6 +455,37 @@ def _skip_non_images(root: str, paths: list[str], labels: list[int]):
   )
 
 
+def _split_files(root: str, class_names=None):
+  """(paths, labels, class folders, listing) of the split folder `root`.
+
+  Labelled by its class folders (by `class_names` when given, see `_class_labels`); without
+  class folders, every image under `root` with label -1. System folders are never classes.
+  """
+  entries = sorted(tf.io.gfile.listdir(root))
+  folders = [d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(root, d))]
+  classes = [d for d in folders if not _is_system(d)]
+  labels_of = _class_labels(root, classes, class_names)
+  paths, labels, listing = [], [], _Listing()
+  if classes:  # (Without classes, listing the split finds the system folders.)
+    listing.system_dirs = [os.path.join(root, d) for d in folders if _is_system(d)]
+    loose = [e for e in entries if e.rstrip("/") not in folders]
+    if loose:
+      logging.warning(
+        "Image folder %s: ignoring %d files beside the class folders", root, len(loose)
+      )
+    for name in classes:
+      found = _list_images(os.path.join(root, name), root, listing)
+      if not found:
+        logging.warning("Image folder %s: class '%s' has no images", root, name)
+      if name in labels_of:
+        paths += found
+        labels += [labels_of[name]] * len(found)
+  else:
+    paths = _list_images(root, root, listing)
+    labels = [-1] * len(paths)
+  return paths, labels, classes, listing
+
+
 def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> Source:
   """`data_dir/<split>/<class>/...` (labelled) or `data_dir/<split>/<images>` (unlabelled)."""
   if not data_dir:
@@ -458,26 +506,7 @@ def _image_folder_source(split: str, data_dir: str | None, class_names=None) -> 
       f"its splits are: {', '.join(splits) or 'none'}."
     )
 
-  entries = sorted(tf.io.gfile.listdir(root))
-  classes = [d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(root, d))]
-  labels_of = _class_labels(root, classes, class_names)
-  paths, labels, listing = [], [], _Listing()
-  if classes:
-    loose = [e for e in entries if e.rstrip("/") not in classes]
-    if loose:
-      logging.warning(
-        "Image folder %s: ignoring %d files beside the class folders", root, len(loose)
-      )
-    for name in classes:
-      found = _list_images(os.path.join(root, name), root, listing)
-      if not found:
-        logging.warning("Image folder %s: class '%s' has no images", root, name)
-      if name in labels_of:
-        paths += found
-        labels += [labels_of[name]] * len(found)
-  else:
-    paths = _list_images(root, root, listing)
-    labels = [-1] * len(paths)
+  paths, labels, classes, listing = _split_files(root, class_names)
   _log_listing(root, listing)
 
   paths, labels = _skip_non_images(root, paths, labels)
@@ -577,7 +606,8 @@ def read_label_file(path: str) -> np.ndarray:
   if not tf.io.gfile.exists(path):
     raise DatasetError(f"label file {path} does not exist")
   with tf.io.gfile.GFile(path, "r") as f:
-    lines = f.read().splitlines()
+    # A UTF-8 byte-order mark (Windows editors write one) is not part of the first id.
+    lines = f.read().removeprefix("\ufeff").splitlines()
   ids = []
   for number, line in enumerate(lines, 1):
     line = line.strip()
@@ -612,6 +642,21 @@ def _labels_by_id(source: Source) -> np.ndarray:
   return labels
 
 
+def _warn_one_class(source: Source, ids: np.ndarray, label_file: str) -> None:
+  """Warns when the ids [n] of `label_file` all have one label of a split of several."""
+  if source.num_classes < 2:
+    return
+  labels = np.unique(_labels_by_id(source)[ids])
+  if len(labels) == 1:
+    logging.warning(
+      "Label file %s: its %d ids are all of class %d (of %d): the head learns one class",
+      label_file,
+      len(ids),
+      labels[0],
+      source.num_classes,
+    )
+
+
 def label_subset(
   source: Source, fraction: float = 1.0, label_file: str | None = None, seed: int = 0
 ) -> np.ndarray | None:
@@ -642,6 +687,7 @@ def label_subset(
       )
     ids = read_label_file(label_file)
     _check_ids(source, ids, what=f"label file {label_file}")
+    _warn_one_class(source, ids, label_file)
     return ids
   if fraction == 1:
     return None
@@ -752,12 +798,16 @@ class _DecodeFailures:
   def __init__(self, source: Source):
     self.where = f"{source.name} split {source.split!r}"
     self.files = source.files
+    self.failed = set()  # ids: a file is read again each epoch, but counted once
     self.count = 0
 
   def __call__(self, example_id) -> bool:
     """Logs file `example_id` (called from the input pipeline); returns False (drop it)."""
-    self.count += 1
     i = int(example_id)
+    if i in self.failed:
+      return False
+    self.failed.add(i)
+    self.count = len(self.failed)
     name = self.files[i] if 0 <= i < len(self.files) else f"id {i}"
     if self.count <= self.NAMED:
       logging.warning("%s: cannot decode %s; skipped (%d so far)", self.where, name, self.count)

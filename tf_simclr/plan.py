@@ -60,6 +60,12 @@ def make_plan(cfg: RunConfig) -> RunPlan:
   num_classes, teacher = _classes(cfg, train_source.num_classes, split)
   if t.knn_eval_every_n_steps and train_source.num_classes == 0:
     raise ValueError(f"--knn_eval_every_n_steps needs labels, but {split} is unlabeled")
+  if num_classes == 1:
+    logging.warning(
+      "%s has one class: a supervised head of one class has nothing to tell apart, and "
+      "scores 100%% whatever the encoder learnt",
+      split,
+    )
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, num_classes=num_classes))
   eval_source = _eval_source(cfg, train_source)
 
@@ -121,7 +127,12 @@ def _eval_source(cfg: RunConfig, train_source: datasets.Source) -> datasets.Sour
       f"--knn_eval_every_n_steps needs labels, but {cfg.data.dataset} split "
       f"{cfg.data.eval_split!r} is unlabeled"
     )
-  if source.num_classes == 0:  # Distilling on unlabeled images: nothing to score.
-    logging.info("Unlabeled eval split %r: no evaluation", cfg.data.eval_split)
+  if source.num_classes == 0:  # e.g. an image folder's split without class folders
+    logging.warning(
+      "%s split %r is unlabelled: the supervised head is not evaluated (no result.json); give "
+      "a labelled --eval_split to score it",
+      cfg.data.dataset,
+      cfg.data.eval_split,
+    )
     return None
   return source
