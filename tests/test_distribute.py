@@ -107,3 +107,9 @@ def test_native_bfloat16_is_read_from_the_cpu_flags():
   assert distribute.native_bfloat16("flags\t\t: fpu amx_bf16\n")
   assert distribute.native_bfloat16("Features\t: fp asimd bf16 i8mm\n")  # aarch64
   assert not distribute.warn_slow_bfloat16(None, "none")
+
+
+def test_one_device_with_cpu_replicas_is_a_contradiction():
+  # Refused before any device is set up (it used to give a MirroredStrategy silently).
+  with pytest.raises(ValueError, match="strategy=one_device runs on one device, but cpu_r"):
+    distribute.make_strategy("one_device", cpu_replicas=4)

@@ -212,3 +212,20 @@ def test_internal_errors_keep_their_traceback_and_say_they_are_bugs(
   assert "Traceback" in err, err
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"internal error ({kind}): this is a bug in tf_simclr"), last
+
+
+def test_run_py_refuses_a_batch_without_negatives_in_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [sys.executable, os.path.join(root, "run.py"), f"--model_dir={tmp_path / 'm'}"]
+  res = subprocess.run(
+    args + ["--train_steps=1", "--train_batch_size=1"], capture_output=True, text=True
+  )
+  assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines() == [
+    "error: --train_batch_size=1: pretraining needs a global batch of at least 2 (each "
+    "example's negatives are the other examples of the batch)"
+  ]
+  assert not os.path.exists(tmp_path / "m")

@@ -101,7 +101,7 @@ class ModelConfig:
   """
 
   resnet_depth: int = 50
-  # Channels round(c * w): 1, 2, 4 or a fraction (resnet.channels). An integral value is kept
+  # Channels round(c * w): 1, 2, 4 or a fraction (`channels` above). An integral value is kept
   # as an int (2.0 -> 2), however it was spelt, so configs and manifests say 2 as the reference.
   width_multiplier: float = 1
   image_size: int = 224

@@ -115,6 +115,11 @@ def make_strategy(
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  if strategy == "one_device" and cpu_replicas > 1:  # Would silently be mirrored (below).
+    raise ValueError(
+      f"strategy=one_device runs on one device, but cpu_replicas={cpu_replicas} asks for "
+      "several: use strategy=mirrored (or auto) with cpu_replicas"
+    )
   if strategy == "auto" and (use_tpu and (tpu_name or master)):
     strategy = "tpu"
   if strategy == "tpu":
