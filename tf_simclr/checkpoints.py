@@ -83,8 +83,11 @@ def _set_aside(path):
     tf.io.gfile.rename(name, f"{name}.corrupt-{suffix}")
 
 
-def _restore(checkpoint, path):
-  """Restores `path` into `checkpoint`, ignoring extra saved values (e.g. optimizer slots).
+def restore_all(checkpoint, path):
+  """Restores `path` into every object of `checkpoint`, ignoring extra saved values.
+
+  Values the file has and `checkpoint` lacks (e.g. optimizer slots, restoring into
+  `Checkpoint(model=model)` for evaluation, which they do not change) are not an error.
 
   Raises:
     CheckpointMismatchError: a variable of `checkpoint` is missing from `path` or has another
@@ -133,7 +136,7 @@ def restore_latest(
   candidates = list(reversed(_listed_checkpoints(model_dir)))
   for i, path in enumerate(candidates):
     try:
-      _restore(checkpoint, path)
+      restore_all(checkpoint, path)
     except _CORRUPT_ERRORS as err:
       if not _is_corrupt(err):
         raise
@@ -205,7 +208,7 @@ def restore_weights(model, path: str) -> None:
   """
   path = resolve_prefix(path)
   try:
-    _restore(tf.train.Checkpoint(model=model), path)
+    restore_all(tf.train.Checkpoint(model=model), path)
   except _CORRUPT_ERRORS as err:
     if not _is_corrupt(err):
       raise
