@@ -145,3 +145,19 @@ def test_eval_waits_with_a_bound_and_says_so(tmp_path, caplog):
   )
   assert [step for step, _ in walk] == [2]
   assert "No new checkpoint" in caplog.text
+
+
+def test_eval_must_evaluate_the_run_s_own_model(tmp_path):
+  pretrain = _flag_defaults(train_mode="pretrain", image_size=16, train_steps=10)
+  d = _checkpointed_dir(tmp_path, pretrain)
+  # Settings that only shaped training may differ (and a training job's flags.json may not
+  # exist yet: nothing to compare).
+  rundir.check_eval(d, dict(pretrain, learning_rate=9.0, train_batch_size=7, mode="eval"))
+  rundir.check_eval(str(tmp_path / "not_yet"), dict(pretrain, image_size=32))
+  with pytest.raises(rundir.ModelDirError) as info:
+    rundir.check_eval(d, dict(pretrain, image_size=32, ft_proj_selector=1, learning_rate=9.0))
+  assert str(info.value) == (
+    f"{d} holds the checkpoints of another run (--image_size=16 there, 32 here; "
+    "--ft_proj_selector=0 there, 1 here): --mode=eval evaluates them as the run that wrote "
+    f"them. Give that run's settings ({d}/flags.json)"
+  )
