@@ -50,7 +50,17 @@ def _export(cfg, model, step):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   if tf.io.gfile.exists(target):
-    logging.info("An export for step %d exists at %s; kept as it is", step, target)
+    differences = export.manifest_differences(target, cfg.model)
+    if differences:
+      # Not replaced: an export is never deleted by a run; the user decides.
+      logging.warning(
+        "The export %s is of another model than this run's (%s); kept as it is. Delete it "
+        "and rerun to export this run's",
+        target,
+        "; ".join(differences),
+      )
+    else:
+      logging.info("An export for step %d exists at %s; kept as it is", step, target)
     return target
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 

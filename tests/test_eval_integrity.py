@@ -23,6 +23,7 @@ from tf_simclr import checkpoints
 from tf_simclr import datasets
 from tf_simclr import distribute
 from tf_simclr import evaluate
+from tf_simclr import export
 from tf_simclr import knn
 from tf_simclr import model as model_lib
 from tf_simclr import plan as plan_lib
@@ -228,3 +229,23 @@ def test_augmented_views_are_what_the_run_trains_on(tiny_run, tmp_path, train_mo
   dataset = trainer.input_fn(source, 0)(tf.distribute.InputContext())
   trained = next(iter(dataset))["views"].numpy()[:4, 0]  # [b, V, s, s, 3]: step 0's first four
   np.testing.assert_array_equal(shown, trained)
+
+
+def test_an_export_of_another_model_is_not_kept_silently(tiny_run, tmp_path, caplog):
+  # As an evaluation with other settings wrote them before they were refused.
+  d = _copy(tiny_run, tmp_path)
+  manifest_path = os.path.join(d, "saved_model", "1", export.MANIFEST)
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  cfg = plan_lib.make_plan(definitions.to_config(_values(d, tiny_run[1]))).cfg
+  caplog.set_level("INFO", logger="absl")
+  assert run._export(cfg, None, 1) == os.path.join(d, "saved_model", "1")
+  assert "kept as it is" in caplog.text and "another model" not in caplog.text
+  manifest["model_config"]["image_size"] = 32
+  with open(manifest_path, "w") as f:
+    json.dump(manifest, f)
+  run._export(cfg, None, 1)
+  assert (
+    f"The export {d}/saved_model/1 is of another model than this run's (image_size: 32 "
+    "there, 16 here)" in caplog.text
+  )

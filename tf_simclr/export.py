@@ -234,6 +234,38 @@ def _write_manifest(export_dir, twin):
     json.dump(manifest, f, indent=1)
 
 
+# The manifest fields that decide what an export computes (the others are reset by the twin, or
+# only initialised the weights).
+_DEFINING = (
+  "resnet_depth",
+  "width_multiplier",
+  "image_size",
+  "sk_ratio",
+  "se_ratio",
+  "batch_norm_decay",
+  "proj_head_mode",
+  "proj_out_dim",
+  "num_proj_layers",
+  "ft_proj_selector",
+  "num_classes",
+)
+
+
+def manifest_differences(export_dir: str, config: ModelConfig) -> list[str]:
+  """`name: value there, value here` for each `_DEFINING` field of the export's manifest that
+  differs from `config`; [] when none does, or the export has no readable manifest."""
+  try:
+    found = read_manifest(export_dir)["model_config"]
+  except (ValueError, tf.errors.OpError):
+    return []
+  wanted = dataclasses.asdict(config)
+  return [
+    f"{k}: {found[k]} there, {wanted[k]} here"
+    for k in _DEFINING
+    if k in found and found[k] != wanted[k]
+  ]
+
+
 def is_saved_model(path: str) -> bool:
   """Whether `path` is a SavedModel directory (holds saved_model.pb)."""
   return bool(path) and tf.saved_model.contains_saved_model(path)
