@@ -3,9 +3,12 @@
 * `check_resume`: a model_dir that holds checkpoints is resumed only by a run with the same
   run-defining settings (`RUN_DEFINING`): another train mode, model, dataset or optimisation
   would reuse (and prune) checkpoints that mean something else. Refused with one line.
+* `check_eval`: an evaluation (`--mode=eval`) must give the run's `EVAL_DEFINING` settings,
+  those that decide what its checkpoints compute (and what an export's manifest says).
 * `record_flags`: `flags.json` is written once, by the run that starts the model_dir; a resume
   that changed other settings (`--train_steps` to extend, an eval batch size) writes what
-  changed beside it, in `flags_resumed_<time>.json`.
+  changed beside it, in `flags_resumed_<time>.json` (run.py: once the resumed run has written
+  its first checkpoint, so a resume that failed at once leaves no record).
 * `TrainingLock`: one training job per model_dir. `model_dir/train.lock` records host and pid;
   it is an advisory `flock` on local disks (and NFS), which the kernel releases when the process
   ends however it ends, so a crashed run's lock is taken over by the next. Object stores (gs://)
