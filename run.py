@@ -8,6 +8,7 @@ keeps its traceback, ends with a line asking for a report, and exits with status
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 import sys
@@ -51,7 +52,17 @@ def _export(cfg, model, step):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   if tf.io.gfile.exists(target):
-    logging.info("An export for step %d exists at %s; kept as it is", step, target)
+    differences = export.manifest_differences(target, cfg.model)
+    if differences:
+      # Not replaced: an export is never deleted by a run; the user decides.
+      logging.warning(
+        "The export %s is of another model than this run's (%s); kept as it is. Delete it "
+        "and rerun to export this run's",
+        target,
+        "; ".join(differences),
+      )
+    else:
+      logging.info("An export for step %d exists at %s; kept as it is", step, target)
     return target
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
@@ -67,13 +78,15 @@ def _export(cfg, model, step):
 
 
 def _claim_model_dir(t, flag_values, is_chief):
-  """Training: refuses another run's model_dir, then takes its lock (released at exit).
+  """Refuses another run's model_dir; training then takes its lock (released at exit).
 
-  Before anything is written. Evaluation (`--mode=eval`) may join a training job: no check.
+  Before anything is written. Evaluation (`--mode=eval`) may join a training job: it takes no
+  lock, but must evaluate the checkpoints as the model they are (`rundir.check_eval`).
   """
   from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
 
   if t.mode == "eval":
+    rundir.check_eval(t.model_dir, flag_values)
     return
   rundir.check_resume(t.model_dir, flag_values)
   if is_chief:  # One training job per model_dir.
@@ -109,41 +122,61 @@ def run(cfg, flag_values):
 
   plan = plan_lib.make_plan(cfg)
   state = train_lib.build_state(plan.cfg, strategy, plan.train_source.num_examples, is_chief)
+  record_resume = None
   if is_chief and t.mode != "eval":
-    _record_run(plan, flag_values)
+    record_resume = _record_run(plan, flag_values)
   if t.mode in ("train", "train_then_eval"):
-    return _train(plan, strategy, state, is_chief)
-  return _evaluate_checkpoints(plan, strategy, state, is_chief)
+    return _train(plan, strategy, state, is_chief, record_resume)
+  return _evaluate_checkpoints(plan, strategy, state, is_chief, flag_values)
 
 
 def _record_run(plan, flag_values):
-  """Writes the run's flags.json and label subset into model_dir (a resumed run's are kept)."""
+  """Writes a new run's flags.json and label subset into model_dir (a resumed run's are kept).
+
+  A training job holds the model_dir's lock: no export of ours is in progress, so the
+  temporary directories of killed exports are removed (with a log line).
+  Returns, for a resume, what records its changed settings (`rundir.record_flags`): to call
+  once they have taken effect (its first checkpoint), so a resume that fails at once (a full
+  disk) leaves no record of settings that never ran. None for a new run.
+  """
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr import export  # pylint: disable=g-import-not-at-top
   from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
 
   model_dir = plan.cfg.train.model_dir
   if plan.cfg.model.train_mode != "pretrain":
     datasets.write_label_subset(model_dir, plan.label_ids)  # Refuses another subset.
+  export.remove_leftovers(os.path.join(model_dir, "saved_model"))
+  if rundir.check_resume(model_dir, flag_values):
+    return functools.partial(rundir.record_flags, model_dir, flag_values)
   rundir.record_flags(model_dir, flag_values)
+  return None
 
 
-def _train(plan, strategy, state, is_chief):
-  """Trains to the last step; with mode=train_then_eval, then evaluates and exports."""
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+def _train(plan, strategy, state, is_chief, record_resume=None):
+  """Trains to the last step; with mode=train_then_eval, then evaluates and exports.
+
+  `record_resume`: see `_record_run`; called after the first checkpoint, or before the
+  evaluation when there was nothing left to train.
+  """
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
 
   cfg, t = plan.cfg, plan.cfg.train
-  views = datasets.example_views(
-    plan.train_source,
-    t.seed,
-    cfg.model.image_size,
-    cfg.data.color_jitter_strength,
-    cfg.data.use_blur,
-    min_scale=cfg.data.min_scale,
-    horizontal_flip=cfg.data.horizontal_flip,
-  )
+  pending = [record_resume] if record_resume is not None else []
+
+  def after_save():
+    while pending:
+      pending.pop()()
+
   step = train_lib.train(
-    cfg, strategy, plan.train_source, state, is_chief, views, knn_sources=plan.knn_sources
+    cfg,
+    strategy,
+    plan.train_source,
+    state,
+    is_chief,
+    train_lib.view_examples(cfg, plan.train_source),
+    knn_sources=plan.knn_sources,
+    after_save=after_save,
   )
   if step < state.total_steps:
     if state.stopped_by == "SIGINT":
@@ -160,23 +193,32 @@ def _train(plan, strategy, state, is_chief):
   if t.mode == "train":
     print(f"Trained to step {step}. Checkpoints in {t.model_dir}")
     return None
+  after_save()  # Already trained to the end: the changed settings act on the evaluation.
   return _evaluate_and_export(
     cfg, strategy, state, plan.eval_source, step, is_chief, plan.knn_sources
   )
 
 
-def _evaluate_checkpoints(plan, strategy, state, is_chief):
-  """mode=eval, beside a training job: each new checkpoint once, until the last step."""
+def _evaluate_checkpoints(plan, strategy, state, is_chief, flag_values):
+  """mode=eval, beside a training job: each new checkpoint once, until the last step.
+
+  Each checkpoint must hold every variable of the model (a partial restore is an error); the
+  optimizer's are not read, as they do not change what the model computes. The step is the
+  checkpoint's number (training saves `ckpt-<step>`).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from tf_simclr import evaluate  # pylint: disable=g-import-not-at-top
+  from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
 
   t = plan.cfg.train
   result = None
   for step, _ in evaluate.restored_checkpoints(
-    state.checkpoint,
+    tf.train.Checkpoint(model=state.model),
     t.model_dir,
     state.total_steps,
-    step_of=lambda: state.optimizer.iterations.numpy(),
     timeout_secs=t.eval_timeout_s,
+    check=functools.partial(rundir.check_eval, t.model_dir, flag_values),
   ):
     result = _evaluate_and_export(
       plan.cfg, strategy, state, plan.eval_source, step, is_chief, plan.knn_sources
@@ -216,6 +258,7 @@ def _evaluate_and_export(cfg, strategy, state, eval_source, step, is_chief, knn_
       cfg.train.eval_steps,
       cfg.optim.weight_decay,
       cfg.optim.optimizer,
+      step=step,
     )
   else:  # The plan warned of an unlabelled eval split.
     why = "no linear-evaluation head" if state.model.supervised_head is None else "no labels"

@@ -177,3 +177,21 @@ def test_unlisted_checkpoint_is_not_restored(tmp_path):
   ckpt, manager, step = _manager(_model(), d)
   assert not checkpoints.restore_latest(ckpt, manager, d)
   assert int(step.numpy()) == 0
+
+
+def test_a_shape_mismatch_is_one_line_naming_the_variable(tmp_path, caplog):
+  d = str(tmp_path)
+  _save_three(d)
+  ckpt, manager, step = _manager(_model(width=5), d)
+  with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+    checkpoints.restore_all(ckpt, os.path.join(d, "ckpt-3"))
+  message = str(info.value)
+  assert "\n" not in message
+  # The first variable met of either layer whose shape the width changes.
+  assert any(
+    f"has shape {a} there, {b} here" in message
+    for a, b in (("[3, 4]", "[3, 5]"), ("[4]", "[5]"), ("[4, 2]", "[5, 2]"))
+  ), message
+  assert message.startswith(f"checkpoint {d}/ckpt-3 does not match the model asked for (model/")
+  # Refused before restoring anything: no value of the other model was assigned.
+  assert int(step.numpy()) == 0

@@ -312,7 +312,8 @@ def test_refusals_leave_nothing_behind(tmp_path, converted_r18):
     (ours, "tf_simclr's own"),
     (ours / "saved_model" / "0", "tf_simclr's own"),
     (tmp_path / "missing", "does not exist"),
-    (tmp_path / "odd" / "ckpt-1.index", "exist"),
+    # One of a prefix's files stands for the prefix, as run.py's --checkpoint accepts it.
+    (tmp_path / "odd" / "ckpt-1.index", re.escape("basic blocks [2, 2, 2, 3]")),
   ]
   for src, words in cases:
     with pytest.raises(convert.NotReferenceError, match=words):
@@ -338,6 +339,19 @@ def test_refusals_leave_nothing_behind(tmp_path, converted_r18):
   assert res.returncode == 1 and "Traceback" not in res.stderr
   assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "depths" in res.stderr
   assert sorted(os.listdir(tmp_path)) == ["odd"]
+
+
+def test_an_index_file_converts_and_a_killed_conversion_s_leftovers_go(tmp_path, converted_r18):
+  dst = tmp_path / "dst"
+  ours = tmp_path / f"dst.tmp-{'0123456789abcdef' * 2}"  # as a conversion killed mid-write
+  kept = [tmp_path / "dst.tmp-mine", tmp_path / f"other.tmp-{'a' * 32}", tmp_path / "dst2"]
+  for path in [ours, *kept]:
+    (path / "saved_model").mkdir(parents=True)
+  index = os.path.join(FIXTURES, R18, "trained", "ckpt-3.index")
+  config, step = convert.convert(index, str(dst))
+  assert (config, step) == converted_r18["trained"][1:]
+  assert os.path.exists(dst / "ckpt-3.index") and os.path.isdir(dst / "saved_model" / "3")
+  assert not ours.exists() and all(p.is_dir() for p in kept)
 
 
 def test_reference_teacher_predicts_the_reference_logits():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from flags import definitions
 from tf_simclr import checkpoints
 from tf_simclr import config as C
 from tf_simclr import datasets
@@ -20,6 +21,7 @@ from tf_simclr import distill
 from tf_simclr import evaluate
 from tf_simclr import export
 from tf_simclr import model as model_lib
+from tf_simclr import plan as plan_lib
 from tf_simclr import train
 
 SMALL = dict(resnet_depth=18, image_size=16, num_classes=10, train_mode="finetune", global_bn=False)
@@ -234,3 +236,32 @@ def test_linear_eval_model_trains_only_the_head(exported):
   twin = export.make_export_twin(model)
   assert twin.config.fine_tune_after_block == -1
   assert [v.path for v in twin.trainable_weights] == [v.path for v in exported[0].trainable_weights]
+
+
+def test_a_teacher_of_another_image_size_is_refused(exported, tmp_path):
+  # The teacher labels the student's views at the student's size: a 16 px teacher at 32 px
+  # would label images unlike any it was trained on, without a word.
+  for i in range(4):
+    path = tmp_path / "images" / "train" / f"{i}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tf.io.encode_png(tf.fill([4, 4, 3], tf.constant(i * 60, tf.uint8))).numpy())
+  values = {name: definitions.FLAGS[name].default for name in definitions.FLAGS}
+  values.update(
+    model_dir=str(tmp_path / "run"),
+    dataset="image_folder",
+    data_dir=str(tmp_path / "images"),
+    train_mode="distill",
+    teacher_checkpoint=exported[1],
+    train_steps=1,
+    mode="train",
+  )
+  with pytest.raises(ValueError) as info:
+    plan_lib.make_plan(definitions.to_config(dict(values, image_size=32)))
+  assert str(info.value) == (
+    f"teacher {exported[1]} was trained at --image_size=16, but this run's --image_size=32: "
+    "the teacher labels the student's views at their size. Use --image_size=16, or fine-tune "
+    "a teacher at 32 px"
+  )
+  assert not (tmp_path / "run").exists()
+  plan = plan_lib.make_plan(definitions.to_config(dict(values, image_size=16)))
+  assert plan.teacher.image_size == 16 and plan.cfg.model.num_classes == 10

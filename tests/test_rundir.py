@@ -229,3 +229,19 @@ def test_run_py_refuses_a_batch_without_negatives_in_one_line(tmp_path):
     "example's negatives are the other examples of the batch)"
   ]
   assert not os.path.exists(tmp_path / "m")
+
+
+def test_eval_must_evaluate_the_run_s_own_model(tmp_path):
+  pretrain = _flag_defaults(train_mode="pretrain", image_size=16, train_steps=10)
+  d = _checkpointed_dir(tmp_path, pretrain)
+  # Settings that only shaped training may differ (and a training job's flags.json may not
+  # exist yet: nothing to compare).
+  rundir.check_eval(d, dict(pretrain, learning_rate=9.0, train_batch_size=7, mode="eval"))
+  rundir.check_eval(str(tmp_path / "not_yet"), dict(pretrain, image_size=32))
+  with pytest.raises(rundir.ModelDirError) as info:
+    rundir.check_eval(d, dict(pretrain, image_size=32, ft_proj_selector=1, learning_rate=9.0))
+  assert str(info.value) == (
+    f"{d} holds the checkpoints of another run (--image_size=16 there, 32 here; "
+    "--ft_proj_selector=0 there, 1 here): --mode=eval evaluates them as the run that wrote "
+    f"them. Give that run's settings ({d}/flags.json)"
+  )

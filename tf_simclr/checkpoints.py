@@ -83,14 +83,18 @@ def _set_aside(path):
     tf.io.gfile.rename(name, f"{name}.corrupt-{suffix}")
 
 
-def _restore(checkpoint, path):
-  """Restores `path` into `checkpoint`, ignoring extra saved values (e.g. optimizer slots).
+def restore_all(checkpoint, path):
+  """Restores `path` into every object of `checkpoint`, ignoring extra saved values.
+
+  Values the file has and `checkpoint` lacks (e.g. optimizer slots, restoring into
+  `Checkpoint(model=model)` for evaluation, which they do not change) are not an error.
 
   Raises:
     CheckpointMismatchError: a variable of `checkpoint` is missing from `path` or has another
       shape (TF reports the latter as a ValueError during restore).
     _CORRUPT_ERRORS: the files cannot be read.
   """
+  _check_shapes(checkpoint, path)
   try:
     status = checkpoint.restore(path)
     status.expect_partial()
@@ -98,6 +102,40 @@ def _restore(checkpoint, path):
   except (AssertionError, ValueError) as err:
     raise _mismatch(path, err) from None
   return status
+
+
+def _check_shapes(checkpoint, path):
+  """CheckpointMismatchError when a variable of `checkpoint` has another shape in `path`.
+
+  Checked before restoring: a restore that fails part-way logs a warning for each value it did
+  not restore (~80 lines before the one-line error). Unreadable files are left to the restore.
+  """
+  try:
+    reader = tf.train.load_checkpoint(path)
+    graph = object_graph(reader)
+  except (tf.errors.OpError, ValueError):
+    return
+  shapes, view = reader.get_variable_to_shape_map(), tf.train.TrackableView(checkpoint)
+  stack, seen = [(checkpoint, graph.nodes[0], "")], set()
+  while stack:
+    obj, node, where = stack.pop()
+    if id(obj) in seen:
+      continue
+    seen.add(id(obj))
+    keys = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
+    if keys and keys[0] in shapes and hasattr(obj, "shape"):
+      if list(shapes[keys[0]]) != list(obj.shape):
+        raise CheckpointMismatchError(
+          f"checkpoint {path} does not match the model asked for ({where[1:]} has shape "
+          f"{shapes[keys[0]]} there, {list(obj.shape)} here); use the flags it was trained "
+          "with, or a new --model_dir"
+        )
+    children = view.children(obj)
+    for child in node.children:
+      if child.local_name in children:
+        stack.append(
+          (children[child.local_name], graph.nodes[child.node_id], f"{where}/{child.local_name}")
+        )
 
 
 def _listed_checkpoints(model_dir: str) -> list[str]:
@@ -133,7 +171,7 @@ def restore_latest(
   candidates = list(reversed(_listed_checkpoints(model_dir)))
   for i, path in enumerate(candidates):
     try:
-      _restore(checkpoint, path)
+      restore_all(checkpoint, path)
     except _CORRUPT_ERRORS as err:
       if not _is_corrupt(err):
         raise
@@ -205,7 +243,7 @@ def restore_weights(model, path: str) -> None:
   """
   path = resolve_prefix(path)
   try:
-    _restore(tf.train.Checkpoint(model=model), path)
+    restore_all(tf.train.Checkpoint(model=model), path)
   except _CORRUPT_ERRORS as err:
     if not _is_corrupt(err):
       raise

@@ -29,8 +29,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
-import uuid
 
 import tensorflow as tf
 
@@ -406,8 +406,9 @@ def _prefix(path: str) -> tuple[str, str]:
     if latest is None:
       raise NotReferenceError(f"{path} is a directory with neither a checkpoint nor a SavedModel")
     return latest, "checkpoint"
-  if tf.io.gfile.exists(path + ".index"):
-    return path, "checkpoint"
+  prefix = checkpoints.checkpoint_prefix(path)  # ckpt-3.index, as run.py's --checkpoint
+  if tf.io.gfile.exists(prefix + ".index"):
+    return prefix, "checkpoint"
   raise NotReferenceError(
     f"{path} does not exist (expected a reference checkpoint prefix such "
     "as model_dir/ckpt-1000, a model_dir, or a reference SavedModel)"
@@ -536,7 +537,7 @@ def _write(model: model_lib.SimCLRModel, step: int, dst: str) -> None:
   Everything goes to a temporary directory beside `dst`, renamed to `dst` when complete, so a
   failure leaves no half-written `dst`.
   """
-  tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+  tmp = export.temporary_name(dst)
   try:
     manager = tf.train.CheckpointManager(
       tf.train.Checkpoint(model=model), tmp, max_to_keep=1, checkpoint_name="ckpt"
@@ -560,6 +561,12 @@ def _write(model: model_lib.SimCLRModel, step: int, dst: str) -> None:
       tf.io.gfile.rmtree(tmp)
 
 
+def _remove_leftovers(dst: str) -> None:
+  """Deletes `DST.tmp-<hex>` directories that a killed conversion to `dst` left (`_write`)."""
+  parent, name = os.path.split(dst)
+  export.remove_leftovers(parent or ".", re.compile(re.escape(name) + r"\.tmp-[0-9a-f]{32}"))
+
+
 def convert(src: str, dst: str, ft_proj_selector: int | None = None) -> tuple[ModelConfig, int]:
   """Converts the reference artifact `src` into a tf_simclr checkpoint and export in `dst`.
 
@@ -581,6 +588,7 @@ def convert(src: str, dst: str, ft_proj_selector: int | None = None) -> tuple[Mo
   if tf.io.gfile.exists(dst) and (not tf.io.gfile.isdir(dst) or tf.io.gfile.listdir(dst)):
     raise FileExistsError(f"{dst} exists and is not an empty directory; not writing into it")
   source = open_source(src)
+  _remove_leftovers(dst)
   config = reference_config(source.graph, ft_proj_selector)
   # Variable shapes do not depend on the image size: build small.
   model = model_lib.build_model(config, image_size=32)

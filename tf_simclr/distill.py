@@ -116,6 +116,27 @@ def check_classes(config: ModelConfig, num_classes: int, path: str) -> None:
     )
 
 
+def check_image_size(config: ModelConfig, image_size: int, path: str) -> None:
+  """ValueError unless the teacher (`config`, from `path`) was trained at `image_size`.
+
+  The teacher labels the student's own views, at the student's size: a teacher trained at
+  another size sees images unlike its training data (objects at another scale, and above 32 px
+  another stem), and its labels silently lose accuracy. Refused rather than warned: the fix is
+  one flag. A google-research/simclr teacher records no size, only its stem (`convert`), so
+  there only the stem is compared.
+  """
+  if convert.is_reference(path):
+    same = config.use_cifar_stem == (image_size <= 32)
+  else:
+    same = config.image_size == image_size
+  if not same:
+    raise ValueError(
+      f"teacher {path} was trained at --image_size={config.image_size}, but this run's "
+      f"--image_size={image_size}: the teacher labels the student's views at their size. "
+      f"Use --image_size={config.image_size}, or fine-tune a teacher at {image_size} px"
+    )
+
+
 def load_teacher(path: str) -> model_lib.SimCLRModel:
   """Builds the teacher (under the caller's strategy scope, if any) and restores its weights.
 

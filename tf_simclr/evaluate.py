@@ -17,9 +17,27 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from tf_simclr import checkpoints
 from tf_simclr import datasets
 from tf_simclr import distribute
 from tf_simclr import optimizers
+
+
+class NonFiniteOutputError(ValueError):
+  """The model's forward pass gives NaN or inf on the evaluated data (its figures mean nothing)."""
+
+
+def check_finite_outputs(what: str, bad: float, count: float, split: str, step=None) -> None:
+  """Raises NonFiniteOutputError when `bad` of the `count` examples of `split` gave non-finite
+  `what` (e.g. "logits"); `step` is the checkpoint's, named in the message."""
+  if bad == 0:
+    return
+  at = f" at step {step}" if step is not None else ""
+  raise NonFiniteOutputError(
+    f"the model's {what} are not finite (NaN or inf){at} on {int(bad)} of {int(count)} "
+    f"examples of {split}, although its weights are: its forward pass overflows, so "
+    "evaluation stopped (no result, no export). Train with a lower --learning_rate"
+  )
 
 
 def evaluate(
@@ -31,6 +49,7 @@ def evaluate(
   eval_steps: int = 0,
   weight_decay: float = 0.0,
   optimizer_name: str = "lars",
+  step: int | None = None,
 ) -> dict:
   """Runs the supervised head over `source`; returns the reference's metric names.
 
@@ -38,9 +57,13 @@ def evaluate(
     model: a built SimCLRModel with a supervised head.
     eval_batch_size: global batch size (a multiple of the number of replicas).
     eval_steps: stop after this many global batches (0: the whole split).
+    step: the evaluated checkpoint's step, for messages.
   Returns:
     {'eval/label_top_1_accuracy', 'eval/label_top_5_accuracy', 'eval/regularization_loss',
      'eval/num_examples'}: Python floats.
+  Raises:
+    NonFiniteOutputError: logits [b, C] not finite on an example (argmax and top-k of NaN
+      give figures that mean nothing).
   """
   num_classes = model.config.num_classes
   top_k = min(5, num_classes)
@@ -56,20 +79,26 @@ def evaluate(
     mask = batch["mask"]
     top1 = tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32)
     top5 = tf.cast(tf.nn.in_top_k(labels, logits, top_k), tf.float32)
-    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)])
+    finite = tf.reduce_all(tf.math.is_finite(tf.cast(logits, tf.float32)), axis=1)
+    bad = (1.0 - tf.cast(finite, tf.float32)) * mask
+    return tf.stack(
+      [tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)]
+      + [tf.reduce_sum(bad)]
+    )
 
   @tf.function
-  def step(batch):
+  def eval_step(batch):
     return strategy.reduce(
       tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None
     )
 
-  totals = tf.zeros([3])
+  totals = tf.zeros([4])
   for i, batch in enumerate(dist):
     if eval_steps and i >= eval_steps:
       break
-    totals += step(batch)
-  top1, top5, count = (float(v) for v in totals.numpy())
+    totals += eval_step(batch)
+  top1, top5, count, bad = (float(v) for v in totals.numpy())
+  check_finite_outputs("logits", bad, count, f"{source.name}/{source.split}", step)
   reg = float(
     optimizers.explicit_weight_decay(model.trainable_variables, weight_decay, optimizer_name)
   )
@@ -128,6 +157,7 @@ def restored_checkpoints(
   step_of=None,
   poll_secs: float = 5.0,
   timeout_secs: float = 0.0,
+  check=None,
 ):
   """Restores each new checkpoint of `model_dir` into `checkpoint` and yields its step.
 
@@ -135,22 +165,27 @@ def restored_checkpoints(
   first, each once (never one older than the last yielded), waiting `poll_secs` between looks
   for new ones. A checkpoint that cannot be restored when its turn comes (pruned by the
   training job's `keep_checkpoint_max` between listing and restore, or unreadable) is skipped
-  with a log line. Stops after yielding a step >= `last_step`.
+  with a log line. Every object of `checkpoint` must be restored (values of the file it lacks,
+  e.g. optimizer slots, are ignored). Stops after yielding a step >= `last_step`.
 
   Args:
-    checkpoint: the tf.train.Checkpoint to restore into (model and optimizer).
+    checkpoint: the tf.train.Checkpoint to restore into (e.g. `Checkpoint(model=model)`).
     model_dir: the training job's directory.
     last_step: the training job's final step.
     step_of: () -> int, the restored step (default: the number in the checkpoint's name).
     poll_secs: seconds between looks at the index.
     timeout_secs: stop when no new checkpoint came for this long (0: wait without limit, as
       the reference does); the wait is logged.
+    check: () -> None, called before each restore; raises to stop (e.g. `rundir.check_eval`:
+      the training job may have written its flags.json after the evaluation began).
 
   Yields:
     (step, path) after each successful restore.
 
   Raises:
     ValueError: no checkpoint at all came within `timeout_secs`.
+    checkpoints.CheckpointMismatchError: a checkpoint lacks an object of `checkpoint`, or
+      holds one of another shape (another model).
   """
   last_number, waiting_since, yielded = -1, None, False
   while True:
@@ -162,8 +197,10 @@ def restored_checkpoints(
     fresh = [(n, p) for n, p in numbered if n > last_number]
     for number, path in fresh:
       last_number = number
+      if check is not None:
+        check()
       try:
-        checkpoint.restore(path).expect_partial()
+        checkpoints.restore_all(checkpoint, path)
       except tf.errors.OpError as err:
         logging.warning(
           "Skipping checkpoint %s: it could not be restored (%s; pruned by the training job?)",

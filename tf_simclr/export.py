@@ -35,6 +35,7 @@ import random
 import re
 import uuid
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -47,6 +48,9 @@ from tf_simclr.config import ModelConfig
 # the twin is built with a small dummy batch to keep building cheap for big models.
 _BUILD_SIZE = 32
 _NUMERIC = re.compile(r"[0-9]+")
+# `export_saved_model`'s temporary directory, `<step>.tmp-<uuid4 hex>`: what a killed export
+# leaves behind, and the only name `remove_leftovers` deletes.
+_TEMPORARY = re.compile(r"[0-9]+\.tmp-[0-9a-f]{32}")
 MANIFEST = os.path.join("assets.extra", "tf_simclr.json")
 _MANIFEST_FORMAT = 1
 
@@ -199,7 +203,7 @@ def export_saved_model(
   parent = os.path.dirname(export_dir)
   if parent:
     tf.io.gfile.makedirs(parent)
-  tmp_dir = f"{export_dir}.tmp-{uuid.uuid4().hex}"
+  tmp_dir = temporary_name(export_dir)
   try:
     tf.saved_model.save(root, tmp_dir, signatures={"serving_default": serving})
     _write_manifest(tmp_dir, twin)
@@ -228,6 +232,38 @@ def _write_manifest(export_dir, twin):
   tf.io.gfile.makedirs(os.path.dirname(path))
   with tf.io.gfile.GFile(path, "w") as f:
     json.dump(manifest, f, indent=1)
+
+
+# The manifest fields that decide what an export computes (the others are reset by the twin, or
+# only initialised the weights).
+_DEFINING = (
+  "resnet_depth",
+  "width_multiplier",
+  "image_size",
+  "sk_ratio",
+  "se_ratio",
+  "batch_norm_decay",
+  "proj_head_mode",
+  "proj_out_dim",
+  "num_proj_layers",
+  "ft_proj_selector",
+  "num_classes",
+)
+
+
+def manifest_differences(export_dir: str, config: ModelConfig) -> list[str]:
+  """`name: value there, value here` for each `_DEFINING` field of the export's manifest that
+  differs from `config`; [] when none does, or the export has no readable manifest."""
+  try:
+    found = read_manifest(export_dir)["model_config"]
+  except (ValueError, tf.errors.OpError):
+    return []
+  wanted = dataclasses.asdict(config)
+  return [
+    f"{k}: {found[k]} there, {wanted[k]} here"
+    for k in _DEFINING
+    if k in found and found[k] != wanted[k]
+  ]
 
 
 def is_saved_model(path: str) -> bool:
@@ -299,6 +335,35 @@ def restore_from_saved_model(model: model_lib.SimCLRModel, export_dir: str) -> N
   for v in model.weights:
     index, _ = by_path[v.path]
     v.assign(reader.get_tensor(checkpoints.variable_key(graph, ["variables", str(index)])))
+
+
+def temporary_name(name: str) -> str:
+  """A fresh temporary name for writing `name`: `<name>.tmp-<uuid4 hex>`."""
+  return f"{name}.tmp-{uuid.uuid4().hex}"
+
+
+def remove_leftovers(parent_dir: str, pattern: re.Pattern = _TEMPORARY) -> list[str]:
+  """Deletes the temporary directories of exports that were killed (`<step>.tmp-<hex>`).
+
+  Only entries of `parent_dir` whose whole name matches `pattern` (default: our exports'
+  temporary names) are deleted, each with a log line; nothing else is touched. Call it where
+  no export of ours can be in progress (run.py: a training job holding the model_dir's lock).
+
+  Returns:
+    The deleted paths, sorted.
+  """
+  parent_dir = os.fspath(parent_dir)
+  if not tf.io.gfile.isdir(parent_dir):
+    return []
+  removed = []
+  for name in sorted(tf.io.gfile.listdir(parent_dir)):
+    name = name.rstrip("/")
+    if pattern.fullmatch(name):
+      path = os.path.join(parent_dir, name)
+      tf.io.gfile.rmtree(path)
+      logging.warning("Removed %s, left by an interrupted export or conversion", path)
+      removed.append(path)
+  return removed
 
 
 def prune_exports(parent_dir: str, keep_max: int) -> list[str]:

@@ -203,34 +203,35 @@ class KnnMonitor:
       self.strategy, self.batch_size, make_dataset, "kNN batch_size"
     )
 
-  def _features(self, images):
-    out = self.model(images, training=False)[self.feature_key]
-    return tf.math.l2_normalize(tf.cast(out, tf.float32), axis=-1)
+  def _features(self, images, mask):
+    """(L2-normalised features float32 [b, d], how many rows of `mask` [b] are not finite)."""
+    out = tf.cast(self.model(images, training=False)[self.feature_key], tf.float32)
+    finite = tf.reduce_all(tf.math.is_finite(out), axis=1)
+    bad = tf.reduce_sum((1.0 - tf.cast(finite, tf.float32)) * tf.cast(mask, tf.float32))
+    return tf.math.l2_normalize(out, axis=-1), bad
 
   def _embed_step(self, batch):
-    """A batch's features, labels and validity, left on each replica; and its valid count."""
+    """A batch's features, labels and validity, left on each replica; and its valid count and
+    non-finite feature count."""
 
     def replica_fn(batch):
       ctx = tf.distribute.get_replica_context()
       valid = batch["mask"] > 0
-      return (
-        _replica_id(ctx),
-        self._features(batch["image"]),
-        tf.cast(batch["label"], tf.int32),
-        valid,
-        tf.reduce_sum(tf.cast(valid, tf.int32)),
-      )
+      features, bad = self._features(batch["image"], batch["mask"])
+      counts = tf.stack([tf.reduce_sum(tf.cast(valid, tf.float32)), bad])
+      return (_replica_id(ctx), features, tf.cast(batch["label"], tf.int32), valid, counts)
 
     out = self.strategy.run(replica_fn, args=(batch,))
     return out[:4], self.strategy.reduce(tf.distribute.ReduceOp.SUM, out[4], axis=None)
 
   def _query_step(self, batch, bank, k, chunk):
-    """(correct, counted) of an eval batch against the sharded bank: float32 [2]."""
+    """(correct, counted, non-finite features) of an eval batch against the sharded bank:
+    float32 [3]."""
 
     def replica_fn(batch, bank):
       ctx = tf.distribute.get_replica_context()
       many = ctx.num_replicas_in_sync > 1
-      query = self._features(batch["image"])  # [b, d]
+      query, bad = self._features(batch["image"], batch["mask"])  # [b, d]
       queries = ctx.all_gather(query, axis=0) if many else query  # [B, d]
       sims, labels = nearest_neighbours(
         queries, bank[0], bank[1], k, bank[2], chunk_size=chunk
@@ -246,24 +247,29 @@ class KnnMonitor:
         predicted = predicted[_replica_id(ctx) * b : (_replica_id(ctx) + 1) * b]
       mask = batch["mask"]
       correct = tf.cast(tf.equal(predicted, tf.cast(batch["label"], tf.int32)), tf.float32)
-      return tf.stack([tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
+      return tf.stack([tf.reduce_sum(correct * mask), tf.reduce_sum(mask), bad])
 
     return self.strategy.reduce(
       tf.distribute.ReduceOp.SUM, self.strategy.run(replica_fn, args=(batch, bank)), axis=None
     )
 
-  def _bank(self):
+  def _bank(self, step=None):
     """The bank, each replica's features kept on its device: (bank, size, chunk).
 
     bank: per replica (features [m, d], labels [m], valid [m]), m a multiple of chunk.
+    Raises evaluate.NonFiniteOutputError when a feature is not finite.
     """
     strategy = self.strategy
     parts, bank_size = {}, 0  # parts: global replica id -> [(features, labels, valid), ...]
+    bad = 0.0
     for batch in self._distributed(self.train_source):
-      local, count = self.embed_step(batch)
-      bank_size += int(count)
+      local, counts = self.embed_step(batch)
+      count, batch_bad = counts.numpy()
+      bank_size, bad = bank_size + int(count), bad + batch_bad
       for rid, *rows in zip(*(strategy.experimental_local_results(v) for v in local)):
         parts.setdefault(int(rid), []).append(rows)
+    where = f"{self.train_source.name}/{self.train_source.split} (the kNN bank)"
+    evaluate.check_finite_outputs("features", bad, bank_size, where, step)
     if bank_size == 0:
       raise ValueError(
         f"the kNN bank is empty: {self.train_source.name} "
@@ -288,22 +294,27 @@ class KnnMonitor:
     )
     return bank, bank_size, chunk
 
-  def accuracy(self) -> dict:
+  def accuracy(self, step: int | None = None) -> dict:
     """kNN top-1 with the model's current weights: embeds the bank, classifies the eval split.
+
+    `step`: the training step of the weights, for messages.
 
     Returns:
       {'knn/top_1_accuracy': float, 'knn/k': int (the k used), 'knn/num_examples': int (eval
        examples counted), 'knn/bank_size': int}.
     Raises:
       ValueError: an empty bank or eval split.
+      evaluate.NonFiniteOutputError: a feature of either split is not finite (NaN or inf).
     """
-    bank, bank_size, chunk = self._bank()
+    bank, bank_size, chunk = self._bank(step)
     k_used = min(self.k, bank_size)
-    totals = np.zeros([2])
+    totals = np.zeros([3])
     for batch in self._distributed(self.eval_source):
       # k and chunk are Python ints, fixed by the splits: the step is traced for them once.
       totals += self.query_step(batch, bank, k_used, chunk).numpy()
-    correct, count = totals
+    correct, count, bad = totals
+    split = f"{self.eval_source.name}/{self.eval_source.split}"
+    evaluate.check_finite_outputs("features", bad, count, split, step)
     if count == 0:
       raise ValueError(
         f"the kNN eval split {self.eval_source.name} {self.eval_source.split!r} has no examples"
@@ -318,7 +329,7 @@ class KnnMonitor:
   def at(self, step: int) -> dict:
     """`accuracy()` at training step `step`, computed once per step (`last` keeps it)."""
     if self.last is None or self.last[0] != step:
-      self.last = (step, self.accuracy())
+      self.last = (step, self.accuracy(step))
     return self.last[1]
 
 

@@ -94,6 +94,7 @@ def _classes(cfg: RunConfig, data_classes: int, split: str) -> tuple[int, ModelC
   if train_mode == "distill":
     # The teacher's classes are the student's; checked before anything is built.
     teacher = distill.teacher_config(t.teacher_checkpoint)
+    distill.check_image_size(teacher, cfg.model.image_size, t.teacher_checkpoint)
     if data_classes:
       distill.check_classes(teacher, data_classes, t.teacher_checkpoint)
     elif t.distill_label_weight > 0:

@@ -3,9 +3,12 @@
 * `check_resume`: a model_dir that holds checkpoints is resumed only by a run with the same
   run-defining settings (`RUN_DEFINING`): another train mode, model, dataset or optimisation
   would reuse (and prune) checkpoints that mean something else. Refused with one line.
+* `check_eval`: an evaluation (`--mode=eval`) must give the run's `EVAL_DEFINING` settings,
+  those that decide what its checkpoints compute (and what an export's manifest says).
 * `record_flags`: `flags.json` is written once, by the run that starts the model_dir; a resume
   that changed other settings (`--train_steps` to extend, an eval batch size) writes what
-  changed beside it, in `flags_resumed_<time>.json`.
+  changed beside it, in `flags_resumed_<time>.json` (run.py: once the resumed run has written
+  its first checkpoint, so a resume that failed at once leaves no record).
 * `TrainingLock`: one training job per model_dir. `model_dir/train.lock` records host and pid;
   it is an advisory `flock` on local disks (and NFS), which the kernel releases when the process
   ends however it ends, so a crashed run's lock is taken over by the next. Object stores (gs://)
@@ -72,6 +75,25 @@ RUN_DEFINING = (
 )
 # Needed only to start a run: leaving it out when resuming is not a change.
 _START_ONLY = ("checkpoint",)
+# The run-defining settings that decide what a checkpoint computes, and what its export's
+# manifest records: an evaluation (`--mode=eval`) must give the run's values. The others
+# (optimisation, training data and augmentation, initialisation, global_bn and
+# fine_tune_after_block, which the export twin resets) only shape how the weights were found.
+EVAL_DEFINING = (
+  "train_mode",
+  "dataset",
+  "image_size",
+  "resnet_depth",
+  "width_multiplier",
+  "sk_ratio",
+  "se_ratio",
+  "batch_norm_decay",
+  "proj_head_mode",
+  "proj_out_dim",
+  "num_proj_layers",
+  "ft_proj_selector",
+  "lineareval_while_pretraining",
+)
 
 
 class ModelDirError(ValueError):
@@ -107,14 +129,16 @@ def _read_flags(model_dir: str) -> dict | None:
   return flags if isinstance(flags, dict) else None
 
 
-def run_differences(before: dict, now: dict) -> list[tuple[str, object, object]]:
-  """[(setting, value in `before`, value in `now`)] of the `RUN_DEFINING` settings that differ.
+def run_differences(
+  before: dict, now: dict, keys: tuple = RUN_DEFINING
+) -> list[tuple[str, object, object]]:
+  """[(setting, value in `before`, value in `now`)] of the settings `keys` that differ.
 
   Settings missing from either (older flags.json) are not compared.
   """
   now = _json_values(now)
   out = []
-  for key in RUN_DEFINING:
+  for key in keys:
     if key not in before or key not in now:
       continue
     if key in _START_ONLY and now[key] is None:
@@ -140,14 +164,37 @@ def check_resume(model_dir: str, values: dict) -> bool:
     return True
   diffs = run_differences(before, values)
   if diffs:
-    shown = "; ".join(f"--{k}={a} there, {b} here" for k, a, b in diffs[:4])
-    more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
     raise ModelDirError(
-      f"{model_dir} holds the checkpoints of another run ({shown}{more}): a model_dir belongs "
-      f"to one run. Use a new --model_dir (e.g. with --checkpoint={model_dir} to start from "
-      f"it), or that run's settings ({os.path.join(model_dir, FLAGS_FILE)}) to resume it"
+      f"{_another_run(model_dir, diffs)}: a model_dir belongs to one run. Use a new "
+      f"--model_dir (e.g. with --checkpoint={model_dir} to start from it), or that run's "
+      f"settings ({os.path.join(model_dir, FLAGS_FILE)}) to resume it"
     )
   return True
+
+
+def _another_run(model_dir: str, diffs: list) -> str:
+  shown = "; ".join(f"--{k}={a} there, {b} here" for k, a, b in diffs[:4])
+  more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+  return f"{model_dir} holds the checkpoints of another run ({shown}{more})"
+
+
+def check_eval(model_dir: str, values: dict) -> None:
+  """Refuses to evaluate the checkpoints of `model_dir` as another model than the run's.
+
+  Reads only; nothing to compare (no flags.json yet: the training job has not started) passes,
+  and is checked again before each checkpoint is restored (`evaluate.restored_checkpoints`).
+
+  Raises:
+    ModelDirError: flags.json's `EVAL_DEFINING` settings differ from `values`; the message
+      names the differences, as `check_resume`'s does.
+  """
+  before = _read_flags(model_dir) if tf.io.gfile.isdir(model_dir) else None
+  diffs = run_differences(before, values, EVAL_DEFINING) if before is not None else []
+  if diffs:
+    raise ModelDirError(
+      f"{_another_run(model_dir, diffs)}: --mode=eval evaluates them as the run that wrote "
+      f"them. Give that run's settings ({os.path.join(model_dir, FLAGS_FILE)})"
+    )
 
 
 def record_flags(model_dir: str, values: dict) -> str | None:

@@ -39,6 +39,37 @@ def num_views(train_mode: str) -> int:
   return 2 if train_mode == "pretrain" else 1
 
 
+def augmentation(cfg: RunConfig) -> dict:
+  """The augmentation of the run's training views (`datasets.train_dataset` arguments).
+
+  Pretraining: two views with colour jitter and blur; fine-tuning and distillation: one view,
+  cropped and flipped only (as the reference).
+  """
+  pretrain = cfg.model.train_mode == "pretrain"
+  return dict(
+    num_views=num_views(cfg.model.train_mode),
+    color_jitter_strength=cfg.data.color_jitter_strength if pretrain else 0.0,
+    use_blur=cfg.data.use_blur and pretrain,
+    min_scale=cfg.data.min_scale,
+    horizontal_flip=cfg.data.horizontal_flip,
+  )
+
+
+def view_examples(cfg: RunConfig, source: datasets.Source, num_examples: int = 4) -> dict:
+  """The first examples of the run's first step as it trains on them, to look at (TensorBoard).
+
+  The global stream does not depend on the batch size, so these are exactly step 0's views.
+
+  Returns:
+    {'images': float32 [V k, s, s, 3] (example i's views at rows V i .. V i + V - 1; V = 2
+     when pretraining, else 1), 'id': int64 [k]}, k = min(num_examples, source.num_examples).
+  """
+  k, s = min(num_examples, source.num_examples), cfg.model.image_size
+  aug = augmentation(cfg)
+  batch = next(iter(datasets.train_dataset(source, k, k, 1, 0, cfg.train.seed, s, **aug)))
+  return {"images": tf.reshape(batch["views"], [-1, s, s, 3]), "id": batch["id"]}
+
+
 def warn_batch_over_split(global_batch_size: int, source: datasets.Source) -> str | None:
   """Warns (returns the message) when a batch is larger than the split it draws from."""
   if global_batch_size <= source.num_examples:
@@ -294,8 +325,8 @@ class Trainer:
       self.metric_names += ["supervised_loss", "supervised_acc"]
     if self.distill:
       self.metric_names += ["distill_loss", "teacher_agreement"]
-    self.color_jitter_strength = cfg.data.color_jitter_strength if self.pretrain else 0.0
-    self.use_blur = cfg.data.use_blur and self.pretrain
+    aug = augmentation(cfg)
+    self.color_jitter_strength, self.use_blur = aug["color_jitter_strength"], aug["use_blur"]
     jit = cfg.runtime.jit_compile
     if jit and self.num_replicas > 1 and not isinstance(strategy, tf.distribute.TPUStrategy):
       # XLA cannot compile the cross-replica all-reduce (BN) and all-gather (loss) of the
@@ -318,14 +349,10 @@ class Trainer:
       global_batch_size=t.train_batch_size,
       seed=t.seed,
       image_size=self.cfg.model.image_size,
-      num_views=num_views(self.cfg.model.train_mode),
       start_step=start_step,
-      color_jitter_strength=self.color_jitter_strength,
-      use_blur=self.use_blur,
-      min_scale=data.min_scale,
-      horizontal_flip=data.horizontal_flip,
       cache=data.cache_dataset,
       augment_on_device=self.cfg.runtime.augment_on_device,
+      **augmentation(self.cfg),
     )
     return distribute.input_fn(t.train_batch_size, make_dataset)
 
@@ -519,9 +546,10 @@ class _IntervalEnd:
     is_chief: bool,
     view_examples: dict | None,
     knn_sources: tuple | None,
+    after_save=None,
   ):
     self.cfg, self.strategy, self.state = cfg, strategy, state
-    self.is_chief, self.knn_sources = is_chief, knn_sources
+    self.is_chief, self.knn_sources, self.after_save = is_chief, knn_sources, after_save
     self.writer = (
       tf.summary.create_file_writer(cfg.train.model_dir)
       if is_chief
@@ -552,6 +580,9 @@ class _IntervalEnd:
       self._summaries(step, metrics, images_per_s)
     _check_finite(self.state, sums["total_loss"], step)
     checkpoints.save(self.state.manager, step, temporary=not self.is_chief)
+    if self.after_save is not None:
+      self.after_save()
+      self.after_save = None
     if step < boundary:
       return False
     if self.progbar is not None:
@@ -587,11 +618,14 @@ def train(
   is_chief: bool = True,
   view_examples: dict | None = None,
   knn_sources: tuple | None = None,
+  after_save=None,
 ) -> int:
   """Trains from the restored step to `state.total_steps`; returns the step reached.
 
   `knn_sources` (bank, eval split) turn on the kNN monitor (`knn.knn_monitor`) after each
   checkpoint interval that crosses a multiple of `cfg.train.knn_eval_every_n_steps`.
+  `after_save` () -> None is called once, after the first checkpoint is written (run.py then
+  records a resume's changed settings: they have taken effect).
 
   The input resumes at the restored step: the data order is a function of (seed, step), so a
   restarted run sees exactly the examples and views an uninterrupted one would. Checkpoints and
@@ -617,7 +651,15 @@ def train(
 
   iterator = iter(strategy.distribute_datasets_from_function(trainer.input_fn(source, step)))
   end_interval = _IntervalEnd(
-    cfg, strategy, state, trainer.metric_names, step, is_chief, view_examples, knn_sources
+    cfg,
+    strategy,
+    state,
+    trainer.metric_names,
+    step,
+    is_chief,
+    view_examples,
+    knn_sources,
+    after_save,
   )
   with distribute.StopSignal() as stop_signal:
     logging.info("Training from step %d to %d", step, state.total_steps)  # signals handled
