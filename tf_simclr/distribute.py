@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr import config
+from tf_simclr import errors
 
 STRATEGIES = config.STRATEGIES
 
@@ -51,9 +52,9 @@ def _tpu_strategy(tpu_name, tpu_zone, gcp_project, master):
   except (ValueError, RuntimeError, ImportError, OSError, tf.errors.OpError) as err:
     # e.g. no TPU name off Cloud, an unreachable metadata server (zone, project), no
     # cloud-tpu-client for a named TPU, an unknown TPU, a TensorFlow without TPU support.
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     raise ValueError(
-      f"cannot set up the TPU {tpu or '(found from the environment)'!r}: {first[:300]}"
+      f"cannot set up the TPU {tpu or '(found from the environment)'!r}: "
+      f"{errors.first_line(err)[:300]}"
     ) from None
   logging.info(
     "TPU topology: %d tasks, %d TPUs per task", topology.num_tasks, topology.num_tpus_per_task
