@@ -106,12 +106,15 @@ def make_strategy(
   """Returns the strategy asked for.
 
   Args:
-    strategy: `auto` (a TPU if `use_tpu` or one is attached, else all GPUs, else the CPU, or
-      `cpu_replicas` logical CPUs), `tpu`, `multi_worker` (cluster from TF_CONFIG), `mirrored`
-      (all local GPUs, or the logical CPUs), `one_device`.
+    strategy: `auto` (a TPU if `use_tpu` and one is named or attached, else all GPUs, else
+      the CPU, or `cpu_replicas` logical CPUs), `tpu`, `multi_worker` (cluster from
+      TF_CONFIG), `mirrored` (all local GPUs, or the logical CPUs), `one_device`.
     cpu_replicas: mirror over this many logical CPU devices (needs `configure_cpu_replicas`
       first); 0 or 1 means the plain CPU.
-    use_tpu: the reference's `--use_tpu`: with `strategy=auto`, True forces the TPU path.
+    use_tpu: the reference's `--use_tpu`. It does not force the TPU path: with
+      `strategy=auto`, True selects a TPU only if one is named (`tpu_name` or `master`), or if
+      this host is a TPU VM and `cpu_replicas` is at most 1; otherwise `auto` goes on to the
+      GPUs or the CPU. Without it, `auto` never selects a TPU, even on a TPU VM.
     tpu_name, tpu_zone, gcp_project, master: for TPUClusterResolver.
   """
   if strategy not in STRATEGIES:
