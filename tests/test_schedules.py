@@ -1,4 +1,4 @@
-"""Tests of tf_simclr.schedules: closed forms per phase, and the reference's schedule transcribed."""
+"""tf_simclr.schedules: closed forms per phase, and the reference's schedule transcribed."""
 
 import math
 
