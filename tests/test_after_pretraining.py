@@ -61,6 +61,7 @@ def after(pretrained, data_dir, tmp_path_factory):
     "--distill_temperature=2",
     "--keep_checkpoint_max=1",
     "--cpu_replicas=2",
+    "--width_multiplier=0.25",  # a student narrower than its teacher: the export tells them apart
   ]
   commands = {
     "lin": few
@@ -106,13 +107,41 @@ def _checkpoint_values(prefix, root):
   return values
 
 
+def _numpy_knn_accuracy(lin, k):
+  """kNN top-1 of the pretraining export's features: bank the run's label subset, queries
+  test[:200], as the monitor (T = 0.07, the default), in NumPy."""
+  from test_knn import _numpy_knn  # pylint: disable=g-import-not-at-top
+
+  flags_json = json.load(open(os.path.join(lin, "flags.json")))
+  export = tf.saved_model.load(flags_json["checkpoint"])
+  data_dir, size = flags_json["data_dir"], flags_json["image_size"]
+  ids = datasets.read_label_file(os.path.join(lin, "label_subset.txt"))
+  sources = [
+    datasets.subset_source(datasets.load_source("shapes10", "train", data_dir), ids),
+    datasets.load_source("shapes10", "test[:200]", data_dir),
+  ]
+  features, labels = [], []
+  for source in sources:
+    batch = next(iter(datasets.eval_dataset(source, source.num_examples, 1, 0, size)))
+    real = batch["mask"].numpy() == 1
+    features.append(export(batch["image"], training=False)["final_avg_pool"].numpy()[real])
+    labels.append(batch["label"].numpy()[real])
+  assert [len(x) for x in labels] == [500, 200]
+  predicted = _numpy_knn(features[1], features[0], labels[0], 10, k, 0.07)
+  return float(np.mean(predicted == labels[1]))
+
+
 def test_knn_monitor_writes_tensorboard_and_results(after):
   d, res = after[0]["lin"], after[1]["lin"]
   at_1 = json.load(open(os.path.join(d, "result_1.json")))  # the monitor, mid-training
   assert at_1["global_step"] == 1 and at_1["knn/k"] == 20
   # The bank is the labelled subset (10% of 5000), the queries the eval split.
   assert at_1["knn/bank_size"] == 500 and at_1["knn/num_examples"] == 200
-  assert 0 <= at_1["knn/top_1_accuracy"] <= 1
+  # The encoder is frozen (fine_tune_after_block=4): its features at step 1 are the
+  # pretraining export's. Wu et al.'s kNN over them in NumPy; one query's slack for a near tie
+  # that float rounding (export vs training process) can flip.
+  expected = _numpy_knn_accuracy(after[0]["lin"], k=20)
+  assert abs(at_1["knn/top_1_accuracy"] - expected) <= 1 / 200 + 1e-9, expected
   final = json.load(open(os.path.join(d, "result.json")))  # the evaluation, with the monitor's
   assert final["global_step"] == 2
   assert {"eval/label_top_1_accuracy", "knn/top_1_accuracy"} <= final.keys()
@@ -154,16 +183,31 @@ def test_label_subset_is_class_balanced_and_repeatable(after, data_dir):
   np.testing.assert_array_equal(counts, np.full(10, 50))
 
 
-def test_distillation_exports_a_student_that_loads(after):
+def test_distillation_exports_a_student_that_loads(after, pretrained):
   dis = after[0]["dis"]
   res = after[1]["dis"]
   assert "teacher_agreement" in res.stderr  # the progress line (absl logs to stderr)
   assert json.load(open(os.path.join(dis, "flags.json")))["train_mode"] == "distill"
   model = tf.saved_model.load(os.path.join(dis, "saved_model", "3"))
   images = tf.random.stateless_uniform([4, 16, 16, 3], seed=[1, 2])
-  logits = model(images, training=False)["logits_sup"].numpy()
+  out = model(images, training=False)
+  logits = out["logits_sup"].numpy()
   assert logits.shape == (4, 10) and np.isfinite(logits).all()
   assert len(model.trainable_variables) > 60
+  # The student's export, not the teacher's: the student's width (0.25 of the teacher's 512
+  # features) and the student's weights at step 3 (ckpt-3, restored into a fresh student).
+  from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  teacher_flags = json.load(open(os.path.join(pretrained, "flags.json")))
+  assert teacher_flags.get("width_multiplier", 1) == 1  # else pick another student width
+  assert out["final_avg_pool"].shape == (4, 128)
+  student = model_lib.build_model(
+    ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16, num_classes=10)
+  )
+  checkpoints.restore_weights(student, os.path.join(dis, "ckpt-3"))
+  want = student(images, training=False)["logits_sup"].numpy()
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
 
 
 def test_continuous_eval_beside_training_evaluates_each_checkpoint_once(after):

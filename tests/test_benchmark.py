@@ -52,7 +52,8 @@ def test_timed_steps_train_and_the_flop_count_is_the_hand_count(tmp_path):
   state = bench.trainer.state
   variables = state.model.trainable_variables
   before = [v.numpy() for v in variables]
-  train_step.time_steps(bench.trainer, bench.iterator(), steps)
+  first, times = train_step.time_steps(bench.trainer, bench.iterator(), steps)
+  assert len(times) == steps and all(0 < t < first for t in times)  # the first step traces
   # Each timed call is one optimizer step, and every trainable variable moved: the step timed
   # is training, not a forward pass or a step whose update was lost.
   assert int(state.optimizer.iterations) == steps + 1
@@ -71,6 +72,39 @@ def test_timed_steps_train_and_the_flop_count_is_the_hand_count(tmp_path):
   # Four [b, d] x [d, b] logit matmuls (aa, bb, ab, ba), forward and two gradients each.
   contrastive = 3 * 4 * 2 * batch * batch * proj
   assert flops == conv + dense + contrastive
+
+
+def test_train_step_row_is_consistent(capsys):
+  # In-process and narrow (width 0.125): the row's figures, not the step's speed, are checked.
+  batch, steps = 8, 2
+  row = train_step.main(
+    [
+      "--image_size=16",
+      "--width_multiplier=0.125",
+      f"--train_batch_size={batch}",
+      f"--steps={steps}",
+      "--optimizer=adam",
+      "--strategy=one_device",
+    ]
+  )
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+  numbers = {
+    k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+  }
+  assert all(np.isfinite(v) and v > 0 for v in numbers.values()), numbers
+  assert (row["views"], row["timed_steps"], row["replicas"]) == (2 * batch, steps, 1)
+  # Rounded to 3 decimals: the step's seconds lie within 0.0005 of what is printed.
+  step_s, half = row["step_s"], 0.0005
+  assert row["step_s_min"] <= step_s <= row["step_s_max"]
+  assert batch / (step_s + half) - 0.01 <= row["img_per_s"] <= batch / (step_s - half) + 0.01
+  gflop = row["flop_per_step"] / 1e9
+  assert row["gflop_per_step"] == round(gflop, 1)
+  assert (
+    gflop / (step_s + half) - 0.05 <= row["achieved_gflop_per_s"] <= gflop / (step_s - half) + 0.05
+  )
+  # The whole run holds the build, the first step and the timed ones.
+  spent = row["build_s"] + row["first_step_s"] + steps * row["step_s_min"]
+  assert row["total_s"] >= spent - 0.1
 
 
 def _benchmark(module, flags, timeout=300):
@@ -107,8 +141,10 @@ def test_bad_flags_are_refused_in_one_line(module, flags, words):
 
 
 def test_augment_pipeline_times_every_form():
+  batch, steps = 4, 1
   out = _benchmark(
-    "benchmarks.augment_pipeline", ["--sizes=16", "--batch_size=4", "--steps=1", "--warmup=1"]
+    "benchmarks.augment_pipeline",
+    ["--sizes=16", f"--batch_size={batch}", f"--steps={steps}", "--warmup=1"],
   )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
@@ -119,3 +155,19 @@ def test_augment_pipeline_times_every_form():
     ("tf.data batched map", True),
     ("tf.function batched", True),
   ]
+  for r in rows:
+    assert (r["size"], r["source"], r["batch_size"], r["timed_batches"]) == (
+      16,
+      "16x16 uint8",
+      batch,
+      steps,
+    )
+    for key in ("images_per_s", "images_per_cpu_s_x_cores", "vs_reference_like"):
+      assert np.isfinite(r[key]) and r[key] > 0, (r["form"], key, r[key])
+  # Each ratio is its row's images/s over the reference-like row's (both printed rounded to
+  # 0.1 image/s, the ratio to 0.01).
+  base = rows[0]["images_per_s"]
+  assert rows[0]["vs_reference_like"] == 1.0
+  for r in rows[1:]:
+    slack = 0.005 + 0.05 * (r["images_per_s"] + base) / base**2
+    assert abs(r["vs_reference_like"] - r["images_per_s"] / base) <= slack, r

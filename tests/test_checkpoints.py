@@ -138,12 +138,23 @@ def test_other_worker_restores_from_model_dir_and_leaves_files(tmp_path):
   assert sorted(os.listdir(d)) == before  # setting aside is the chief's job
 
 
-def test_temporary_save_leaves_nothing(tmp_path):
+def test_temporary_save_writes_then_leaves_nothing(tmp_path):
+  # A non-chief worker's save must really write (under MultiWorkerMirroredStrategy saving is a
+  # collective every worker joins), then delete its copy.
   d = tmp_path / "model" / "workertemp_1"
   ckpt, manager, _ = _manager(_model(), str(d))
   for s in (1, 2):
-    assert checkpoints.save(manager, s, temporary=True).endswith(f"ckpt-{s}")
+    path = checkpoints.save(manager, s, temporary=True)
+    assert path == str(d / f"ckpt-{s}")
     assert not d.exists()
+    assert int(ckpt.save_counter.numpy()) == s  # the checkpoint's own save ran
+    assert manager.latest_checkpoint == path
+  # Where nothing can be written, the write fails as the chief's would: it was attempted.
+  blocked = tmp_path / "a_file"
+  blocked.write_text("")
+  ckpt, manager, _ = _manager(_model(), str(blocked / "workertemp_1"))
+  with pytest.raises(checkpoints.CheckpointWriteError, match="cannot write checkpoint"):
+    checkpoints.save(manager, 1, temporary=True)
 
 
 def test_save_replaces_debris_of_an_interrupted_write(tmp_path):

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from flags import definitions
+import run
 from tf_simclr import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,31 +32,71 @@ def _explicit(path):
   return {name: text for name, _, text in pairs}
 
 
+def _literal(text):
+  """A flag file's value as Python reads the literal: independent of absl and of the flags'
+  own types ("False" -> False, "1e-4" -> 0.0001, "0.25" -> 0.25, "10" -> 10)."""
+  if text in ("True", "False"):
+    return text == "True"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def _config_as_run_py_reads(path, model_dir):
+  """The RunConfig `python run.py --flagfile=PATH` runs: absl's app.run parses the command line
+  into run.FLAGS, then run.main calls definitions.to_config(FLAGS.flag_values_dict())."""
+  flag_values = copy.deepcopy(run.FLAGS)  # run.py's flags, without touching the global ones
+  flag_values.unparse_flags()
+  assert flag_values(["run.py", f"--flagfile={path}"]) == ["run.py"]
+  values = flag_values.flag_values_dict()
+  if not values["model_dir"]:  # A preset for a cluster: model_dir comes on the command line.
+    values["model_dir"] = model_dir
+  return definitions.to_config(values)  # validates too
+
+
+def _fields(cfg):
+  return {
+    f.name: getattr(part, f.name)
+    for part in (cfg.data, cfg.model, cfg.optim, cfg.train, cfg.runtime)
+    for f in dataclasses.fields(part)
+  }
+
+
 def test_presets_exist():
   names = [os.path.basename(p) for p in PRESETS]
   assert {"quickstart.cfg", "finetune.cfg", "linear_eval.cfg", "distill.cfg"} <= set(names)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
-def test_preset_parses_and_builds_its_config(path, tmp_path):
-  flag_values = copy.deepcopy(definitions.FLAGS)  # absl's parsing, without touching FLAGS
-  flag_values.unparse_flags()
-  assert flag_values(["run.py", f"--flagfile={path}"]) == ["run.py"]
-  values = flag_values.flag_values_dict()
-  if not values["model_dir"]:  # A preset for a cluster: model_dir comes on the command line.
-    values["model_dir"] = str(tmp_path)
-  cfg = definitions.to_config(values)  # validates too
-  # Every setting the file gives reaches the config, under the flag's name.
-  fields = {
-    f.name: getattr(part, f.name)
-    for part in (cfg.data, cfg.model, cfg.optim, cfg.train, cfg.runtime)
-    for f in dataclasses.fields(part)
-  }
+def test_preset_builds_the_config_its_lines_say(path, tmp_path):
+  fields = _fields(_config_as_run_py_reads(path, str(tmp_path)))
   explicit = _explicit(path)
   assert explicit, path
-  for name in explicit:
-    assert fields[name] == values[name], name
-    assert values[name] == flag_values[name].parser.parse(explicit[name]), name
+  # Every setting the file gives reaches the config, under the flag's name, with the value and
+  # the type its text says (a bool flag read as a string would give "False"; a number, 1 for True).
+  for name, text in explicit.items():
+    want = _literal(text)
+    got = fields[name]
+    assert got == want and isinstance(got, bool) == isinstance(want, bool), (name, got, want)
+
+
+def test_quickstart_preset_config():
+  # The quick start's settings as README.md and docs/quickstart_design.md give them.
+  cfg = _config_as_run_py_reads(os.path.join(ROOT, "flags", "quickstart.cfg"), "unused")
+  assert (cfg.data.dataset, cfg.data.use_blur, cfg.model.image_size) == ("deadleaves10", False, 32)
+  assert (cfg.model.resnet_depth, cfg.model.width_multiplier) == (10, 0.25)
+  assert cfg.model.zero_init_residual is False and cfg.model.train_mode == "pretrain"
+  assert (cfg.optim.optimizer, cfg.optim.learning_rate, cfg.train.temperature) == (
+    "adam",
+    0.02,
+    0.1,
+  )
+  assert (cfg.train.train_batch_size, cfg.train.train_epochs) == (128, 16)
+  assert cfg.train.mode == "train_then_eval"
+  assert cfg.train.model_dir == "runs/quickstart"
 
 
 def test_each_setting_lives_once_and_every_flag_has_a_home():

@@ -98,15 +98,32 @@ def test_finetune_gradients_reach_encoder():
   tf.keras.utils.set_random_seed(1)
   m = model_lib.build_model(ModelConfig(**SMALL, train_mode="finetune", ft_proj_selector=1))
   x = tf.random.stateless_uniform([4, 16, 16, 3], seed=[7, 8])
+
+  def loss_fn():
+    return tf.reduce_sum(m(x, training=True)["logits_sup"] ** 2)
+
   with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(m(x, training=True)["logits_sup"] ** 2)
+    loss = loss_fn()
   grads = dict(
     zip([v.path for v in m.trainable_variables], tape.gradient(loss, m.trainable_variables))
   )
-  assert grads["simclr_model/resnet/stem_conv/conv2d/kernel"] is not None
   # Selector 1 feeds the classifier from the first head layer: the rest of the head gets none.
-  assert grads["simclr_model/projection_head/nl_0/dense/kernel"] is not None
+  assert grads["simclr_model/projection_head/nl_1/dense/kernel"] is None
   assert grads["simclr_model/projection_head/nl_2/dense/kernel"] is None
+  for path in ("resnet/stem_conv/conv2d/kernel", "projection_head/nl_0/dense/kernel"):
+    # The gradient's values: its norm is the loss's slope along it (central differences).
+    var = next(v for v in m.trainable_variables if v.path == f"simclr_model/{path}")
+    grad = grads[var.path]
+    assert grad is not None and np.abs(grad.numpy()).max() > 0, path
+    eps = 1e-3 * float(np.abs(var.numpy()).max())
+    start, step = var.numpy(), eps * (grad / tf.norm(grad)).numpy()
+    var.assign(start + step)
+    up = float(loss_fn())
+    var.assign(start - step)
+    down = float(loss_fn())
+    var.assign(start)
+    norm, slope = float(tf.norm(grad)), (up - down) / (2 * eps)
+    assert abs(slope - norm) <= 0.02 * norm, (path, norm, slope)
 
 
 def test_variable_paths_select_what_lars_excludes(pretrain_model):

@@ -204,53 +204,127 @@ def test_synchronized_bn_equals_bn_on_concatenated_batch(strategies, num_replica
   assert np.abs(unsynced_first - want[:b]).max() > 1e-2
 
 
-def test_synchronized_resnet_forward_equals_single_device(strategies):
+def _live_resnet(synchronized_bn, depth=18, **kwargs):
+  """A CIFAR-stem ResNet at width 0.25 (128 features; the same batch norms at a fraction of the
+  cost) whose residual branches all contribute (no zero-init gamma)."""
+  return resnet.ResNet(
+    depth=depth,
+    cifar_stem=True,
+    width_multiplier=0.25,
+    synchronized_bn=synchronized_bn,
+    zero_init_residual=False,
+    **kwargs,
+  )
+
+
+def _perturb_batch_norms(net, seed):
+  # gamma and beta away from 1 and 0, so that every batch norm's affine part shows in the output.
+  for i, v in enumerate(w for w in net.trainable_weights if "gamma" in w.path or "beta" in w.path):
+    noise = tf.random.stateless_uniform(v.shape, seed=[seed, i], minval=-0.5, maxval=0.5)
+    v.assign(v + noise)
+
+
+def test_synchronized_resnet_forward_and_gradients_equal_single_device(strategies):
+  """With every residual branch live, the forward pass and the summed per-replica gradients of a
+  synchronized-BN ResNet on 2 replicas equal one device's on the whole batch of 4."""
   strategy = strategies[2]
   x = tf.random.stateless_uniform([4, 16, 16, 3], seed=[5, 6])
   tf.keras.utils.set_random_seed(1)
-  single = resnet.ResNet(depth=18, cifar_stem=True, synchronized_bn=False)
-  want = single(x, training=True)["final_avg_pool"].numpy()
+  # ResNet-10: 12 batch norms, 8 of them in the residual branches, at half ResNet-18's cost.
+  single = _live_resnet(False, depth=10)
+  single(x[:1], training=False)
+  _perturb_batch_norms(single, 7)
+  head = tf.random.stateless_normal([4, 128], seed=[8, 9])
+
+  with tf.GradientTape() as tape:
+    out = single(x, training=True)["final_avg_pool"]
+    loss = tf.reduce_sum(out * head)
+  want_grads = [g.numpy() for g in tape.gradient(loss, single.trainable_variables)]
+  want = out.numpy()
+  assert all(np.abs(g).max() > 0 for g in want_grads)  # every weight matters
+
   with strategy.scope():
-    synced = resnet.ResNet(depth=18, cifar_stem=True, synchronized_bn=True)
+    synced = _live_resnet(True, depth=10)
     synced(x[:1], training=False)
   for a, b in zip(synced.weights, single.weights):
     a.assign(b)
-  local = strategy.experimental_distribute_values_from_function(
-    lambda ctx: x[ctx.replica_id_in_sync_group * 2 : (ctx.replica_id_in_sync_group + 1) * 2]
-  )
-  got = strategy.run(
-    tf.function(lambda v: synced(v, training=True)["final_avg_pool"]), args=(local,)
-  )
-  got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(got)])
+
+  def step(v, h):
+    with tf.GradientTape() as tape:
+      out = synced(v, training=True)["final_avg_pool"]
+      loss = tf.reduce_sum(out * h)
+    return out, tape.gradient(loss, synced.trainable_variables)
+
+  def halves(t):
+    return strategy.experimental_distribute_values_from_function(
+      lambda ctx: t[ctx.replica_id_in_sync_group * 2 : (ctx.replica_id_in_sync_group + 1) * 2]
+    )
+
+  # Eagerly (each replica in its thread): tracing the backward pass would take ~10 s.
+  out, grads = strategy.run(step, args=(halves(x), halves(head)))
+  got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  for v, g, w in zip(synced.trainable_variables, grads, want_grads):
+    total = sum(t.numpy() for t in strategy.experimental_local_results(g))
+    np.testing.assert_allclose(total, w, rtol=2e-3, atol=2e-4 * np.abs(w).max(), err_msg=v.path)
+
+
+def _directional_derivative(net, x, head, var, eps):
+  """(loss(var + eps d) - loss(var - eps d)) / (2 eps) for d = the unit gradient direction."""
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(net(x, training=True)["final_avg_pool"] * head)
+  grad = tape.gradient(loss, var)
+  direction = grad / tf.norm(grad)
+  start = var.numpy()
+  losses = []
+  for sign in (1.0, -1.0):
+    var.assign(start + sign * eps * direction)
+    losses.append(float(tf.reduce_sum(net(x, training=True)["final_avg_pool"] * head)))
+  var.assign(start)
+  return float(tf.norm(grad)), (losses[0] - losses[1]) / (2 * eps)
 
 
 def test_fine_tune_after_block_freezes_prefix():
-  full = resnet.ResNet(depth=18, cifar_stem=True)
-  full(tf.zeros([1, 8, 8, 3]))
+  full = _live_resnet(False)
+  full(tf.zeros([1, 16, 16, 3]))
   n_full = _count(full.trainable_variables)
-  x = tf.random.stateless_uniform([2, 8, 8, 3], seed=[1, 1])
+  # 16 px and 4 images: the last group's batch norms see 16 values each (2 px at 8 px and 2
+  # images make the loss too curved for central differences).
+  x = tf.random.stateless_uniform([4, 16, 16, 3], seed=[1, 1])
+  head = tf.random.stateless_normal([4, 128], seed=[2, 2])
 
   def prefix(net, k):
     return net.stem + [net.stem_bn] + [blk for g in net.groups[:k] for blk in g]
 
   for k in range(5):
-    net = resnet.ResNet(depth=18, cifar_stem=True, fine_tune_after_block=k)
-    net(tf.zeros([1, 8, 8, 3]))
+    net = _live_resnet(False, fine_tune_after_block=k)
+    net(tf.zeros([1, 16, 16, 3]))
     # Counted in the unfrozen twin: the parameters the freeze takes away.
     frozen_params = sum(_count(layer.trainable_variables) for layer in prefix(full, k))
     assert frozen_params > 0
     assert _count(net.trainable_variables) == n_full - frozen_params
+    frozen = [v.value for layer in prefix(net, k) for v in layer.weights]
     before = [v.numpy() for layer in prefix(net, k) for v in layer.non_trainable_weights]
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(net(x, training=True)["final_avg_pool"])
-    grads = tape.gradient(loss, net.trainable_variables)
-    assert all(g is not None for g in grads)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch([v.value for v in net.trainable_variables] + frozen)
+      loss = tf.reduce_sum(net(x, training=True)["final_avg_pool"] * head)
+    grads = tape.gradient(loss, [v.value for v in net.trainable_variables] + frozen)
+    trained, stopped = grads[: len(net.trainable_variables)], grads[len(net.trainable_variables) :]
+    # Every trainable weight (each residual branch live) gets a gradient; none reaches the prefix.
+    for v, g in zip(net.trainable_variables, trained):
+      assert g is not None and np.abs(g.numpy()).max() > 0, v.path
+    assert all(g is None or not np.any(g.numpy()) for g in stopped)
     # Frozen BN runs in inference mode: its moving statistics do not move.
     after = [v.numpy() for layer in prefix(net, k) for v in layer.non_trainable_weights]
     assert len(before) > 0
     for a, b in zip(before, after):
       np.testing.assert_array_equal(a, b)
+    if k == 0:
+      # The gradient's values: its norm is the loss's slope along it (central differences) for
+      # the first trainable kernel after the stem, which the whole network lies behind.
+      first = net.trainable_variables[0]
+      norm, slope = _directional_derivative(net, x, head, first, 1e-3 * np.abs(first).max())
+      assert abs(slope - norm) <= 0.02 * norm, (k, first.path, norm, slope)
   assert _count(net.trainable_variables) == 0  # k = 4: the whole encoder is frozen
 
 

@@ -160,12 +160,34 @@ def test_replicas_give_the_same_weights(replica_runs):
     assert _global_relative(ref_update, got_update, ref3) < 1e-4, replicas
 
 
+def _numpy_accuracies(model_dir, step):
+  """Top-1 and top-5 of the export `saved_model/<step>` on the run's eval split, in NumPy."""
+  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+
+  flags_json = json.load(open(os.path.join(model_dir, "flags.json")))
+  source = datasets.load_source(
+    flags_json["dataset"], flags_json["eval_split"], flags_json["data_dir"]
+  )
+  batch = next(
+    iter(datasets.eval_dataset(source, source.num_examples, 1, 0, flags_json["image_size"]))
+  )
+  real = batch["mask"].numpy() == 1
+  exported = tf.saved_model.load(os.path.join(model_dir, "saved_model", step))
+  logits = exported(batch["image"], training=False)["logits_sup"].numpy()[real]
+  labels = batch["label"].numpy()[real]
+  assert len(labels) == source.num_examples
+  top5 = np.argsort(-logits, axis=1)[:, :5]
+  return np.mean(top5[:, 0] == labels), np.mean((top5 == labels[:, None]).any(axis=1))
+
+
 def test_train_then_eval_writes_results_and_export(replica_runs):
   d, res = replica_runs[1]
   result = json.load(open(os.path.join(d, "result.json")))
   assert result["global_step"] == 3
   assert result["eval/num_examples"] == 1000
-  assert 0.0 <= result["eval/label_top_1_accuracy"] <= result["eval/label_top_5_accuracy"] <= 1
+  top1, top5 = _numpy_accuracies(d, "3")
+  assert result["eval/label_top_1_accuracy"] == pytest.approx(top1, abs=1e-9)
+  assert result["eval/label_top_5_accuracy"] == pytest.approx(top5, abs=1e-9)
   assert os.path.exists(os.path.join(d, "result_3.json"))
   flags_json = json.load(open(os.path.join(d, "flags.json")))
   assert flags_json["resnet_depth"] == 18 and flags_json["temperature"] == 0.5

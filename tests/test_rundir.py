@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import socket
+import threading
 
 import keras
 import pytest
@@ -245,3 +246,37 @@ def test_eval_must_evaluate_the_run_s_own_model(tmp_path):
     "--ft_proj_selector=0 there, 1 here): --mode=eval evaluates them as the run that wrote "
     f"them. Give that run's settings ({d}/flags.json)"
   )
+
+
+def test_eval_beside_training_evaluates_every_checkpoint_in_turn(tmp_path):
+  """What `--mode=eval` walks (run.py): each checkpoint the training job writes, in order, the
+  intermediate ones too, restored (the value read is the one saved at that step)."""
+  written = tf.Variable(0.0)
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(value=written), str(tmp_path), 2)
+  for s in (1, 2):  # two listed before the evaluator's first look: both are evaluated
+    written.assign(float(s))
+    manager.save(checkpoint_number=s)
+  evaluated, seen = [], {s: threading.Event() for s in (2, 3, 4)}
+
+  def train():  # the next checkpoints come only once the evaluator is at the previous one
+    for s in (3, 4):
+      assert seen[s - 1].wait(60)
+      written.assign(float(s))
+      manager.save(checkpoint_number=s)  # max_to_keep=2: older ones are pruned meanwhile
+
+  trainer = threading.Thread(target=train)
+  trainer.start()
+  read = tf.Variable(0.0)
+  try:
+    walk = evaluate.restored_checkpoints(
+      tf.train.Checkpoint(value=read), str(tmp_path), last_step=4, poll_secs=0.01, timeout_secs=60
+    )
+    for step, _ in walk:
+      evaluated.append((step, float(read.numpy())))
+      if step in seen:
+        seen[step].set()
+  finally:
+    for event in seen.values():
+      event.set()
+    trainer.join()
+  assert evaluated == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]

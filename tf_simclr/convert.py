@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from tf_simclr import checkpoints
 from tf_simclr import config as config_lib
+from tf_simclr import errors
 from tf_simclr import export
 from tf_simclr import model as model_lib
 from tf_simclr import resnet
@@ -619,7 +620,7 @@ def main(argv=None) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 1
   except tf.errors.OpError as err:  # e.g. DST on storage that refuses the write
-    print(f"error: {type(err).__name__}: {err.message.strip().splitlines()[0]}", file=sys.stderr)
+    print(f"error: {type(err).__name__}: {errors.first_line(err)}", file=sys.stderr)
     return 1
   print(f"Found {describe(config)}")
   print(

@@ -68,6 +68,7 @@ from tf_simclr import augment
 from tf_simclr import config
 from tf_simclr import deadleaves10  # noqa: F401  (registers the tfds builder)
 from tf_simclr import distribute
+from tf_simclr import errors
 from tf_simclr import shapes10  # noqa: F401  (registers the tfds builder)
 
 IMAGE_FOLDER = config.IMAGE_FOLDER
@@ -140,10 +141,6 @@ def load_source(name: str, split: str, data_dir: str | None = None, class_names=
   return _tfds_source(name, split, data_dir)
 
 
-def _one_line(text: str) -> str:
-  return " ".join(str(text).split())
-
-
 # What TFDS raises for data that is unknown, missing or unreadable (a DatasetError); anything
 # else from a builder (TypeError, KeyError, ...) is a bug and keeps its traceback.
 _UNUSABLE = (
@@ -172,7 +169,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except _UNUSABLE as e:  # Unknown config or version: TFDS's message says which exist.
-    raise DatasetError(f"Cannot use dataset '{name}': {_one_line(e)}") from e
+    raise DatasetError(f"Cannot use dataset '{name}': {errors.first_line(e, whole=True)}") from e
 
   if not builder.is_prepared():
     _check_manual_download(name, builder)
@@ -190,7 +187,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     except _UNUSABLE as e:
       raise DatasetError(
         f"Could not download and prepare dataset '{name}' into "
-        f"{builder.data_dir_root}: {type(e).__name__}: {_one_line(e)}"
+        f"{builder.data_dir_root}: {type(e).__name__}: {errors.first_line(e, whole=True)}"
       ) from e
 
   splits = builder.info.splits
@@ -234,8 +231,9 @@ def _split_size(name: str, split: str, splits) -> int:
   try:
     num_examples = splits[split].num_examples
   except Exception as e:  # A malformed slice: TFDS's message says why.
+    why = errors.first_line(e, whole=True)
     raise DatasetError(
-      f"Dataset '{name}' cannot select split '{split}' ({_one_line(e)}); its splits are: {sizes}."
+      f"Dataset '{name}' cannot select split '{split}' ({why}); its splits are: {sizes}."
     ) from e
   if num_examples < 0:  # A reversed slice (`train[50%:40%]`): TFDS counts it negative.
     raise DatasetError(
@@ -265,7 +263,7 @@ def _check_manual_download(name: str, builder) -> None:
     files = ", ".join(missing) if missing else "its files"
     raise DatasetError(
       f"Dataset '{name}' must be downloaded by hand: put {files} in {manual_dir}/ and run "
-      f"again (tensorflow-datasets says: {_one_line(instructions)})"
+      f"again (tensorflow-datasets says: {errors.first_line(instructions, whole=True)})"
     )
 
 

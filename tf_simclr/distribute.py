@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr import config
+from tf_simclr import errors
 
 STRATEGIES = config.STRATEGIES
 
@@ -51,9 +52,9 @@ def _tpu_strategy(tpu_name, tpu_zone, gcp_project, master):
   except (ValueError, RuntimeError, ImportError, OSError, tf.errors.OpError) as err:
     # e.g. no TPU name off Cloud, an unreachable metadata server (zone, project), no
     # cloud-tpu-client for a named TPU, an unknown TPU, a TensorFlow without TPU support.
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     raise ValueError(
-      f"cannot set up the TPU {tpu or '(found from the environment)'!r}: {first[:300]}"
+      f"cannot set up the TPU {tpu or '(found from the environment)'!r}: "
+      f"{errors.first_line(err)[:300]}"
     ) from None
   logging.info(
     "TPU topology: %d tasks, %d TPUs per task", topology.num_tasks, topology.num_tpus_per_task
@@ -105,12 +106,15 @@ def make_strategy(
   """Returns the strategy asked for.
 
   Args:
-    strategy: `auto` (a TPU if `use_tpu` or one is attached, else all GPUs, else the CPU, or
-      `cpu_replicas` logical CPUs), `tpu`, `multi_worker` (cluster from TF_CONFIG), `mirrored`
-      (all local GPUs, or the logical CPUs), `one_device`.
+    strategy: `auto` (a TPU if `use_tpu` and one is named or attached, else all GPUs, else
+      the CPU, or `cpu_replicas` logical CPUs), `tpu`, `multi_worker` (cluster from
+      TF_CONFIG), `mirrored` (all local GPUs, or the logical CPUs), `one_device`.
     cpu_replicas: mirror over this many logical CPU devices (needs `configure_cpu_replicas`
       first); 0 or 1 means the plain CPU.
-    use_tpu: the reference's `--use_tpu`: with `strategy=auto`, True forces the TPU path.
+    use_tpu: the reference's `--use_tpu`. It does not force the TPU path: with
+      `strategy=auto`, True selects a TPU only if one is named (`tpu_name` or `master`), or if
+      this host is a TPU VM and `cpu_replicas` is at most 1; otherwise `auto` goes on to the
+      GPUs or the CPU. Without it, `auto` never selects a TPU, even on a TPU VM.
     tpu_name, tpu_zone, gcp_project, master: for TPUClusterResolver.
   """
   if strategy not in STRATEGIES:

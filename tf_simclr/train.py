@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import sys
 import time
 
@@ -698,17 +696,3 @@ def _agree(sync: distribute.ClusterSync, step: int, stop: bool = False, call_ste
       "checkpoint. Give every worker the same --model_dir, on storage they share"
     )
   return bool(rows[:, 0].any()), int(rows[:, 2].min())
-
-
-def write_flags_json(model_dir: str, values: dict) -> None:
-  """Writes the JSON-serialisable run settings to `model_dir/flags.json` (as the reference)."""
-  serializable = {}
-  for key, value in values.items():
-    try:
-      json.dumps(value)
-      serializable[key] = value
-    except TypeError:
-      continue
-  tf.io.gfile.makedirs(model_dir)
-  with tf.io.gfile.GFile(os.path.join(model_dir, "flags.json"), "w") as f:
-    json.dump(serializable, f, indent=1, sort_keys=True)
