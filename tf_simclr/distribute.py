@@ -283,7 +283,7 @@ def warn_slow_bfloat16(strategy: tf.distribute.Strategy, mixed_precision: str) -
 
 
 class StopSignal:
-  """Remembers that SIGTERM or SIGINT arrived, so that training can stop at a step boundary.
+  """Remembers that SIGTERM or SIGINT arrived, so that training can stop between step calls.
 
   SIGTERM is what schedulers and preemptible VMs send some seconds before they stop a job;
   SIGINT is Ctrl-C. Python runs the handler in the main thread between bytecodes, so it never
@@ -327,13 +327,13 @@ class StopSignal:
       signal.signal(signal.SIGINT, signal.SIG_DFL)
       os.write(
         2,
-        b"SIGINT: stopping at the next step boundary with a checkpoint; press Ctrl-C "
-        b"again to stop at once, without one\n",
+        b"SIGINT: stopping when the current call of steps ends (a few seconds), with a "
+        b"checkpoint; press Ctrl-C again to stop at once, without one\n",
       )
 
 
 class ClusterSync:
-  """Gathers a few integers from every worker at a step boundary, so all decide alike.
+  """Gathers a few integers from every worker between step calls, so all decide alike.
 
   With several workers this is one small all-gather (every worker must call it at the same
   point, as any collective); otherwise it returns the local values without communicating.
