@@ -21,20 +21,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import runs
-from test_run_e2e import COMMON
-from test_run_e2e import run_py_concurrently
-from tf_simclr import checkpoints
+from runs import COMMON
+from runs import checkpoint_values
+from runs import run_py_concurrently
 from tf_simclr import datasets
 
 # xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
 # so that its runs are made once (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return runs.shared_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +81,6 @@ def after(pretrained, data_dir, tmp_path_factory):
   return dirs, results
 
 
-def _checkpoint_values(prefix, root):
-  """{object path under `root` (e.g. 'model/encoder'): array} of a training checkpoint."""
-  reader = tf.train.load_checkpoint(prefix)
-  graph = checkpoints.object_graph(reader)
-  node_ids = [0]
-  for name in root.split("/"):
-    node_ids = [c.node_id for c in graph.nodes[node_ids[0]].children if c.local_name == name]
-    assert node_ids, (prefix, root)
-  values, stack = {}, [(root, node_ids[0])]
-  while stack:
-    path, node_id = stack.pop()
-    node = graph.nodes[node_id]
-    for attr in node.attributes:
-      if attr.name == "VARIABLE_VALUE":
-        values[path] = reader.get_tensor(attr.checkpoint_key)
-    stack += [(f"{path}/{c.local_name}", c.node_id) for c in node.children]
-  return values
-
-
 def test_knn_monitor_writes_tensorboard_and_results(after):
   d, res = after[0]["lin"], after[1]["lin"]
   at_1 = json.load(open(os.path.join(d, "result_1.json")))  # the monitor, mid-training
@@ -132,13 +107,13 @@ def test_linear_eval_leaves_the_backbone_bit_for_bit(pretrained, after):
   # classifier has moved off its zero start.
   pre, lin = pretrained, after[0]["lin"]
   for part in ("model/encoder", "model/projection_head"):
-    before = _checkpoint_values(os.path.join(pre, "ckpt-3"), part)
-    got = _checkpoint_values(os.path.join(lin, "ckpt-2"), part)
+    before = checkpoint_values(os.path.join(pre, "ckpt-3"), part)
+    got = checkpoint_values(os.path.join(lin, "ckpt-2"), part)
     assert got.keys() == before.keys()
     assert sum("moving_variance" in k for k in got) >= (20 if "encoder" in part else 3)
     for k in before:
       np.testing.assert_array_equal(got[k], before[k], err_msg=k)
-  head = _checkpoint_values(os.path.join(lin, "ckpt-2"), "model/supervised_head")
+  head = checkpoint_values(os.path.join(lin, "ckpt-2"), "model/supervised_head")
   assert len(head) == 2 and all(np.abs(v).max() > 0 for v in head.values())
 
 
