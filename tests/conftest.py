@@ -4,6 +4,10 @@ TensorFlow can split the host CPU into logical devices only once per process, be
 runs, so every in-process test sees the same four logical CPUs: `/cpu:0` alone is the
 single-device case, `/cpu:0..1` and `/cpu:0..3` are the 2- and 4-replica MirroredStrategy cases.
 End-to-end tests run `run.py` in subprocesses and set their own devices.
+
+Shared fixtures: `strategies`, `data_dir` (the built-in shapes10 dataset, prepared once per test
+process) and `replica_runs` (the 1/2/4-replica runs). Shared helpers are in runs.py; test modules
+do not import each other.
 """
 
 import os
@@ -14,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+import runs  # noqa: E402
 
 NUM_LOGICAL_CPUS = 4
 
@@ -38,13 +44,35 @@ def strategies():
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The shapes10 data_dir, prepared once per test process (before runs race to write it)."""
+  return runs.shared_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def replica_runs(tmp_path_factory):
-  """test_run_e2e's 1/2/4-replica runs, made once for test_run_e2e, test_multiworker and
-  test_after_pretraining.
+  """{replicas: (model_dir, CompletedProcess)}: 3-step runs on 1, 2 and 4 CPU replicas, made once
+  for the tests marked `xdist_group("replica_runs")`.
 
-  pytest-xdist makes a session fixture once per worker process, so those modules put their tests
-  in one xdist_group (pytest.ini runs `--dist loadgroup`), which one worker runs.
+  pytest-xdist makes a session fixture once per worker process, so every test that uses it is in
+  that xdist_group (pytest.ini runs `--dist loadgroup`), which one worker runs; no other test is.
   """
-  import test_run_e2e  # pylint: disable=g-import-not-at-top
+  return runs.make_replica_runs(tmp_path_factory)
 
-  return test_run_e2e.make_replica_runs(tmp_path_factory)
+
+# The longest tests (seconds on 2 idle cores, `--durations`): started first, so that the other
+# worker runs them while one runs the `replica_runs` group, instead of one of them starting last.
+# xdist hands out the largest group first, then single tests in collection order.
+LONG_FIRST = (
+  "test_small_images.py::test_small_images_preset_beats_raw_pixels",
+  "test_faults.py::test_interrupted_run_resumes_to_the_uninterrupted_weights",
+  "test_learning.py::test_short_pretraining_beats_the_untrained_encoder",
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.nodeid.rsplit("/", 1)[-1]
+    return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+  items.sort(key=rank)  # stable: the rest keep their order

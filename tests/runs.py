@@ -1,7 +1,10 @@
-"""run.py processes for fault and multi-worker tests: started in their own process groups,
-watched through their log files, and always ended.
+"""Helpers that test modules share (test modules never import each other; fixtures are in
+conftest.py): `python run.py` subprocesses and their common flags, the one-line error check,
+checkpoint readers, small data on disk, and NumPy references.
 
-Not a test module: test_faults.py and test_multiworker.py import it.
+`run_py` and `run_py_concurrently` run commands to completion; `Processes` starts them in their
+own process groups, watched through their log files and always ended (fault and multi-worker
+tests).
 """
 
 import collections
@@ -12,9 +15,162 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The end-to-end runs' flags: shapes10 at 16 px on a ResNet-18 at width 0.125, which has the
+# variables and batch norms of width 1 at ~1/64 of its convolution cost (1.6 MB checkpoints).
+COMMON = [
+  "--dataset=shapes10",
+  "--train_split=train",
+  "--eval_split=test",
+  "--image_size=16",
+  "--resnet_depth=18",
+  "--width_multiplier=0.125",
+  "--train_batch_size=8",
+  "--eval_batch_size=200",
+  "--learning_rate=1.0",
+  "--warmup_epochs=0",
+  "--weight_decay=1e-4",
+  "--temperature=0.5",
+  "--use_tpu=False",
+  "--deterministic",
+  "--seed=3",
+]
+
 Result = collections.namedtuple("Result", ["returncode", "stdout", "stderr"])
+
+
+def env():
+  """The environment of a run.py subprocess: quiet TensorFlow, one-line errors."""
+  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  e.pop("TF_SIMCLR_TRACEBACK", None)
+  return e
+
+
+def run_py(args, timeout=600):
+  """Runs `python run.py *args` to completion: a subprocess.CompletedProcess (text)."""
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "run.py")] + args,
+    cwd=REPO,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def run_py_concurrently(arg_lists, timeout=900):
+  """Runs several run.py commands at once (graph tracing is mostly one core each)."""
+  procs = [
+    subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "run.py")] + args,
+      cwd=REPO,
+      env=env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for args in arg_lists
+  ]
+  results = []
+  try:
+    for args, proc in zip(arg_lists, procs):
+      out, err = proc.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+  finally:
+    for proc in procs:  # no process outlives a failed test
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return results
+
+
+def assert_one_line_error(res, words):
+  """Bad input: exit status 1, no traceback, a last stderr line `error: ...` with `words`."""
+  assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+  assert "Traceback" not in res.stderr, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and all(w in last for w in words), last
+
+
+def model_variables(prefix):
+  """{key: array} of every variable in checkpoint `prefix`: model weights and optimizer state.
+
+  (A trainable weight is keyed by its shortest path in the object graph, which is often through
+  the optimizer, e.g. `optimizer/_trainable_variables/7/...`.)
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  reader = tf.train.load_checkpoint(prefix)
+  return {
+    k: reader.get_tensor(k)
+    for k in reader.get_variable_to_shape_map()
+    if k.endswith("VARIABLE_VALUE") and not k.startswith("save_counter")
+  }
+
+
+def global_relative(a, b, keys):
+  """||b - a|| / ||a|| over all listed variables together."""
+  num = sum(float(((b[k] - a[k]) ** 2).sum()) for k in keys)
+  den = sum(float((a[k] ** 2).sum()) for k in keys)
+  return (num / den) ** 0.5
+
+
+def checkpoint_values(prefix, root):
+  """{object path under `root` (e.g. 'model/encoder'): array} of a training checkpoint."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from tf_simclr import checkpoints  # pylint: disable=g-import-not-at-top
+
+  reader = tf.train.load_checkpoint(prefix)
+  graph = checkpoints.object_graph(reader)
+  node_ids = [0]
+  for name in root.split("/"):
+    node_ids = [c.node_id for c in graph.nodes[node_ids[0]].children if c.local_name == name]
+    assert node_ids, (prefix, root)
+  values, stack = {}, [(root, node_ids[0])]
+  while stack:
+    path, node_id = stack.pop()
+    node = graph.nodes[node_id]
+    for attr in node.attributes:
+      if attr.name == "VARIABLE_VALUE":
+        values[path] = reader.get_tensor(attr.checkpoint_key)
+    stack += [(f"{path}/{c.local_name}", c.node_id) for c in node.children]
+  return values
+
+
+def two_class_folder(root):
+  """root/{train,test}/{a,b}/*.png (a pathlib.Path): a 2-class image folder of 8x8 PNGs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  for split in ("train", "test"):
+    for c, cls in enumerate("ab"):
+      os.makedirs(root / split / cls)
+      for i in range(2):
+        png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(60 * (c + i), tf.uint8)))
+        (root / split / cls / f"{i}.png").write_bytes(png.numpy())
+
+
+def numpy_nt_xent(hidden, hidden_norm=True, temperature=1.0):
+  """Algorithm 1 of the paper, one anchor at a time, in float64, times 2 (the reference's scale).
+
+  hidden: [2N, d], the two views' rows stacked. Returns (loss, sim / temperature) where sim is
+  the [2N, 2N] similarity matrix.
+  """
+  h = np.asarray(hidden, np.float64)
+  if hidden_norm:
+    h = h / np.linalg.norm(h, axis=1, keepdims=True)
+  two_n = h.shape[0]
+  n = two_n // 2
+  sim = h @ h.T / temperature
+  total = 0.0
+  for i in range(two_n):
+    j = (i + n) % two_n
+    denom = sum(np.exp(sim[i, k]) for k in range(two_n) if k != i)
+    total += -np.log(np.exp(sim[i, j]) / denom)
+  return 2.0 * total / two_n, sim
 
 
 def free_ports(n):
@@ -30,12 +186,41 @@ def free_ports(n):
 
 
 def shared_data_dir(tmp_path_factory):
-  """One shapes10 data_dir for the session's fault and multi-worker tests, prepared once."""
+  """One shapes10 data_dir per test process (conftest.py's `data_dir`), prepared once."""
   path = str(tmp_path_factory.getbasetemp() / "shapes10_data")
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
 
   datasets.load_source("shapes10", "train", path)  # before concurrent runs race to write it
   return path
+
+
+def make_replica_runs(tmp_path_factory):
+  """Three-step runs with 1, 2 and 4 CPU replicas at global batch 8; 1 replica also evals.
+
+  {replicas: (model_dir, CompletedProcess)}; made once per session by conftest.py's
+  `replica_runs` fixture.
+  """
+  data_dir = shared_data_dir(tmp_path_factory)
+  dirs, commands = {}, []
+  for replicas in (1, 2, 4):
+    d = str(tmp_path_factory.mktemp(f"r{replicas}"))
+    mode = "train_then_eval" if replicas == 1 else "train"
+    dirs[replicas] = d
+    commands.append(
+      COMMON
+      + [
+        f"--data_dir={data_dir}",
+        f"--model_dir={d}",
+        "--train_steps=3",
+        "--checkpoint_steps=1",
+        f"--cpu_replicas={replicas}",
+        f"--mode={mode}",
+      ]
+    )
+  results = run_py_concurrently(commands)
+  for res in results:
+    assert res.returncode == 0, res.stderr[-3000:]
+  return {r: (dirs[r], res) for r, res in zip((1, 2, 4), results)}
 
 
 class Processes:
@@ -114,3 +299,47 @@ class Processes:
         f"{name} did not end within {timeout} s:\n" + self.output(name)[1][-3000:]
       ) from None
     return Result(proc.returncode, *self.output(name))
+
+
+def numpy_knn(query, bank, bank_labels, num_classes, k, temperature, bank_valid=None):
+  """Wu et al.'s weighted kNN, written out: int [b]."""
+  query = query / np.linalg.norm(query, axis=1, keepdims=True)
+  bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+  if bank_valid is not None:
+    bank, bank_labels = bank[bank_valid], bank_labels[bank_valid]
+  k = min(k, len(bank))
+  predictions = []
+  for q in query.astype(np.float64):
+    sims = bank.astype(np.float64) @ q
+    nearest = np.argsort(-sims)[:k]
+    votes = np.zeros(num_classes)
+    for j in nearest:
+      votes[bank_labels[j]] += np.exp(sims[j] / temperature)
+    predictions.append(np.argmax(votes))
+  return np.array(predictions)
+
+
+def seed_rows(n, stream=7, dtype=None):
+  """[n, 2] distinct stateless seeds (i, stream), int64 unless `dtype` says otherwise."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return tf.constant(np.stack([np.arange(n), np.full(n, stream)], 1), dtype or tf.int64)
+
+
+def map_over(fn, seeds, batch=250):
+  """fn(seed) for every row of seeds through a parallel tf.data map, stacked as NumPy."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  ds = tf.data.Dataset.from_tensor_slices(seeds)
+  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
+  return tf.nest.map_structure(
+    lambda *x: np.concatenate(x), *[tf.nest.map_structure(np.asarray, b) for b in ds]
+  )
+
+
+def random_image(shape, seed=0, dtype=np.uint8):
+  """A random image of `shape`: uint8 in [0, 255], or float in [0, 1)."""
+  rng = np.random.default_rng(seed)
+  if dtype == np.uint8:
+    return rng.integers(0, 256, shape, np.uint8)
+  return rng.random(shape).astype(dtype)

@@ -21,20 +21,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import runs
-from test_run_e2e import COMMON
-from test_run_e2e import run_py_concurrently
+from runs import COMMON
+from runs import checkpoint_values
+from runs import numpy_knn
+from runs import run_py_concurrently
 from tf_simclr import checkpoints
 from tf_simclr import datasets
 
 # xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
 # so that its runs are made once (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return runs.shared_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +57,7 @@ def after(pretrained, data_dir, tmp_path_factory):
     "--distill_temperature=2",
     "--keep_checkpoint_max=1",
     "--cpu_replicas=2",
-    "--width_multiplier=0.25",  # a student narrower than its teacher: the export tells them apart
+    "--width_multiplier=0.25",  # another width than the teacher's: the export tells them apart
   ]
   commands = {
     "lin": few
@@ -88,30 +84,9 @@ def after(pretrained, data_dir, tmp_path_factory):
   return dirs, results
 
 
-def _checkpoint_values(prefix, root):
-  """{object path under `root` (e.g. 'model/encoder'): array} of a training checkpoint."""
-  reader = tf.train.load_checkpoint(prefix)
-  graph = checkpoints.object_graph(reader)
-  node_ids = [0]
-  for name in root.split("/"):
-    node_ids = [c.node_id for c in graph.nodes[node_ids[0]].children if c.local_name == name]
-    assert node_ids, (prefix, root)
-  values, stack = {}, [(root, node_ids[0])]
-  while stack:
-    path, node_id = stack.pop()
-    node = graph.nodes[node_id]
-    for attr in node.attributes:
-      if attr.name == "VARIABLE_VALUE":
-        values[path] = reader.get_tensor(attr.checkpoint_key)
-    stack += [(f"{path}/{c.local_name}", c.node_id) for c in node.children]
-  return values
-
-
 def _numpy_knn_accuracy(lin, k):
   """kNN top-1 of the pretraining export's features: bank the run's label subset, queries
   test[:200], as the monitor (T = 0.07, the default), in NumPy."""
-  from test_knn import _numpy_knn  # pylint: disable=g-import-not-at-top
-
   flags_json = json.load(open(os.path.join(lin, "flags.json")))
   export = tf.saved_model.load(flags_json["checkpoint"])
   data_dir, size = flags_json["data_dir"], flags_json["image_size"]
@@ -127,7 +102,7 @@ def _numpy_knn_accuracy(lin, k):
     features.append(export(batch["image"], training=False)["final_avg_pool"].numpy()[real])
     labels.append(batch["label"].numpy()[real])
   assert [len(x) for x in labels] == [500, 200]
-  predicted = _numpy_knn(features[1], features[0], labels[0], 10, k, 0.07)
+  predicted = numpy_knn(features[1], features[0], labels[0], 10, k, 0.07)
   return float(np.mean(predicted == labels[1]))
 
 
@@ -161,13 +136,13 @@ def test_linear_eval_leaves_the_backbone_bit_for_bit(pretrained, after):
   # classifier has moved off its zero start.
   pre, lin = pretrained, after[0]["lin"]
   for part in ("model/encoder", "model/projection_head"):
-    before = _checkpoint_values(os.path.join(pre, "ckpt-3"), part)
-    got = _checkpoint_values(os.path.join(lin, "ckpt-2"), part)
+    before = checkpoint_values(os.path.join(pre, "ckpt-3"), part)
+    got = checkpoint_values(os.path.join(lin, "ckpt-2"), part)
     assert got.keys() == before.keys()
     assert sum("moving_variance" in k for k in got) >= (20 if "encoder" in part else 3)
     for k in before:
       np.testing.assert_array_equal(got[k], before[k], err_msg=k)
-  head = _checkpoint_values(os.path.join(lin, "ckpt-2"), "model/supervised_head")
+  head = checkpoint_values(os.path.join(lin, "ckpt-2"), "model/supervised_head")
   assert len(head) == 2 and all(np.abs(v).max() > 0 for v in head.values())
 
 
@@ -194,13 +169,14 @@ def test_distillation_exports_a_student_that_loads(after, pretrained):
   logits = out["logits_sup"].numpy()
   assert logits.shape == (4, 10) and np.isfinite(logits).all()
   assert len(model.trainable_variables) > 60
-  # The student's export, not the teacher's: the student's width (0.25 of the teacher's 512
-  # features) and the student's weights at step 3 (ckpt-3, restored into a fresh student).
+  # The student's export, not the teacher's: the student's width (0.25: 128 features, the
+  # teacher has runs.COMMON's 0.125: 64) and the student's weights at step 3 (ckpt-3, restored
+  # into a fresh student).
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
   from tf_simclr.config import ModelConfig  # pylint: disable=g-import-not-at-top
 
   teacher_flags = json.load(open(os.path.join(pretrained, "flags.json")))
-  assert teacher_flags.get("width_multiplier", 1) == 1  # else pick another student width
+  assert float(teacher_flags["width_multiplier"]) != 0.25  # else pick another student width
   assert out["final_avg_pool"].shape == (4, 128)
   student = model_lib.build_model(
     ModelConfig(resnet_depth=18, width_multiplier=0.25, image_size=16, num_classes=10)

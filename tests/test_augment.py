@@ -8,33 +8,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from runs import map_over
+from runs import random_image
+from runs import seed_rows
 from tf_simclr import augment
 
 N_STATS = 2000  # Seeds per statistic: 4 sigma of a p=0.5 frequency is 0.045.
 
 
-def _seeds(n, stream=7, dtype=tf.int64):
-  """[n, 2] distinct seeds (i, stream)."""
-  return tf.constant(np.stack([np.arange(n), np.full(n, stream)], 1), dtype)
-
-
-def _map(fn, seeds, batch=250):
-  """fn(seed) for every row of seeds through a parallel tf.data map, stacked."""
-  ds = tf.data.Dataset.from_tensor_slices(seeds)
-  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
-  return tf.nest.map_structure(
-    lambda *x: np.concatenate(x), *[tf.nest.map_structure(np.asarray, b) for b in ds]
-  )
-
-
 def _views(image, seeds, height, width, **kwargs):
   image = tf.constant(image)
-  return _map(lambda s: augment.simclr_augment(image, s, height, width, **kwargs), seeds)
+  return map_over(lambda s: augment.simclr_augment(image, s, height, width, **kwargs), seeds)
 
 
 def _params(seeds, image_shape, height, width, strength=1.0, **kwargs):
   image_size = tf.constant(image_shape, tf.int32)
-  return _map(lambda s: augment._draw(s, image_size, height, width, strength, **kwargs), seeds)
+  return map_over(lambda s: augment._draw(s, image_size, height, width, strength, **kwargs), seeds)
 
 
 def _crop_boxes(seeds, image_shape, height, width, **kwargs):
@@ -50,19 +39,12 @@ def _assert_frequency(hits, p, name):
   assert abs(freq - p) < 4 * sigma, f"{name}: {freq:.4f} vs {p} (n={n})"
 
 
-def _random_image(shape, seed=0, dtype=np.uint8):
-  rng = np.random.default_rng(seed)
-  if dtype == np.uint8:
-    return rng.integers(0, 256, shape, np.uint8)
-  return rng.random(shape).astype(dtype)
-
-
 # ----------------------------------------------------------------------------
 # Determinism.
 
 
 def test_same_seed_same_view_bit_for_bit_different_seeds_differ():
-  image = _random_image((40, 56, 3))
+  image = random_image((40, 56, 3))
   seed = tf.constant([3, 4], tf.int64)
   a = augment.simclr_augment(image, seed, 32, 32).numpy()
   b = augment.simclr_augment(image, seed, 32, 32).numpy()
@@ -87,9 +69,9 @@ def test_same_seed_same_view_bit_for_bit_different_seeds_differ():
   ],
 )  # Planar path, 11-tap convolution blur.
 def test_eager_tf_function_and_dataset_map_agree_bit_for_bit(source, size):
-  image = tf.constant(_random_image(source + (3,), seed=1))
+  image = tf.constant(random_image(source + (3,), seed=1))
   # Seeds covering every branch: blur / jitter / grayscale on and off.
-  seeds = _seeds(64, stream=11)
+  seeds = seed_rows(64, stream=11)
   p = _params(seeds, source + (3,), size, size)
   for flag in ("flip", "jitter", "gray", "blur"):
     assert p[flag].any() and not p[flag].all(), flag
@@ -111,7 +93,7 @@ def test_flip_frequency_and_flag():
   ramp = np.broadcast_to(
     np.linspace(0.0, 1.0, 48, dtype=np.float32)[None, :, None], (40, 48, 3)
   ).copy()
-  seeds = _seeds(N_STATS)
+  seeds = seed_rows(N_STATS)
   views = _views(ramp, seeds, 32, 32, color_jitter_strength=0.0, use_blur=False)
   flipped = views[:, :, 16:].mean(axis=(1, 2, 3)) < views[:, :, :16].mean(axis=(1, 2, 3))
   _assert_frequency(flipped, 0.5, "flip")
@@ -123,8 +105,8 @@ def test_grayscale_frequency_is_p_gray():
   # the p=0.8 jitter. A view of a random colour image is gray iff its three
   # channels are equal everywhere (jitter never equalizes them). 6000 seeds:
   # 4 sigma = 0.021 separates 0.2 from 0.8 * 0.2 = 0.16.
-  image = _random_image((32, 32, 3), seed=2)
-  seeds = _seeds(6000, stream=8)
+  image = random_image((32, 32, 3), seed=2)
+  seeds = seed_rows(6000, stream=8)
   views = _views(image, seeds, 32, 32)
   gray = np.all(views[..., :1] == views, axis=(1, 2, 3))
   _assert_frequency(gray, 0.2, "grayscale")
@@ -132,8 +114,8 @@ def test_grayscale_frequency_is_p_gray():
 
 
 def test_blur_frequency_and_that_the_flag_drives_the_blur():
-  image = _random_image((32, 32, 3), seed=3)
-  seeds = _seeds(N_STATS, stream=9)
+  image = random_image((32, 32, 3), seed=3)
+  seeds = seed_rows(N_STATS, stream=9)
   p = _params(seeds, (32, 32, 3), 32, 32)
   _assert_frequency(p["blur"], 0.5, "blur")
   blurred = _views(image, seeds, 32, 32, color_jitter_strength=0.0)
@@ -155,7 +137,7 @@ def test_blur_frequency_and_that_the_flag_drives_the_blur():
 
 
 def test_jitter_parameters():
-  seeds = _seeds(N_STATS, stream=10)
+  seeds = seed_rows(N_STATS, stream=10)
   p = _params(seeds, (32, 32, 3), 32, 32, strength=1.0)
   _assert_frequency(p["jitter"], 0.8, "jitter")
   brightness, contrast, saturation, hue = p["factors"].T
@@ -234,7 +216,7 @@ def _monte_carlo_crop_areas(height, width, n, seed=0, min_scale=0.08):
 
 def test_crop_geometry_matches_the_sampler_distribution():
   side = 200
-  boxes = _crop_boxes(_seeds(N_STATS, stream=12), [side, side, 3], 64, 64)
+  boxes = _crop_boxes(seed_rows(N_STATS, stream=12), [side, side, 3], 64, 64)
   oy, ox, h, w = boxes.T
   assert (oy >= 0).all() and (ox >= 0).all()
   assert (oy + h <= side).all() and (ox + w <= side).all()
@@ -268,7 +250,7 @@ def test_min_scale_is_the_crop_area_floor(min_scale):
   # distribution must be the sampler's with that floor (independent NumPy sampler), and
   # differ from the default's.
   side = 200
-  boxes = _crop_boxes(_seeds(N_STATS, stream=13), [side, side, 3], 64, 64, min_scale=min_scale)
+  boxes = _crop_boxes(seed_rows(N_STATS, stream=13), [side, side, 3], 64, 64, min_scale=min_scale)
   area = boxes[:, 2] * boxes[:, 3] / side**2
   assert area.min() >= min_scale - 2 * side / side**2  # Rounding of h and w to pixels.
   ref_area, ref_aspect = _monte_carlo_crop_areas(side, side, 200_000, min_scale=min_scale)
@@ -279,11 +261,18 @@ def test_min_scale_is_the_crop_area_floor(min_scale):
 
 
 def test_min_scale_one_is_the_whole_image():
-  boxes = _crop_boxes(_seeds(200, stream=14), [28, 28, 3], 32, 32, min_scale=1.0)
+  boxes = _crop_boxes(seed_rows(200, stream=14), [28, 28, 3], 32, 32, min_scale=1.0)
   np.testing.assert_array_equal(boxes, np.tile([[0, 0, 28, 28]], [200, 1]))
-  image = _random_image((28, 28, 3), seed=5)
+  image = random_image((28, 28, 3), seed=5)
   views = _views(
-    image, _seeds(50), 28, 28, color_jitter_strength=0.0, use_blur=False, flip=False, min_scale=1.0
+    image,
+    seed_rows(50),
+    28,
+    28,
+    color_jitter_strength=0.0,
+    use_blur=False,
+    flip=False,
+    min_scale=1.0,
   )
   np.testing.assert_allclose(views, np.broadcast_to(image / 255.0, views.shape), atol=1e-6)
 
@@ -291,7 +280,7 @@ def test_min_scale_one_is_the_whole_image():
 def test_no_flip_changes_only_the_flip():
   # flip=False never mirrors, and every other draw of the view (crop, colour, blur) is the
   # one it would have had: the flip's coin is still drawn in its slot.
-  seeds = _seeds(500, stream=15)
+  seeds = seed_rows(500, stream=15)
   flipping = _params(seeds, (40, 48, 3), 32, 32)
   fixed = _params(seeds, (40, 48, 3), 32, 32, flip=False)
   assert flipping["flip"].any() and not fixed["flip"].any()
@@ -309,8 +298,8 @@ def test_no_flip_changes_only_the_flip():
 
 
 def test_crop_box_is_the_crop_of_the_view():
-  image = _random_image((60, 90, 3), seed=4).astype(np.float32) / 255.0
-  seeds = _seeds(12, stream=13)
+  image = random_image((60, 90, 3), seed=4).astype(np.float32) / 255.0
+  seeds = seed_rows(12, stream=13)
   for seed, (oy, ox, h, w) in zip(seeds, _crop_boxes(seeds, image.shape, 32, 32)):
     expected = tf.image.resize(image[None, oy : oy + h, ox : ox + w], [32, 32], "bicubic")[0]
     expected = np.clip(expected.numpy(), 0.0, 1.0)
@@ -334,8 +323,8 @@ def test_crop_box_is_the_crop_of_the_view():
   ],
 )
 def test_views_are_float32_in_unit_range_for_uint8_and_float(source, height, width):
-  image = _random_image(source + (3,), seed=5)
-  seeds = _seeds(32, stream=14)
+  image = random_image(source + (3,), seed=5)
+  seeds = seed_rows(32, stream=14)
   from_uint8 = _views(image, seeds, height, width)
   from_float = _views(image.astype(np.float32) / 255.0, seeds, height, width)
   for views in (from_uint8, from_float):
@@ -355,7 +344,7 @@ def test_views_are_float32_in_unit_range_for_uint8_and_float(source, height, wid
 def test_zero_strength_turns_jitter_and_grayscale_off():
   colour = np.array([0.8, 0.3, 0.1], np.float32)
   image = np.broadcast_to(colour, (40, 40, 3)).copy()
-  seeds = _seeds(300, stream=15)
+  seeds = seed_rows(300, stream=15)
   views = _views(image, seeds, 32, 32, color_jitter_strength=0.0, use_blur=False)
   np.testing.assert_allclose(views, np.broadcast_to(colour, views.shape), atol=1e-5)
   # The blur (zero padding) darkens borders but keeps the hue.
@@ -431,8 +420,8 @@ def test_split_form_equals_per_image_form(source, size):
   # Host crop in tf.data, distortion of the batch in a tf.function: the
   # --augment_on_device path must produce the views of the host path.
   batch = 24
-  images = tf.constant(_random_image((batch,) + source + (3,), seed=10))
-  seeds = _seeds(batch, stream=18)
+  images = tf.constant(random_image((batch,) + source + (3,), seed=10))
+  seeds = seed_rows(batch, stream=18)
   for kwargs in ({}, {"color_jitter_strength": 0.5, "use_blur": False}):
     strength = kwargs.get("color_jitter_strength", 1.0)
     ds = tf.data.Dataset.range(batch).map(
@@ -441,7 +430,7 @@ def test_split_form_equals_per_image_form(source, size):
     crops, params = next(iter(ds.batch(batch)))
     assert not params["flip"].numpy().all() and params["flip"].numpy().any()
     split = tf.function(augment.distort_batch)(crops, params, **kwargs).numpy()
-    per_image = _map(
+    per_image = map_over(
       lambda i: augment.simclr_augment(images[i], seeds[i], size, size, **kwargs), tf.range(batch)
     )
     assert split.shape == (batch, size, size, 3)
@@ -449,8 +438,8 @@ def test_split_form_equals_per_image_form(source, size):
 
 
 def test_per_image_fused_and_planar_paths_agree(monkeypatch):
-  image = _random_image((72, 90, 3), seed=9)
-  seeds = _seeds(16, stream=17)
+  image = random_image((72, 90, 3), seed=9)
+  seeds = seed_rows(16, stream=17)
   fused = _views(image, seeds, 64, 64)
   monkeypatch.setattr(augment, "_MAX_FUSED_PIXELS", 0)
   planar = _views(image, seeds, 64, 64)
@@ -503,11 +492,11 @@ def test_preprocess_eval_centre_crop_geometry(source, height, width, crop):
 
 
 def test_preprocess_eval_small_images():
-  image = _random_image((32, 32, 3), seed=10)
+  image = random_image((32, 32, 3), seed=10)
   out = augment.preprocess_eval(image, 32, 32).numpy()
   np.testing.assert_array_equal(out, image.astype(np.float32) * (1.0 / 255.0))
   # Below 33 px no centre crop: a plain resize of the whole image.
-  image = _random_image((40, 36, 3), seed=11).astype(np.float32) / 255.0
+  image = random_image((40, 36, 3), seed=11).astype(np.float32) / 255.0
   out = augment.preprocess_eval(image, 32, 32).numpy()
   expected = np.clip(tf.image.resize(image[None], [32, 32], "bicubic")[0], 0.0, 1.0)
   np.testing.assert_array_equal(out, expected)

@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import batched_augment
-from test_augment import _map
-from test_augment import _random_image
-from test_augment import _seeds
+from runs import map_over
+from runs import random_image
+from runs import seed_rows
 from tf_simclr import augment
 
 
@@ -40,8 +40,8 @@ def test_batched_resize_is_tf_bicubic_of_the_crop():
   "source,size,batch", [((32, 32), 32, 64), ((72, 90), 64, 32), ((128, 160), 112, 12)]
 )
 def test_batched_form_equals_per_image_form(source, size, batch):
-  images = _random_image((batch,) + source + (3,), seed=8)
-  seeds = _seeds(batch, stream=16)
+  images = random_image((batch,) + source + (3,), seed=8)
+  seeds = seed_rows(batch, stream=16)
   fn = tf.function(batched_augment.simclr_augment_batch)
   for kwargs, as_float in (
     ({}, False),
@@ -51,7 +51,7 @@ def test_batched_form_equals_per_image_form(source, size, batch):
     x = images.astype(np.float32) / 255.0 if as_float else images
     x = tf.constant(x)
     batched = fn(x, seeds, size, size, **kwargs).numpy()
-    per_image = _map(
+    per_image = map_over(
       lambda i: augment.simclr_augment(x[i], seeds[i], size, size, **kwargs), tf.range(batch)
     )
     assert batched.shape == (batch, size, size, 3)

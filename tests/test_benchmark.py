@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks import train_step
-from test_run_e2e import _assert_one_line_error
-from test_run_e2e import _env
+from runs import assert_one_line_error as _assert_one_line_error
+from runs import env as _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

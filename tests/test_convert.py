@@ -386,10 +386,10 @@ def test_run_py_fine_tunes_and_refuses_reference_checkpoints(tmp_path):
   # replaced by a zero one (--zero_init_logits_layer) and every encoder and projection-head
   # value, BN statistics included, stays the reference's. A model of another depth is refused
   # with one line, nothing written.
-  from test_after_pretraining import _checkpoint_values  # pylint: disable=g-import-not-at-top
-  from test_run_e2e import _assert_one_line_error  # pylint: disable=g-import-not-at-top
-  from test_run_e2e import _two_class_folder  # pylint: disable=g-import-not-at-top
-  from test_run_e2e import run_py_concurrently  # pylint: disable=g-import-not-at-top
+  from runs import assert_one_line_error as _assert_one_line_error  # pylint: disable=g-import-not-at-top
+  from runs import checkpoint_values as _checkpoint_values  # pylint: disable=g-import-not-at-top
+  from runs import run_py_concurrently  # pylint: disable=g-import-not-at-top
+  from runs import two_class_folder as _two_class_folder  # pylint: disable=g-import-not-at-top
 
   _two_class_folder(tmp_path / "images")
   source = os.path.join(FIXTURES, R18, "trained")

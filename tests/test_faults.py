@@ -16,16 +16,19 @@ import pytest
 import tensorflow as tf
 
 import runs
-from test_run_e2e import COMMON
-from test_run_e2e import _assert_one_line_error
-from test_run_e2e import _env
-from test_run_e2e import model_variables
+from runs import COMMON
+from runs import assert_one_line_error
+from runs import model_variables
 
 pytestmark = pytest.mark.slow
 
 ARGS = COMMON + ["--train_steps=12", "--checkpoint_steps=4", "--mode=train", "--cpu_replicas=1"]
-# A file-size limit stands in for a full disk: a checkpoint (94 MB here) fails to write with
-# EFBIG ("File too large"), the logs and events (kilobytes) do not.
+# The interrupted run keeps width 1 (not runs.COMMON's 0.125): its 94 MB checkpoints take ~1 s
+# to write, the window in which it is killed mid-write, and exceed the full disk's 16 MB. Its
+# steps cost little beside start-up and tracing either way.
+WIDE = [a for a in ARGS if not a.startswith("--width_multiplier=")] + ["--width_multiplier=1"]
+# A file-size limit stands in for a full disk: a checkpoint (94 MB at width 1) fails to write
+# with EFBIG ("File too large"), the logs and events (kilobytes) do not.
 FULL_DISK = [
   sys.executable,
   "-c",
@@ -42,11 +45,6 @@ CTRL_C_ABLE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return runs.shared_data_dir(tmp_path_factory)
-
-
 def _newest(model_dir):
   """The step of the newest checkpoint the `checkpoint` index lists (None: no index)."""
   state = tf.train.get_checkpoint_state(model_dir)
@@ -60,8 +58,8 @@ def _read(path):
 
 def test_interrupted_run_resumes_to_the_uninterrupted_weights(data_dir, tmp_path):
   whole, d = str(tmp_path / "whole"), str(tmp_path / "interrupted")
-  args = ARGS + [f"--data_dir={data_dir}"]
-  with runs.Processes(tmp_path, _env()) as procs:
+  args = WIDE + [f"--data_dir={data_dir}"]
+  with runs.Processes(tmp_path, runs.env()) as procs:
     procs.start("whole", args + [f"--model_dir={whole}"])
 
     # 1. SIGTERM during the first step: exit 0, a checkpoint at the step reached (between the
@@ -111,7 +109,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(data_dir, tmp_path
     # 5. A full disk: resumes from ckpt-1 (ckpt-4 is set aside), trains to 4, cannot save it.
     procs.start("full_disk", args + [f"--model_dir={d}"], prefix=FULL_DISK)
     full_disk = procs.finish("full_disk")
-    _assert_one_line_error(
+    assert_one_line_error(
       full_disk,
       ["cannot write checkpoint", "ckpt-4", "File too large", "earlier checkpoints are intact"],
     )
@@ -139,12 +137,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(data_dir, tmp_path
 def test_unwritable_model_dir_is_one_line(data_dir, tmp_path):
   # Under a regular file: unwritable for root too (unlike a chmod).
   (tmp_path / "a_file").write_text("")
-  with runs.Processes(tmp_path, _env()) as procs:
+  with runs.Processes(tmp_path, runs.env()) as procs:
     procs.start(
       "run", ARGS + [f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'a_file' / 'model'}"]
     )
     result = procs.finish("run")
-  _assert_one_line_error(result, ["a_file", "not a directory"])
+  assert_one_line_error(result, ["a_file", "not a directory"])
 
 
 def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
@@ -157,14 +155,14 @@ def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path)
     f"--data_dir={data_dir}",
     f"--model_dir={d}",
   ]
-  with runs.Processes(tmp_path, _env()) as procs:
+  with runs.Processes(tmp_path, runs.env()) as procs:
     procs.start("first", args, prefix=CTRL_C_ABLE)
     procs.wait_for_log("first", "Training from step 0")
     flags_json = _read(os.path.join(d, "flags.json"))
     # A second trainer on the same model_dir: refused by the lock (an eval job would not be).
     procs.start("second", args)
     second = procs.finish("second")
-    _assert_one_line_error(
+    assert_one_line_error(
       second, ["in use by another training run", f"pid {procs.pid('first')} on host"]
     )
     # Ctrl-C: a checkpoint at the step reached, one line, exit status 130.
@@ -182,8 +180,6 @@ def test_model_dir_is_one_runs_and_ctrl_c_saves_a_checkpoint(data_dir, tmp_path)
     before = {f: _read(os.path.join(d, f)) for f in os.listdir(d)}
     procs.start("finetune", args + ["--train_mode=finetune", f"--checkpoint={d}"])
     finetune = procs.finish("finetune")
-  _assert_one_line_error(
-    finetune, ["--train_mode=pretrain there, finetune here", "new --model_dir"]
-  )
+  assert_one_line_error(finetune, ["--train_mode=pretrain there, finetune here", "new --model_dir"])
   assert {f: _read(os.path.join(d, f)) for f in os.listdir(d)} == before
   assert before["flags.json"] == flags_json

@@ -4,30 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from runs import numpy_knn
 from tf_simclr import datasets
 from tf_simclr import knn
 from tf_simclr import model as model_lib
 from tf_simclr.config import ModelConfig
 
 IMAGE_SIZE = 16
-
-
-def _numpy_knn(query, bank, bank_labels, num_classes, k, temperature, bank_valid=None):
-  """Wu et al.'s weighted kNN, written out: int [b]."""
-  query = query / np.linalg.norm(query, axis=1, keepdims=True)
-  bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
-  if bank_valid is not None:
-    bank, bank_labels = bank[bank_valid], bank_labels[bank_valid]
-  k = min(k, len(bank))
-  predictions = []
-  for q in query.astype(np.float64):
-    sims = bank.astype(np.float64) @ q
-    nearest = np.argsort(-sims)[:k]
-    votes = np.zeros(num_classes)
-    for j in nearest:
-      votes[bank_labels[j]] += np.exp(sims[j] / temperature)
-    predictions.append(np.argmax(votes))
-  return np.array(predictions)
 
 
 def _knn_predict(
@@ -55,7 +38,7 @@ def _random_problem(seed, b=9, m=50, d=6, num_classes=4):
 def test_neighbours_and_vote_match_numpy(k, temperature):
   query, bank, labels, num_classes = _random_problem(k)
   got = _knn_predict(query, bank, labels, num_classes, k=k, temperature=temperature).numpy()
-  np.testing.assert_array_equal(got, _numpy_knn(query, bank, labels, num_classes, k, temperature))
+  np.testing.assert_array_equal(got, numpy_knn(query, bank, labels, num_classes, k, temperature))
 
 
 def test_neighbours_and_vote_depend_on_k():
@@ -95,7 +78,7 @@ def test_nearest_neighbours_more_slots_than_valid_rows():
   )
   np.testing.assert_array_equal(
     knn.vote(values, neighbour_labels, num_classes, 0.1).numpy(),
-    _numpy_knn(query, bank, labels, num_classes, 8, 0.1, bank_valid=valid),
+    numpy_knn(query, bank, labels, num_classes, 8, 0.1, bank_valid=valid),
   )
 
 
@@ -163,7 +146,7 @@ def test_knn_accuracy_one_and_two_replicas_equal_numpy(setup, strategies):
   config, model, train, test = setup
   bank, bank_labels = _eager_features(model, train, 200)
   query, query_labels = _eager_features(model, test, 60)
-  expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
+  expected = np.mean(numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
 
   # Batch 16 divides neither 200 nor 60: padded examples must count nowhere.
   one = knn.knn_accuracy(
@@ -232,7 +215,7 @@ def test_knn_monitor_traces_once_and_reads_the_current_weights(setup, strategies
       assert monitor.last == (2, second)
       bank, bank_labels = _eager_features(m, train, 200)
       query, query_labels = _eager_features(m, test, 60)
-      expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
+      expected = np.mean(numpy_knn(query, bank, bank_labels, 10, 10, 0.07) == query_labels)
       assert expected != first["knn/top_1_accuracy"]  # the new weights change the figure
       assert second == {
         "knn/top_1_accuracy": pytest.approx(expected, abs=1e-9),
@@ -248,7 +231,7 @@ def test_knn_accuracy_clips_k_to_the_bank(setup):
   _, model, train, test = setup
   bank, bank_labels = _eager_features(model, train, 40)
   query, query_labels = _eager_features(model, test, 60)
-  expected = np.mean(_numpy_knn(query, bank, bank_labels, 10, 40, 0.07) == query_labels)
+  expected = np.mean(numpy_knn(query, bank, bank_labels, 10, 40, 0.07) == query_labels)
   result = knn.knn_accuracy(
     model,
     tf.distribute.get_strategy(),

@@ -13,7 +13,6 @@ import os
 import pytest
 
 import runs
-from test_run_e2e import _env
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,7 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def deadleaves_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("deadleaves10_data"))
   from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
 
@@ -53,15 +52,15 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def test_short_pretraining_beats_the_untrained_encoder(data_dir, tmp_path):
+def test_short_pretraining_beats_the_untrained_encoder(deadleaves_dir, tmp_path):
   knn = {}
-  with runs.Processes(tmp_path, _env()) as procs:
+  with runs.Processes(tmp_path, runs.env()) as procs:
     for name, lr, steps in (("untrained", 0, BASELINE_STEPS), ("trained", 0.02, STEPS)):
       procs.start(
         name,
         COMMON
         + [
-          f"--data_dir={data_dir}",
+          f"--data_dir={deadleaves_dir}",
           f"--learning_rate={lr}",
           f"--train_steps={steps}",
           f"--checkpoint_steps={steps}",

@@ -4,26 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from runs import numpy_nt_xent
 from tf_simclr import losses
-
-
-def numpy_nt_xent(hidden, hidden_norm=True, temperature=1.0):
-  """Algorithm 1 of the paper, one anchor at a time, in float64, times 2 (the reference's scale).
-
-  Returns (loss, sim / temperature) where sim is the [2N, 2N] similarity matrix.
-  """
-  h = np.asarray(hidden, np.float64)
-  if hidden_norm:
-    h = h / np.linalg.norm(h, axis=1, keepdims=True)
-  two_n = h.shape[0]
-  n = two_n // 2
-  sim = h @ h.T / temperature
-  total = 0.0
-  for i in range(two_n):
-    j = (i + n) % two_n
-    denom = sum(np.exp(sim[i, k]) for k in range(two_n) if k != i)
-    total += -np.log(np.exp(sim[i, j]) / denom)
-  return 2.0 * total / two_n, sim
 
 
 def numpy_loss_grad(hidden, hidden_norm, temperature, eps=1e-6):

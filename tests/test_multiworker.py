@@ -15,15 +15,11 @@ import numpy as np
 import pytest
 
 import runs
-from test_run_e2e import COMMON
-from test_run_e2e import _env
-from test_run_e2e import _global_relative
-from test_run_e2e import data_dir  # noqa: F401  (a fixture)
-from test_run_e2e import model_variables
+from runs import COMMON
+from runs import global_relative
+from runs import model_variables
 
-# xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
-# so that its runs are made once (conftest.py).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("replica_runs")]
+pytestmark = pytest.mark.slow
 
 ARGS = COMMON + ["--train_steps=3", "--checkpoint_steps=3"]
 
@@ -43,13 +39,16 @@ def _events_pids(model_dir):
   return {int(f.split(".")[-3]) for f in os.listdir(model_dir) if ".tfevents." in f}
 
 
+# xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
+# so that its runs are made once (conftest.py).
+@pytest.mark.xdist_group("replica_runs")
 def test_two_workers_match_two_replicas_through_a_preemption(data_dir, replica_runs, tmp_path):
   """SIGTERM to one worker stops both at one step; resumed, they equal 2 replicas in 1 process."""
   model_dir = str(tmp_path / "workers")
   # The reference: test_run_e2e's 3-step run with --cpu_replicas=2 (same flags, one process).
   ref_dir = replica_runs[2][0]
   args = ARGS + [f"--data_dir={data_dir}", f"--model_dir={model_dir}"]
-  with runs.Processes(tmp_path, _env()) as procs:
+  with runs.Processes(tmp_path, runs.env()) as procs:
     _start_workers(procs, "first", args + ["--mode=train"])
     procs.wait_for_log("first1", "Training from step 0")
     procs.signal("first1", signal.SIGTERM)  # the non-chief alone, during the first step
@@ -85,10 +84,10 @@ def test_two_workers_match_two_replicas_through_a_preemption(data_dir, replica_r
   assert len(ref3) > 150 and got3.keys() == ref3.keys()
   # Measured: equal bit for bit. Weights move ~1e-4 of their norm per step, so also compare
   # the updates of steps 2 and 3 (after the preemption's checkpoint) themselves.
-  assert _global_relative(ref3, got3, ref3) < 1e-5
+  assert global_relative(ref3, got3, ref3) < 1e-5
   ref_update = {k: ref3[k] - ref1[k] for k in ref3}
   got_update = {k: got3[k] - got1[k] for k in ref3}
-  assert _global_relative(ref_update, got_update, ref3) < 1e-4
+  assert global_relative(ref_update, got_update, ref3) < 1e-4
   assert max(np.abs(got3[k] - ref3[k]).max() for k in ref3) < 2e-5
 
 
@@ -100,7 +99,7 @@ def test_a_dead_worker_stops_the_other_with_one_line(data_dir, tmp_path):
     "--mode=train",
     "--train_steps=50",
   ]
-  with runs.Processes(tmp_path, _env()) as procs:
+  with runs.Processes(tmp_path, runs.env()) as procs:
     _start_workers(procs, "w", args)
     procs.wait_for_log("w1", "Strategy CollectiveAllReduceStrategy")  # the cluster is up
     procs.signal("w0", signal.SIGKILL)

@@ -88,7 +88,7 @@ def loss_inputs():
 def test_compute_losses_pretraining_matches_numpy(loss_inputs):
   # Contrastive loss (Algorithm 1) + linear head's cross-entropy on the labelled rows only
   # + LARS's leftover weight decay (the supervised head's kernel alone).
-  from test_losses import numpy_nt_xent  # pylint: disable=g-import-not-at-top
+  from runs import numpy_nt_xent  # pylint: disable=g-import-not-at-top
 
   x = loss_inputs
   outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
