@@ -17,7 +17,7 @@ OPTIMIZERS = ("momentum", "adam", "lars")  # optimizers
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
 IMAGE_FOLDER = "image_folder"  # datasets
-BUILT_IN_DATASETS = ("deadleaves10", "shapes10")  # datasets
+BUILT_IN_DATASETS = ("deadleaves10", "deadleaves10_color", "shapes10")  # datasets
 
 
 @dataclasses.dataclass(frozen=True)
