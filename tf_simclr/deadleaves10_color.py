@@ -1,4 +1,4 @@
-"""deadleaves10_color: deadleaves10 with one random colour palette per image, unrelated to its class.
+"""deadleaves10_color: deadleaves10 with a random colour palette per image, unrelated to its class.
 
 Each image is deadleaves10's grey image of the same index, tinted with a hue and saturation drawn
 for that image alone: RGB = v * (1 - s + s * pure(hue)), v the grey level in [0, 1] (HSV with the
@@ -27,7 +27,7 @@ MIN_SATURATION = 0.5  # every image clearly coloured, so colour always identifie
 
 
 def pure_hue(hue: np.ndarray) -> np.ndarray:
-  """The fully saturated colour of each hue: float [..., 3] in [0, 1] (max 1) for hue [...] in [0, 1).
+  """The fully saturated colour of each hue: float [..., 3] (max 1) for hue [...] in [0, 1).
 
   The HSV-to-RGB formula at saturation and value 1: red at 0, green at 1/3, blue at 2/3.
   """
@@ -47,7 +47,8 @@ def tint(grey: np.ndarray, hue: np.ndarray, saturation: np.ndarray) -> np.ndarra
 
 
 def generate(split: str):
-  """All images of a split: (images uint8 [N, 32, 32, 3], labels int64 [N]), deadleaves10's order."""
+  """All images of a split: (images uint8 [N, 32, 32, 3], labels int64 [N]) in deadleaves10's
+  order."""
   grey, labels = deadleaves10.generate(split)
   rng = np.random.default_rng(_PALETTE_SEEDS[split])
   hue = rng.uniform(0.0, 1.0, size=len(labels))
