@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from benchmarks.probes import knn_top1
+
 
 def split_digits():
   """(train_images uint8 [4000, 28, 28], train_labels [4000], test_images [1000, 28, 28], ...)."""
@@ -42,18 +44,6 @@ def write_folder(root, split, images, labels, class_names=None):
     png = tf.io.encode_png(np.repeat(image[:, :, None], 3, axis=2)).numpy()
     with open(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
       f.write(png)
-
-
-def knn_top1(train, train_labels, test, test_labels, k, temperature=0.1):
-  """Top-1 of the kNN monitor's vote (cosine similarity, weights exp(sim / T)): [n, d], [m, d]."""
-  train = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
-  test = test / np.maximum(np.linalg.norm(test, axis=1, keepdims=True), 1e-12)
-  similarity = test @ train.T
-  nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-  weights = np.exp(np.take_along_axis(similarity, nearest, 1) / temperature)
-  votes = np.zeros((len(test), int(train_labels.max()) + 1))
-  np.add.at(votes, (np.arange(len(test))[:, None], train_labels[nearest]), weights)
-  return float(np.mean(votes.argmax(1) == test_labels))
 
 
 def pixel_baselines(train_images, train_labels, test_images, test_labels):

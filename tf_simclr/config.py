@@ -18,7 +18,7 @@ OPTIMIZERS = ("momentum", "adam", "lars")  # optimizers
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
 IMAGE_FOLDER = "image_folder"  # datasets
-BUILT_IN_DATASETS = ("deadleaves10", "shapes10")  # datasets
+BUILT_IN_DATASETS = ("deadleaves10", "deadleaves10_color", "shapes10")  # datasets
 
 # Subtracted from an example's similarity with itself in the contrastive loss (losses.py):
 # exp(-1e9) underflows to exactly 0 in float32. Here so that the flags can bound --temperature.

@@ -12,7 +12,9 @@ Sources (`load_source(name, split, data_dir)`):
     jpeg/jpg/png/bmp/gif, any case; a gif gives its first frame; grayscale becomes RGB.
   * 'deadleaves10' and 'shapes10': built-in 10-class datasets that need no download
     (`tf_simclr.deadleaves10`, which SimCLR learns in minutes, and `tf_simclr.shapes10`, one
-    shape per image, which it does not), read through TFDS like any other.
+    shape per image, which it does not), read through TFDS like any other; and
+    'deadleaves10_color' (`tf_simclr.deadleaves10_color`: deadleaves10 with a random colour
+    palette per image, the colour shortcut of the paper's Figure 6, for the study).
 Every source yields examples in one fixed order, and `id` is the example's index in it.
 
 Corrupt-file policy for 'image_folder' (image files are what users bring, and a long run should
@@ -67,6 +69,7 @@ from tensorflow_datasets.core.download import download_manager
 from tf_simclr import augment
 from tf_simclr import config
 from tf_simclr import deadleaves10  # noqa: F401  (registers the tfds builder)
+from tf_simclr import deadleaves10_color  # noqa: F401  (registers the tfds builder)
 from tf_simclr import distribute
 from tf_simclr import errors
 from tf_simclr import shapes10  # noqa: F401  (registers the tfds builder)
