@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from benchmarks.real_digits import knn_top1
+from benchmarks.probes import knn_top1
+from benchmarks.probes import linear_probe_top1
 from benchmarks.real_digits import write_folder
 from tf_simclr import augment
 
@@ -35,26 +36,6 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "digits", "mnist_1500.npz")
 # width 0.25 steps about twice as fast as the preset's 0.5.
 EPOCHS = 60
 WIDTH = 0.25
-
-
-def linear_probe_top1(train, train_labels, test, test_labels, steps=400, lr=0.5, l2=1e-3):
-  """Top-1 of a softmax regression on standardised features: train [n, d], test [m, d].
-
-  Full-batch gradient descent on the mean cross-entropy + l2/2 |W|^2, from zero weights.
-  """
-  mean, std = train.mean(0), train.std(0) + 1e-6
-  x, x_test = (train - mean) / std, (test - mean) / std
-  classes = int(train_labels.max()) + 1
-  onehot = np.eye(classes)[train_labels]
-  w, b = np.zeros((x.shape[1], classes)), np.zeros(classes)
-  for _ in range(steps):
-    logits = x @ w + b
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    g = (p - onehot) / len(x)  # d(mean cross-entropy) / d(logits)
-    w -= lr * (x.T @ g + l2 * w)
-    b -= lr * g.sum(0)
-  return float(np.mean((x_test @ w + b).argmax(1) == test_labels))
 
 
 def _features(export_dir, images):
