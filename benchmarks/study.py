@@ -102,11 +102,14 @@ def head_runs() -> list[Run]:
   }
   # z is read by the frozen-feature probes only (feature_probes): run.py's linear evaluation
   # of a head layer would also train the head's layers below it.
-  return [
+  runs = [
     Run(f"head_{head}_t{t}", (*grid_flags(), *flags, f"--temperature={t}"), (("h", 0),))
     for t in (0.1, 0.5)
     for head, flags in heads.items()
   ]
+  # Training length: the quick start's 16 epochs without a head, against the quick start
+  # itself (the 3-layer head; the `curve` ablation's run).
+  return runs + [Run("head_none_e16", heads["none"], (("h", 0),))]
 
 
 def temperature_runs() -> list[Run]:

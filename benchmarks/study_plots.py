@@ -136,31 +136,55 @@ HEADS = (
 
 def head(records: dict, out: str) -> str | None:
   """Figure 8: each head's h and z read by one frozen-feature probe, and the product's linear
-  evaluation of h, at temperatures 0.1 and 0.5."""
+  evaluation of h, at temperatures 0.1 and 0.5; then h's linear evaluation with and without
+  the 3-layer head at 8 and 16 epochs."""
   temperatures = [t for t in (0.1, 0.5) if any(_ok(records, f"head_{h}_t{t}") for h, _ in HEADS)]
-  if not temperatures:
+  length = {label: [_ok(records, n) for n in names] for label, names in HEAD_LENGTH.items()}
+  with_length = all(r is not None for rs in length.values() for r in rs)
+  panels = len(temperatures) + with_length
+  if not panels:
     return None
-  fig, axes = plt.subplots(
-    1, len(temperatures), figsize=(5 * len(temperatures), 3.6), squeeze=False
-  )
+  fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
   for ax, t in zip(axes[0], temperatures):
-    runs = [(label, _ok(records, f"head_{h}_t{t}")) for h, label in HEADS]
-    runs = [(label, r) for label, r in runs if r is not None]
-    x = np.arange(len(runs))
-    h_probe = [r["probes"]["h"]["probe"] * 100 for _, r in runs]
-    z_probe = [
-      r["probes"]["z"]["probe"] * 100 if label != "no head" else np.nan for label, r in runs
-    ]
-    le = [r["linear_eval"].get("h", {}).get("top1", np.nan) * 100 for _, r in runs]
-    ax.bar(x - 0.27, le, 0.27, label="h: linear evaluation (run.py)")
-    ax.bar(x, h_probe, 0.27, label="h: probe")
-    ax.bar(x + 0.27, z_probe, 0.27, label="z = head output: probe")
-    ax.set_xticks(x, [label for label, _ in runs], fontsize=8)
-    low = np.nanmin(h_probe + z_probe + le)
-    ax.set(ylabel="top-1 (%)", ylim=(max(0, low - 10), 100), title=f"temperature {t}")
-    ax.grid(alpha=0.3, axis="y")
-  axes[0][0].legend(fontsize=7, loc="lower left")
+    _head_bars(ax, records, t)
+  if with_length:
+    ax = axes[0][-1]
+    for label, rs in length.items():
+      ax.plot([8, 16], [r["linear_eval"]["h"]["top1"] * 100 for r in rs], "o-", label=label)
+    ax.set(
+      xlabel="epochs (temperature 0.1)",
+      ylabel="linear evaluation of h (%)",
+      title="training length",
+      xticks=[8, 16],
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
   return _save(fig, out, "head")
+
+
+# Linear evaluation of h at 8 and 16 epochs: (run at 8, run at 16) per head.
+HEAD_LENGTH = {
+  "no head": ("head_none_t0.1", "head_none_e16"),
+  "3-layer MLP": ("head_mlp3_t0.1", "quickstart"),
+}
+
+
+def _head_bars(ax, records: dict, t: float) -> None:
+  runs = [(label, _ok(records, f"head_{h}_t{t}")) for h, label in HEADS]
+  runs = [(label, r) for label, r in runs if r is not None]
+  x = np.arange(len(runs))
+  h_probe = [r["probes"]["h"]["probe"] * 100 for _, r in runs]
+  z_probe = [r["probes"]["z"]["probe"] * 100 if label != "no head" else np.nan for label, r in runs]
+  le = [r["linear_eval"].get("h", {}).get("top1", np.nan) * 100 for _, r in runs]
+  ax.bar(x - 0.27, le, 0.27, label="h: linear evaluation (run.py)")
+  ax.bar(x, h_probe, 0.27, label="h: probe")
+  ax.bar(x + 0.27, z_probe, 0.27, label="z = head output: probe")
+  ax.set_xticks(x, [label for label, _ in runs], fontsize=8)
+  low = np.nanmin(h_probe + z_probe + le)
+  ax.set(ylabel="top-1 (%)", ylim=(max(0, low - 10), 100), title=f"temperature {t}, 8 epochs")
+  ax.grid(alpha=0.3, axis="y")
+  if t == 0.1:
+    ax.legend(fontsize=7, loc="lower left")
 
 
 TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)

@@ -24,6 +24,10 @@ from tf_simclr import model as model_lib
 from tf_simclr import plan as plan_lib
 from tf_simclr import train
 
+# One worker runs this module, so that its module-scoped fixtures are built once, not once
+# per pytest-xdist worker (pytest.ini: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("distill")
+
 SMALL = dict(resnet_depth=18, image_size=16, num_classes=10, train_mode="finetune", global_bn=False)
 
 

@@ -30,6 +30,10 @@ from tf_simclr import plan as plan_lib
 from tf_simclr import rundir
 from tf_simclr import train as train_lib
 
+# One worker runs this module, so that its module-scoped fixtures are built once, not once
+# per pytest-xdist worker (pytest.ini: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("eval_integrity")
+
 TINY = dict(
   dataset="shapes10",
   train_split="train[:64]",
