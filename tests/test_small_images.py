@@ -10,9 +10,12 @@ docs/small_images.md).
 
 Why a linear reading and not the kNN vote of the full-size figures: a cosine kNN on h passes the
 pixels only after the preset's full run (938 steps at width 0.5 on 4,000 digits, ~6 minutes
-here); after this test's 470 steps at width 0.25 on 1,000 digits, h already leads the pixels by
-6 points linearly (92.6% against 86.2%, scikit-learn) while its kNN (k=20) is still 6 points
-behind. The kNN used for the README's pixel figures is checked on a hand case below.
+here); after this test's 60 epochs (470 steps) at width 0.25 on 1,000 digits, h led the pixels
+by 6 points linearly (92.6% against 86.2%, scikit-learn) while its kNN (k=20) was still 6 points
+behind. The test runs 45 epochs (352 steps) to keep the suite short: with this file's NumPy
+probe h read 91.2%, 90.6% and 91.4% for seeds 0, 1 and 2 against the pixels' 86.4% (30 epochs
+gave 89.0%, 90.8% and 88.8%: too close to the 3-point bar). The kNN used for the README's
+pixel figures is checked on a hand case below.
 """
 
 import os
@@ -32,9 +35,9 @@ pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "digits", "mnist_1500.npz")
-# The preset's recipe, shortened and narrowed: 1,000 images are 7 steps an epoch at batch 128;
+# The preset's recipe, shortened and narrowed: 1,000 images are 8 steps an epoch at batch 128;
 # width 0.25 steps about twice as fast as the preset's 0.5.
-EPOCHS = 60
+EPOCHS = 45
 WIDTH = 0.25
 
 
