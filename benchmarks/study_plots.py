@@ -75,6 +75,7 @@ COMPOSITION = (
   ("composition_colour", "colour"),
   ("composition_crop_colour", "crop +\ncolour"),
   ("composition_crop_colour_blur", "crop + colour\n+ blur"),
+  ("composition_crop_colour_e16", "crop + colour 0.5\n16 epochs"),
 )
 JITTER = (
   ("composition_crop", 0.0),
@@ -184,7 +185,7 @@ def _head_bars(ax, records: dict, t: float) -> None:
   ax.set(ylabel="top-1 (%)", ylim=(max(0, low - 10), 100), title=f"temperature {t}, 8 epochs")
   ax.grid(alpha=0.3, axis="y")
   if t == 0.1:
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
 
 
 TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)
