@@ -1,7 +1,7 @@
 """The paper's findings at the quick start's scale: runs the ablations with run.py, draws the plots.
 
   pip install matplotlib==3.10.8                 # the plots only; not a tf_simclr dependency
-  python -m benchmarks.study                     # every ablation (about 75 minutes on 2 cores)
+  python -m benchmarks.study                     # every ablation (about 65 minutes on 2 cores)
   python -m benchmarks.study --only=head         # one ablation (or several: --only=head,batch)
   python -m benchmarks.study --plot_only         # redraw the plots from the data file
 

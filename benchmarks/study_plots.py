@@ -74,8 +74,8 @@ COMPOSITION = (
   ("composition_crop", "crop"),
   ("composition_colour", "colour"),
   ("composition_crop_colour", "crop +\ncolour"),
-  ("composition_crop_colour_blur", "crop + colour\n+ blur"),
-  ("composition_crop_colour_e16", "crop + colour 0.5\n16 epochs"),
+  ("composition_crop_colour_blur", "crop +\ncolour + blur"),
+  ("composition_crop_colour_e16", "crop + colour\n0.5, 16 ep."),
 )
 JITTER = (
   ("composition_crop", 0.0),
@@ -102,7 +102,7 @@ def composition(records: dict, out: str) -> str | None:
   acc = [_last(r["contrast_acc"]) * 100 for _, r in done]
   left.bar(x - 0.2, le, 0.4, label="linear evaluation on h")
   left.bar(x + 0.2, acc, 0.4, label="contrastive accuracy (training)")
-  left.set_xticks(x, [label for label, _ in done], fontsize=8)
+  left.set_xticks(x, [label for label, _ in done], fontsize=7)
   left.set(ylabel="%", ylim=(0, 100), title="Augmentations (deadleaves10_color)")
   left.legend(fontsize=7, loc="upper left")
   sweep = [(s, _ok(records, name)) for name, s in JITTER]
