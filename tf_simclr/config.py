@@ -19,6 +19,21 @@ PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
 IMAGE_FOLDER = "image_folder"  # datasets
 BUILT_IN_DATASETS = ("deadleaves10", "deadleaves10_color", "shapes10")  # datasets
+# ModelConfig fields (and flags of the same names) that decide what a trained model computes,
+# beside its weights: an evaluation must give the run's values (rundir.EVAL_DEFINING) and an
+# export's manifest is compared by them (export.manifest_differences).
+MODEL_DEFINING = (
+  "image_size",
+  "resnet_depth",
+  "width_multiplier",
+  "sk_ratio",
+  "se_ratio",
+  "batch_norm_decay",
+  "proj_head_mode",
+  "proj_out_dim",
+  "num_proj_layers",
+  "ft_proj_selector",
+)
 
 # Subtracted from an example's similarity with itself in the contrastive loss (losses.py):
 # exp(-1e9) underflows to exactly 0 in float32. Here so that the flags can bound --temperature.

@@ -40,6 +40,7 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import checkpoints
+from tf_simclr import config as config_lib
 from tf_simclr import model as model_lib
 from tf_simclr import optimizers
 from tf_simclr.config import ModelConfig
@@ -236,19 +237,7 @@ def _write_manifest(export_dir, twin):
 
 # The manifest fields that decide what an export computes (the others are reset by the twin, or
 # only initialised the weights).
-_DEFINING = (
-  "resnet_depth",
-  "width_multiplier",
-  "image_size",
-  "sk_ratio",
-  "se_ratio",
-  "batch_norm_decay",
-  "proj_head_mode",
-  "proj_out_dim",
-  "num_proj_layers",
-  "ft_proj_selector",
-  "num_classes",
-)
+_DEFINING = (*config_lib.MODEL_DEFINING, "num_classes")
 
 
 def manifest_differences(export_dir: str, config: ModelConfig) -> list[str]:

@@ -26,6 +26,8 @@ import socket
 from absl import logging
 import tensorflow as tf
 
+from tf_simclr import config
+
 FLAGS_FILE = "flags.json"
 LOCK_FILE = "train.lock"
 
@@ -79,21 +81,7 @@ _START_ONLY = ("checkpoint",)
 # manifest records: an evaluation (`--mode=eval`) must give the run's values. The others
 # (optimisation, training data and augmentation, initialisation, global_bn and
 # fine_tune_after_block, which the export twin resets) only shape how the weights were found.
-EVAL_DEFINING = (
-  "train_mode",
-  "dataset",
-  "image_size",
-  "resnet_depth",
-  "width_multiplier",
-  "sk_ratio",
-  "se_ratio",
-  "batch_norm_decay",
-  "proj_head_mode",
-  "proj_out_dim",
-  "num_proj_layers",
-  "ft_proj_selector",
-  "lineareval_while_pretraining",
-)
+EVAL_DEFINING = ("train_mode", "dataset", *config.MODEL_DEFINING, "lineareval_while_pretraining")
 
 
 class ModelDirError(ValueError):
