@@ -188,9 +188,9 @@ def free_ports(n):
 def shared_data_dir(tmp_path_factory):
   """One shapes10 data_dir per test process (conftest.py's `data_dir`), prepared once."""
   path = str(tmp_path_factory.getbasetemp() / "shapes10_data")
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
-  datasets.load_source("shapes10", "train", path)  # before concurrent runs race to write it
+  sources.load_source("shapes10", "train", path)  # before concurrent runs race to write it
   return path
 
 

@@ -16,8 +16,8 @@ import tensorflow_datasets as tfds
 
 from tf_simclr import augment
 from tf_simclr import datasets
-from tf_simclr import deadleaves10
-from tf_simclr import shapes10
+from tf_simclr.data import deadleaves10
+from tf_simclr.data import shapes10
 
 IMAGE_SIZE = 16  # Small views keep the pipeline tests fast; the contract does not depend on it.
 
