@@ -139,13 +139,13 @@ def _record_run(plan, flag_values):
   once they have taken effect (its first checkpoint), so a resume that fails at once (a full
   disk) leaves no record of settings that never ran. None for a new run.
   """
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import export  # pylint: disable=g-import-not-at-top
   from tf_simclr import rundir  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import label_subsets  # pylint: disable=g-import-not-at-top
 
   model_dir = plan.cfg.train.model_dir
   if plan.cfg.model.train_mode != "pretrain":
-    datasets.write_label_subset(model_dir, plan.label_ids)  # Refuses another subset.
+    label_subsets.write_label_subset(model_dir, plan.label_ids)  # Refuses another subset.
   export.remove_leftovers(os.path.join(model_dir, "saved_model"))
   if rundir.check_resume(model_dir, flag_values):
     return functools.partial(rundir.record_flags, model_dir, flag_values)

@@ -252,7 +252,7 @@ def colour_histograms(out: str) -> str:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from tf_simclr import augment  # pylint: disable=g-import-not-at-top
-  from tf_simclr import deadleaves10_color  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import deadleaves10_color  # pylint: disable=g-import-not-at-top
 
   images = deadleaves10_color.generate("test")[0][:2]
   fig, axes = plt.subplots(2, 4, figsize=(10, 4.2))

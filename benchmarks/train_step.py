@@ -1,7 +1,7 @@
 """Training throughput: `python -m benchmarks.train_step [--flags]` (from the repository root).
 
 Runs real training steps -- `train.Trainer`'s step under the chosen strategy, fed by
-`datasets.train_dataset` (decode, two `simclr_augment` views per image, batch, prefetch) -- on
+`pipeline.train_dataset` (decode, two `simclr_augment` views per image, batch, prefetch) -- on
 synthetic uint8 images, and prints one JSON line last:
   img_per_s             source images per second (each gives two views), from step_s
   step_s                median wall time of the timed steps
@@ -79,10 +79,10 @@ def parse(argv):
 
 
 def synthetic_source(size: int, num_examples: int = _NUM_SOURCES):
-  """A `datasets.Source` of PNG-encoded uniform-noise uint8 images [size, size, 3]."""
+  """A `sources.Source` of PNG-encoded uniform-noise uint8 images [size, size, 3]."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num_examples, size, size, 3), np.uint8)
@@ -94,7 +94,7 @@ def synthetic_source(size: int, num_examples: int = _NUM_SOURCES):
       "id": tf.range(num_examples, dtype=tf.int64),
     }
   )
-  return datasets.Source("synthetic", "train", num_examples, _NUM_CLASSES, records)
+  return sources.Source("synthetic", "train", num_examples, _NUM_CLASSES, records)
 
 
 # FLOPs of one op from static shapes; TF's own profiler (tf.compat.v1.profiler) is legacy.

@@ -6,8 +6,8 @@ single-device case, `/cpu:0..1` and `/cpu:0..3` are the 2- and 4-replica Mirrore
 End-to-end tests run `run.py` in subprocesses and set their own devices.
 
 Shared fixtures: `strategies`, `data_dir` (the built-in shapes10 dataset, prepared once per test
-process) and `replica_runs` (the 1/2/4-replica runs). Shared helpers are in runs.py; test modules
-do not import each other.
+process), `shapes100` (its first 100 training examples) and `replica_runs` (the 1/2/4-replica
+runs). Shared helpers are in runs.py; test modules do not import each other.
 """
 
 import os
@@ -47,6 +47,14 @@ def strategies():
 def data_dir(tmp_path_factory):
   """The shapes10 data_dir, prepared once per test process (before runs race to write it)."""
   return runs.shared_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def shapes100(data_dir):
+  """The first 100 shapes10 training examples (a Source): epochs are a few steps long."""
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
+
+  return sources.load_source("shapes10", "train[:100]", data_dir=data_dir)
 
 
 @pytest.fixture(scope="session")

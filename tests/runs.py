@@ -1,6 +1,7 @@
 """Helpers that test modules share (test modules never import each other; fixtures are in
 conftest.py): `python run.py` subprocesses and their common flags, the one-line error check,
-checkpoint readers, small data on disk, and NumPy references.
+checkpoint readers, small data on disk, what data sources and pipelines hold, and NumPy
+references.
 
 `run_py` and `run_py_concurrently` run commands to completion; `Processes` starts them in their
 own process groups, watched through their log files and always ended (fault and multi-worker
@@ -188,9 +189,9 @@ def free_ports(n):
 def shared_data_dir(tmp_path_factory):
   """One shapes10 data_dir per test process (conftest.py's `data_dir`), prepared once."""
   path = str(tmp_path_factory.getbasetemp() / "shapes10_data")
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
-  datasets.load_source("shapes10", "train", path)  # before concurrent runs race to write it
+  sources.load_source("shapes10", "train", path)  # before concurrent runs race to write it
   return path
 
 
@@ -343,3 +344,92 @@ def random_image(shape, seed=0, dtype=np.uint8):
   if dtype == np.uint8:
     return rng.integers(0, 256, shape, np.uint8)
   return rng.random(shape).astype(dtype)
+
+
+# Data: the tests of tf_simclr.data (test_sources, test_label_subsets, test_pipeline).
+
+
+def write(path, data):
+  """Writes bytes `data` to `path`, making its folders."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def png(seed, path):
+  """Writes `random_image((6, 5, 3), seed)` as a PNG file at `path`; returns the image."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  image = random_image((6, 5, 3), seed)
+  write(path, tf.io.encode_png(image).numpy())
+  return image
+
+
+def records_numpy(source):
+  """All records of a source as {'label': [N], 'id': [N], 'image': list of bytes}."""
+  out = {"label": [], "id": [], "image": []}
+  for batch in source.records.batch(1000):
+    out["label"].append(batch["label"].numpy())
+    out["id"].append(batch["id"].numpy())
+    out["image"] += list(batch["image"].numpy())
+  return {
+    "label": np.concatenate(out["label"]),
+    "id": np.concatenate(out["id"]),
+    "image": out["image"],
+  }
+
+
+def decoded(source):
+  """The source's decoded examples, in order: {'image': uint8 [H, W, 3], 'label', 'id'}."""
+  from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  return pipeline._decode(source, source.records)
+
+
+def images_numpy(source, limit=None):
+  """(images uint8 [n, H, W, 3], labels [n], ids [n]) of the first `limit` decoded examples."""
+  ds = decoded(source) if limit is None else decoded(source).take(limit)
+  batch = next(iter(ds.batch(100_000)))
+  return batch["image"].numpy(), batch["label"].numpy(), batch["id"].numpy()
+
+
+def take(ds, n):
+  """The first `n` elements of `ds` as NumPy structures."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return [tf.nest.map_structure(lambda v: v.numpy(), b) for b in ds.take(n)]
+
+
+def global_batches(source, steps, global_batch, pipelines, per_replica, image_size=16, **kwargs):
+  """Global batches as tf.distribute assembles them from P pipelines of R replicas each.
+
+  Pipeline p serves replicas p*R .. p*R + R - 1 with its consecutive per-replica batches, so
+  step k is the concatenation over p, then r, of pipeline p's batch k*R + r. Small views (16
+  px) keep the tests fast; the determinism contract does not depend on them.
+  """
+  from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  replicas = global_batch // pipelines // per_replica
+  per_pipeline = [
+    take(
+      pipeline.train_dataset(
+        source, global_batch, per_replica, pipelines, p, image_size=image_size, **kwargs
+      ),
+      steps * replicas,
+    )
+    for p in range(pipelines)
+  ]
+  out = []
+  for k in range(steps):
+    parts = [per_pipeline[p][k * replicas + r] for p in range(pipelines) for r in range(replicas)]
+    out.append({key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
+  return out
+
+
+def assert_batches_equal(a, b):
+  """Two lists of training batches hold the same ids, labels and views, bit for bit."""
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["id"], y["id"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+    np.testing.assert_array_equal(x["views"], y["views"])  # Bit for bit.

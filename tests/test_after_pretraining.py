@@ -26,7 +26,9 @@ from runs import checkpoint_values
 from runs import numpy_knn
 from runs import run_py_concurrently
 from tf_simclr import checkpoints
-from tf_simclr import datasets
+from tf_simclr.data import label_subsets
+from tf_simclr.data import pipeline
+from tf_simclr.data import sources
 
 # xdist_group: one pytest-xdist worker runs every user of the session fixture `replica_runs`,
 # so that its runs are made once (conftest.py).
@@ -90,14 +92,14 @@ def _numpy_knn_accuracy(lin, k):
   flags_json = json.load(open(os.path.join(lin, "flags.json")))
   export = tf.saved_model.load(flags_json["checkpoint"])
   data_dir, size = flags_json["data_dir"], flags_json["image_size"]
-  ids = datasets.read_label_file(os.path.join(lin, "label_subset.txt"))
-  sources = [
-    datasets.subset_source(datasets.load_source("shapes10", "train", data_dir), ids),
-    datasets.load_source("shapes10", "test[:200]", data_dir),
+  ids = label_subsets.read_label_file(os.path.join(lin, "label_subset.txt"))
+  bank_and_queries = [
+    label_subsets.subset_source(sources.load_source("shapes10", "train", data_dir), ids),
+    sources.load_source("shapes10", "test[:200]", data_dir),
   ]
   features, labels = [], []
-  for source in sources:
-    batch = next(iter(datasets.eval_dataset(source, source.num_examples, 1, 0, size)))
+  for source in bank_and_queries:
+    batch = next(iter(pipeline.eval_dataset(source, source.num_examples, 1, 0, size)))
     real = batch["mask"].numpy() == 1
     features.append(export(batch["image"], training=False)["final_avg_pool"].numpy()[real])
     labels.append(batch["label"].numpy()[real])
@@ -152,7 +154,7 @@ def test_label_subset_is_class_balanced_and_repeatable(after, data_dir):
   assert subsets[0] == subsets[1]  # same seed, two runs (fine-tuning and distillation)
   ids = np.array([int(line) for line in subsets[0].split()])
   assert len(ids) == len(set(ids)) == 500  # 10% of 5000
-  source = datasets.load_source("shapes10", "train", data_dir)
+  source = sources.load_source("shapes10", "train", data_dir)
   labels = {int(r["id"]): int(r["label"]) for r in source.records.as_numpy_iterator()}
   counts = np.bincount([labels[i] for i in ids], minlength=10)
   np.testing.assert_array_equal(counts, np.full(10, 50))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tf_simclr import datasets
-from tf_simclr import deadleaves10
-from tf_simclr import deadleaves10_color
+from tf_simclr.data import deadleaves10
+from tf_simclr.data import deadleaves10_color
+from tf_simclr.data import sources
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_hue_carries_no_class_information(test_split):
 def test_a_built_in_dataset_registered_with_tfds(test_split, tmp_path):
   """Registered and described like deadleaves10 (whose TFDS build test covers the shared
   builder); preparing it would render 6,000 images again."""
-  assert "deadleaves10_color" in datasets.BUILT_IN
+  assert "deadleaves10_color" in sources.BUILT_IN
   builder = tfds.builder("deadleaves10_color", data_dir=str(tmp_path))
   assert builder.info.features["label"].names == list(deadleaves10.CLASS_NAMES)
   assert builder.info.features["image"].shape == (32, 32, 3)

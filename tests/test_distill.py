@@ -16,13 +16,13 @@ import tensorflow as tf
 from flags import definitions
 from tf_simclr import checkpoints
 from tf_simclr import config as C
-from tf_simclr import datasets
 from tf_simclr import distill
 from tf_simclr import evaluate
 from tf_simclr import export
 from tf_simclr import model as model_lib
 from tf_simclr import plan as plan_lib
 from tf_simclr import train
+from tf_simclr.data import sources
 
 # One worker runs this module, so that its module-scoped fixtures are built once, not once
 # per pytest-xdist worker (pytest.ini: --dist loadgroup).
@@ -57,7 +57,7 @@ def test_distillation_loss_matches_numpy(temperature):
 
 
 def test_labels_only_for_keeps_images_and_masks_labels():
-  source = datasets.load_source("shapes10", "test")
+  source = sources.load_source("shapes10", "test")
   ids = np.array([3, 10, 11, 500])
   masked = distill.labels_only_for(source, ids)
   assert masked.num_examples == source.num_examples

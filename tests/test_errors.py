@@ -29,7 +29,7 @@ def test_first_line_keeps_the_first_informative_line_or_names_the_type():
 
 def test_whole_joins_every_line_for_messages_whose_later_lines_matter():
   # TFDS lists the valid configs, and manual-download instructions name the archives, on
-  # later lines: datasets.py keeps them all (whole=True), on one line.
+  # later lines: data/sources.py keeps them all (whole=True), on one line.
   instructions = "Download the archive\n   ILSVRC2012_img_train.tar  \n\ninto manual_dir."
   joined = errors.first_line(instructions, whole=True)
   assert joined == "Download the archive ILSVRC2012_img_train.tar into manual_dir."

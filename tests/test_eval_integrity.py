@@ -20,7 +20,6 @@ from flags import definitions
 import run
 import runs
 from tf_simclr import checkpoints
-from tf_simclr import datasets
 from tf_simclr import distribute
 from tf_simclr import evaluate
 from tf_simclr import export
@@ -29,6 +28,7 @@ from tf_simclr import model as model_lib
 from tf_simclr import plan as plan_lib
 from tf_simclr import rundir
 from tf_simclr import train as train_lib
+from tf_simclr.data import sources
 
 # One worker runs this module, so that its module-scoped fixtures are built once, not once
 # per pytest-xdist worker (pytest.ini: --dist loadgroup).
@@ -223,7 +223,7 @@ def test_augmented_views_are_what_the_run_trains_on(tiny_run, tmp_path, train_mo
     tmp_path / "m", tiny_run[1], train_mode=train_mode, teacher_checkpoint=tiny_run[0]
   )
   cfg = definitions.to_config(values)
-  source = datasets.load_source("shapes10", "train[:64]", tiny_run[1])
+  source = sources.load_source("shapes10", "train[:64]", tiny_run[1])
   shown = train_lib.view_examples(cfg, source)["images"].numpy()
   assert shown.shape == (4, 16, 16, 3)  # One view per example, not pretraining's two.
   model = model_lib.build_model(dataclasses.replace(cfg.model, num_classes=10))

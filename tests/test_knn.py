@@ -5,10 +5,11 @@ import pytest
 import tensorflow as tf
 
 from runs import numpy_knn
-from tf_simclr import datasets
 from tf_simclr import knn
 from tf_simclr import model as model_lib
 from tf_simclr.config import ModelConfig
+from tf_simclr.data import pipeline
+from tf_simclr.data import sources
 
 IMAGE_SIZE = 16
 
@@ -113,7 +114,7 @@ def test_well_separated_clusters_are_classified_perfectly():
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  datasets.load_source("shapes10", "train", data_dir=data_dir)
+  sources.load_source("shapes10", "train", data_dir=data_dir)
   return data_dir
 
 
@@ -129,14 +130,14 @@ def setup(shapes_dir):
   for v in model.trainable_variables:
     if v.path.endswith(("gamma", "beta")):
       v.assign(v + rng.normal(0.0, 0.3, v.shape).astype(np.float32))
-  train = datasets.load_source("shapes10", "train[:300]", data_dir=shapes_dir)
-  test = datasets.load_source("shapes10", "test[:60]", data_dir=shapes_dir)
+  train = sources.load_source("shapes10", "train[:300]", data_dir=shapes_dir)
+  test = sources.load_source("shapes10", "test[:60]", data_dir=shapes_dir)
   return config, model, train, test
 
 
 def _eager_features(model, source, limit):
   """Eval-preprocessed images of the first `limit` examples through the model, eagerly."""
-  batch = next(iter(datasets.eval_dataset(source, limit, 1, 0, IMAGE_SIZE)))
+  batch = next(iter(pipeline.eval_dataset(source, limit, 1, 0, IMAGE_SIZE)))
   real = batch["mask"].numpy() == 1
   features = model(batch["image"], training=False)["final_avg_pool"].numpy()
   return features[real], batch["label"].numpy()[real]
@@ -263,7 +264,7 @@ def test_knn_accuracy_validates(setup, strategies, tmp_path):
   image = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()
   (tmp_path / "unlabeled").mkdir()
   (tmp_path / "unlabeled" / "a.png").write_bytes(image)
-  unlabelled = datasets.load_source("image_folder", "unlabeled", data_dir=str(tmp_path))
+  unlabelled = sources.load_source("image_folder", "unlabeled", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="needs labels, but image_folder 'unlabeled' is unlabelled"):
     knn.knn_accuracy(model, strategy, unlabelled, test, 8, IMAGE_SIZE)
 
@@ -273,7 +274,7 @@ def test_knn_accuracy_retrieves_each_example_itself(setup, shapes_dir, strategie
   # itself (cosine 1), so top-1 is exactly 1 if features and labels stay aligned through the
   # padding, the replicas' shards and the merge of their candidates.
   config, model, _, _ = setup
-  source = datasets.load_source("shapes10", "train[:52]", data_dir=shapes_dir)
+  source = sources.load_source("shapes10", "train[:52]", data_dir=shapes_dir)
   strategy = strategies[2]
   with strategy.scope():
     replicated = model_lib.build_model(config)

@@ -46,9 +46,9 @@ COMMON = [
 @pytest.fixture(scope="module")
 def deadleaves_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("deadleaves10_data"))
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
-  datasets.load_source("deadleaves10", "train", path)  # once, before two runs race to write it
+  sources.load_source("deadleaves10", "train", path)  # once, before two runs race to write it
   return path
 
 

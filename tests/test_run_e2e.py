@@ -57,14 +57,15 @@ def test_replicas_give_the_same_weights(replica_runs):
 
 def _numpy_accuracies(model_dir, step):
   """Top-1 and top-5 of the export `saved_model/<step>` on the run's eval split, in NumPy."""
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
   flags_json = json.load(open(os.path.join(model_dir, "flags.json")))
-  source = datasets.load_source(
+  source = sources.load_source(
     flags_json["dataset"], flags_json["eval_split"], flags_json["data_dir"]
   )
   batch = next(
-    iter(datasets.eval_dataset(source, source.num_examples, 1, 0, flags_json["image_size"]))
+    iter(pipeline.eval_dataset(source, source.num_examples, 1, 0, flags_json["image_size"]))
   )
   real = batch["mask"].numpy() == 1
   exported = tf.saved_model.load(os.path.join(model_dir, "saved_model", step))

@@ -17,9 +17,9 @@ import tensorflow as tf
 
 from flags import definitions
 from tf_simclr import config as config_lib
-from tf_simclr import datasets
 from tf_simclr import evaluate
 from tf_simclr import rundir
+from tf_simclr.data import label_subsets
 
 
 def _flag_defaults(**changes):
@@ -178,7 +178,7 @@ def _file_under_a_file(path):
   [
     # A `raise` of ours, and one of our classes.
     (lambda: config_lib.check_width(0.001), "error: width_multiplier must be a positive"),
-    (lambda: datasets.read_label_file("/nonexistent/ids.txt"), "error: label file"),
+    (lambda: label_subsets.read_label_file("/nonexistent/ids.txt"), "error: label file"),
     (lambda: open("/nonexistent/dir/x"), "error: [Errno 2] No such file or directory"),
   ],
 )

@@ -236,14 +236,14 @@ def test_non_finite_training_stops_before_its_checkpoint(tmp_path):
   # A NaN learning rate (refused as a flag, accepted by the library) makes every weight NaN
   # in step 1: training stops there with one line, and ckpt-0 stays the newest checkpoint.
   from tf_simclr import checkpoints  # pylint: disable=g-import-not-at-top
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
   for i in range(4):
     (tmp_path / "images" / "train" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
     png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(50 * i, tf.uint8))).numpy()
     (tmp_path / "images" / "train" / "ab"[i % 2] / f"{i}.png").write_bytes(png)
-  source = datasets.load_source("image_folder", "train", str(tmp_path / "images"))
+  source = sources.load_source("image_folder", "train", str(tmp_path / "images"))
   model_dir = str(tmp_path / "m")
   # Linear evaluation (only the head trains) keeps the traced step small.
   model_cfg = C.ModelConfig(
@@ -288,9 +288,9 @@ def test_loss_watch_warns_once_when_the_loss_grows_tenfold():
 
 
 def test_a_batch_larger_than_the_split_is_warned(caplog):
-  from tf_simclr import datasets  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
-  source = datasets.Source("image_folder", "train", 6, 2, tf.data.Dataset.range(6))
+  source = sources.Source("image_folder", "train", 6, 2, tf.data.Dataset.range(6))
   assert train.warn_batch_over_split(6, source) is None
   message = train.warn_batch_over_split(8, source)
   assert message.startswith(

@@ -17,8 +17,8 @@ STRATEGIES = ("auto", "tpu", "multi_worker", "mirrored", "one_device")  # distri
 OPTIMIZERS = ("momentum", "adam", "lars")  # optimizers
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
-IMAGE_FOLDER = "image_folder"  # datasets
-BUILT_IN_DATASETS = ("deadleaves10", "deadleaves10_color", "shapes10")  # datasets
+IMAGE_FOLDER = "image_folder"  # data.sources
+BUILT_IN_DATASETS = ("deadleaves10", "deadleaves10_color", "shapes10")  # data.sources
 # ModelConfig fields (and flags of the same names) that decide what a trained model computes,
 # beside its weights: an evaluation must give the run's values (rundir.EVAL_DEFINING) and an
 # export's manifest is compared by them (export.manifest_differences).
@@ -165,7 +165,7 @@ class DataConfig:
   min_scale: float = 0.08
   horizontal_flip: bool = True
   cache_dataset: bool = False
-  # Few labels (datasets.label_subset): a class-balanced fraction in (0, 1], or a file of ids.
+  # Few labels (label_subsets.label_subset): a class-balanced fraction in (0, 1], or a file of ids.
   train_label_fraction: float = 1.0
   train_label_file: str | None = None
 

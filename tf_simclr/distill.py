@@ -28,10 +28,10 @@ import tensorflow as tf
 
 from tf_simclr import checkpoints
 from tf_simclr import convert
-from tf_simclr import datasets
 from tf_simclr import export
 from tf_simclr import model as model_lib
 from tf_simclr.config import ModelConfig
+from tf_simclr.data import sources
 
 # Object path of the supervised head in a tf_simclr checkpoint (train.build_state's
 # `tf.train.Checkpoint(model=...)`, SimCLRModel's attribute); its kernel is [D, num_classes].
@@ -178,15 +178,15 @@ def distillation_loss(teacher_logits, student_logits, temperature: float = 1.0):
   )
 
 
-def labels_only_for(source: datasets.Source, ids) -> datasets.Source:
+def labels_only_for(source: sources.Source, ids) -> sources.Source:
   """`source` with every example, but labels (-1 otherwise) only on the examples `ids`.
 
   Distillation trains on all images (the teacher labels them) and its optional labelled loss
   on the labelled subset only; the training step ignores label -1.
 
   Args:
-    source: a split from `datasets.load_source`.
-    ids: example ids from `datasets.label_subset`; None keeps every label.
+    source: a split from `sources.load_source`.
+    ids: example ids from `label_subsets.label_subset`; None keeps every label.
   """
   if ids is None:
     return source

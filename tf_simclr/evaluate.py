@@ -1,6 +1,6 @@
 """Top-1/top-5 evaluation of the supervised head over a whole split, and result files.
 
-Eval batches are padded to a static shape with mask-0 examples (`datasets.eval_dataset`), so
+Eval batches are padded to a static shape with mask-0 examples (`pipeline.eval_dataset`), so
 every replica runs the same number of steps and the counts are exact on any strategy.
 `restored_checkpoints` drives continuous evaluation beside a training job.
 """
@@ -18,9 +18,10 @@ from absl import logging
 import tensorflow as tf
 
 from tf_simclr import checkpoints
-from tf_simclr import datasets
 from tf_simclr import distribute
 from tf_simclr import optimizers
+from tf_simclr.data import pipeline
+from tf_simclr.data import sources
 
 
 class NonFiniteOutputError(ValueError):
@@ -43,7 +44,7 @@ def check_finite_outputs(what: str, bad: float, count: float, split: str, step=N
 def evaluate(
   model,
   strategy: tf.distribute.Strategy,
-  source: datasets.Source,
+  source: sources.Source,
   eval_batch_size: int,
   image_size: int,
   eval_steps: int = 0,
@@ -69,7 +70,7 @@ def evaluate(
   top_k = min(5, num_classes)
 
   make_dataset = functools.partial(
-    datasets.eval_dataset, source, image_size=image_size, global_batch_size=eval_batch_size
+    pipeline.eval_dataset, source, image_size=image_size, global_batch_size=eval_batch_size
   )
   dist = distribute.distribute_input(strategy, eval_batch_size, make_dataset, "eval_batch_size")
 

@@ -12,7 +12,7 @@ finds their k nearest neighbours in its shard, scanning it in chunks so that onl
 similarities exist at a time; the replicas' candidates [B, R k'] are all-gathered and cut to
 the top k, which is exactly the top k over the whole bank (the global top k is inside the
 union of the shards' top k). Memory per replica: its shard plus [B, chunk] floats.
-Padded eval examples (mask 0, `datasets.eval_dataset`) are neither in the bank nor counted.
+Padded eval examples (mask 0, `pipeline.eval_dataset`) are neither in the bank nor counted.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from tf_simclr import datasets
 from tf_simclr import distribute
 from tf_simclr import evaluate
 from tf_simclr.config import RunConfig
+from tf_simclr.data import label_subsets
+from tf_simclr.data import pipeline
+from tf_simclr.data import sources
 
 DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.07
@@ -144,7 +146,7 @@ def _replica_id(ctx):
 class KnnMonitor:
   """kNN top-1 of an eval split against a bank of a train split's features, under a strategy.
 
-  Both splits go through eval preprocessing (`datasets.eval_dataset`: centre crop, resize)
+  Both splits go through eval preprocessing (`pipeline.eval_dataset`: centre crop, resize)
   and `model(images, training=False)`. The two steps (embed the bank, classify the eval split)
   are tf.functions made here, so they are traced once for all the calls of a run: the model's
   variables are read, not captured, so each call sees the current weights.
@@ -154,8 +156,8 @@ class KnnMonitor:
     self,
     model,
     strategy: tf.distribute.Strategy,
-    train_source: datasets.Source,
-    eval_source: datasets.Source,
+    train_source: sources.Source,
+    eval_source: sources.Source,
     batch_size: int,
     image_size: int,
     k: int = DEFAULT_K,
@@ -183,7 +185,7 @@ class KnnMonitor:
       if max_bank_examples < 1:
         raise ValueError(f"max_bank_examples must be >= 1, got {max_bank_examples}")
       if max_bank_examples < train_source.num_examples:
-        train_source = datasets.subset_source(train_source, np.arange(max_bank_examples))
+        train_source = label_subsets.subset_source(train_source, np.arange(max_bank_examples))
     self.model, self.strategy = model, strategy
     self.train_source, self.eval_source = train_source, eval_source
     self.batch_size, self.image_size = batch_size, image_size
@@ -197,7 +199,7 @@ class KnnMonitor:
 
   def _distributed(self, source):
     make_dataset = functools.partial(
-      datasets.eval_dataset, source, image_size=self.image_size, global_batch_size=self.batch_size
+      pipeline.eval_dataset, source, image_size=self.image_size, global_batch_size=self.batch_size
     )
     return distribute.distribute_input(
       self.strategy, self.batch_size, make_dataset, "kNN batch_size"
@@ -336,8 +338,8 @@ class KnnMonitor:
 def knn_accuracy(
   model,
   strategy: tf.distribute.Strategy,
-  train_source: datasets.Source,
-  eval_source: datasets.Source,
+  train_source: sources.Source,
+  eval_source: sources.Source,
   batch_size: int,
   image_size: int,
   k: int = DEFAULT_K,

@@ -14,10 +14,11 @@ import dataclasses
 from absl import logging
 import numpy as np
 
-from tf_simclr import datasets
 from tf_simclr import distill
 from tf_simclr.config import ModelConfig
 from tf_simclr.config import RunConfig
+from tf_simclr.data import label_subsets
+from tf_simclr.data import sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,9 @@ class RunPlan:
   """
 
   cfg: RunConfig
-  train_source: datasets.Source
-  eval_source: datasets.Source | None = None
-  knn_sources: tuple[datasets.Source, datasets.Source] | None = None
+  train_source: sources.Source
+  eval_source: sources.Source | None = None
+  knn_sources: tuple[sources.Source, sources.Source] | None = None
   label_ids: np.ndarray | None = None
   teacher: ModelConfig | None = None
 
@@ -50,12 +51,12 @@ def make_plan(cfg: RunConfig) -> RunPlan:
   """Opens the data of `cfg` and decides what the run trains, evaluates and monitors.
 
   Raises:
-    ValueError (datasets.DatasetError included): unknown or unreadable data, labels that the
+    ValueError (sources.DatasetError included): unknown or unreadable data, labels that the
       run needs and the data lacks (fine-tuning, the kNN monitor, a label fraction, a
       distillation label weight), or a teacher that does not predict the data's classes.
   """
   t, m = cfg.train, cfg.model
-  train_source = datasets.load_source(cfg.data.dataset, cfg.data.train_split, cfg.data.data_dir)
+  train_source = sources.load_source(cfg.data.dataset, cfg.data.train_split, cfg.data.data_dir)
   split = f"{cfg.data.dataset} split {cfg.data.train_split!r}"
   num_classes, teacher = _classes(cfg, train_source.num_classes, split)
   if t.knn_eval_every_n_steps and train_source.num_classes == 0:
@@ -73,11 +74,11 @@ def make_plan(cfg: RunConfig) -> RunPlan:
   # (for --distill_label_weight) only on the subset. Not needed to evaluate, unless by kNN.
   ids, knn_bank = None, train_source
   if m.train_mode != "pretrain" and (t.mode != "eval" or t.knn_eval_every_n_steps):
-    ids = datasets.label_subset(
+    ids = label_subsets.label_subset(
       train_source, cfg.data.train_label_fraction, cfg.data.train_label_file, seed=t.seed
     )
     if ids is not None:
-      knn_bank = datasets.subset_source(train_source, ids)
+      knn_bank = label_subsets.subset_source(train_source, ids)
       train_source = (
         knn_bank if m.train_mode == "finetune" else distill.labels_only_for(train_source, ids)
       )
@@ -111,13 +112,13 @@ def _classes(cfg: RunConfig, data_classes: int, split: str) -> tuple[int, ModelC
   return data_classes, None
 
 
-def _eval_source(cfg: RunConfig, train_source: datasets.Source) -> datasets.Source | None:
+def _eval_source(cfg: RunConfig, train_source: sources.Source) -> sources.Source | None:
   """The labelled evaluation split, if the run evaluates a head or monitors by kNN."""
   t = cfg.train
   if not ((cfg.model.num_classes and t.mode != "train") or t.knn_eval_every_n_steps):
     return None
   # Image folders: the training split's classes decide the labels of every split.
-  source = datasets.load_source(
+  source = sources.load_source(
     cfg.data.dataset,
     cfg.data.eval_split,
     cfg.data.data_dir,

@@ -20,7 +20,6 @@ import tensorflow as tf
 from tf_simclr import augment
 from tf_simclr import checkpoints
 from tf_simclr import convert
-from tf_simclr import datasets
 from tf_simclr import distill
 from tf_simclr import distribute
 from tf_simclr import export
@@ -30,6 +29,8 @@ from tf_simclr import model as model_lib
 from tf_simclr import optimizers
 from tf_simclr import schedules
 from tf_simclr.config import RunConfig
+from tf_simclr.data import pipeline
+from tf_simclr.data import sources
 
 
 def num_views(train_mode: str) -> int:
@@ -38,7 +39,7 @@ def num_views(train_mode: str) -> int:
 
 
 def augmentation(cfg: RunConfig) -> dict:
-  """The augmentation of the run's training views (`datasets.train_dataset` arguments).
+  """The augmentation of the run's training views (`pipeline.train_dataset` arguments).
 
   Pretraining: two views with colour jitter and blur; fine-tuning and distillation: one view,
   cropped and flipped only (as the reference).
@@ -53,7 +54,7 @@ def augmentation(cfg: RunConfig) -> dict:
   )
 
 
-def view_examples(cfg: RunConfig, source: datasets.Source, num_examples: int = 4) -> dict:
+def view_examples(cfg: RunConfig, source: sources.Source, num_examples: int = 4) -> dict:
   """The first examples of the run's first step as it trains on them, to look at (TensorBoard).
 
   The global stream does not depend on the batch size, so these are exactly step 0's views.
@@ -64,11 +65,11 @@ def view_examples(cfg: RunConfig, source: datasets.Source, num_examples: int = 4
   """
   k, s = min(num_examples, source.num_examples), cfg.model.image_size
   aug = augmentation(cfg)
-  batch = next(iter(datasets.train_dataset(source, k, k, 1, 0, cfg.train.seed, s, **aug)))
+  batch = next(iter(pipeline.train_dataset(source, k, k, 1, 0, cfg.train.seed, s, **aug)))
   return {"images": tf.reshape(batch["views"], [-1, s, s, 3]), "id": batch["id"]}
 
 
-def warn_batch_over_split(global_batch_size: int, source: datasets.Source) -> str | None:
+def warn_batch_over_split(global_batch_size: int, source: sources.Source) -> str | None:
   """Warns (returns the message) when a batch is larger than the split it draws from."""
   if global_batch_size <= source.num_examples:
     return None
@@ -338,11 +339,11 @@ class Trainer:
     )
     self._loop = tf.function(self._train_loop)
 
-  def input_fn(self, source: datasets.Source, start_step: int):
+  def input_fn(self, source: sources.Source, start_step: int):
     """The `distribute_datasets_from_function` argument feeding this step from `start_step`."""
     t, data = self.cfg.train, self.cfg.data
     make_dataset = functools.partial(
-      datasets.train_dataset,
+      pipeline.train_dataset,
       source,
       global_batch_size=t.train_batch_size,
       seed=t.seed,
@@ -611,7 +612,7 @@ class _IntervalEnd:
 def train(
   cfg: RunConfig,
   strategy: tf.distribute.Strategy,
-  source: datasets.Source,
+  source: sources.Source,
   state: TrainState,
   is_chief: bool = True,
   view_examples: dict | None = None,

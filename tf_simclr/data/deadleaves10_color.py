@@ -11,15 +11,16 @@ distortion; deadleaves10 itself stays grey so that the quick start does not meet
 
 The palettes are drawn with their own seed per split, after deadleaves10's split is generated:
 the grey structure, labels and order equal deadleaves10's. `Deadleaves10Color` is a TFDS builder
-registered as 'deadleaves10_color' when this module is imported.
+registered as 'deadleaves10_color' when this module is imported (`sources` imports it); the study's
+plots (`benchmarks.study_plots`) draw its images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tf_simclr import deadleaves10
-from tf_simclr import offline_builder
+from tf_simclr.data import deadleaves10
+from tf_simclr.data import offline_builder
 
 CLASS_NAMES = deadleaves10.CLASS_NAMES
 _PALETTE_SEEDS = {"train": 20, "test": 21}

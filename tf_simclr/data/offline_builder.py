@@ -1,8 +1,9 @@
-"""The TFDS builder shared by the built-in datasets (shapes10, deadleaves10): nothing to download.
+"""The TFDS builder of the built-in datasets (shapes10, deadleaves10, ...): nothing to download.
 
 A built-in dataset is a NumPy renderer of labelled 32x32 images; this module turns one into a
 class-balanced, seeded split and into a real `tfds.core.GeneratorBasedBuilder`, so it is prepared,
-cached and read exactly like any TFDS dataset (`~/tensorflow_datasets/<name>/<version>/`).
+cached and read exactly like any TFDS dataset (`~/tensorflow_datasets/<name>/<version>/`). Used by
+`shapes10`, `deadleaves10` and `deadleaves10_color`.
 """
 
 from __future__ import annotations

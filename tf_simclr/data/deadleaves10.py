@@ -17,15 +17,16 @@ seconds. Edges are antialiased from each leaf's signed distance and leaves are c
 the `over` operator. 5,000 'train' and 1,000 'test' examples, exactly class-balanced, in a seeded
 random class order. `Deadleaves10` is a TFDS builder (`offline_builder.OfflineBuilder`) registered
 as 'deadleaves10' when this module is imported, prepared like any TFDS dataset
-(`~/tensorflow_datasets/deadleaves10/1.0.0/`).
+(`~/tensorflow_datasets/deadleaves10/1.0.0/`). `sources` imports it (so that it is registered);
+`deadleaves10_color` tints its images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tf_simclr import offline_builder
-from tf_simclr import shapes10
+from tf_simclr.data import offline_builder
+from tf_simclr.data import shapes10
 
 CLASS_NAMES = shapes10.CLASS_NAMES
 NUM_CLASSES = len(CLASS_NAMES)

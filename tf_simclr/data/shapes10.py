@@ -11,14 +11,15 @@ Generation is pure NumPy with a fixed seed per split, so every machine builds th
 
 `Shapes10` is a TFDS builder (`offline_builder.OfflineBuilder`) registered as 'shapes10' when
 this module is imported: `tfds.builder('shapes10', data_dir=...).download_and_prepare()` writes it
-like any other TFDS dataset (default `~/tensorflow_datasets/shapes10/1.0.0/`).
+like any other TFDS dataset (default `~/tensorflow_datasets/shapes10/1.0.0/`). `sources` imports
+it (so that it is registered); `deadleaves10` draws its leaves with `shape_distance`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tf_simclr import offline_builder
+from tf_simclr.data import offline_builder
 
 CLASS_NAMES = (
   "circle",

@@ -1,0 +1,444 @@
+"""The deterministic, distributable input pipelines: a `sources.Source` in, batches out.
+
+Called by `train` (`train_dataset`: pretraining and fine-tuning input, and the views shown in
+TensorBoard), `evaluate` and `knn` (`eval_dataset`), `label_subsets` (the root key of its
+permutation) and `image_folder` (which checks at load time that a split decodes with this
+module's decoder). `example_views` gives the first step's views, to look at.
+
+The determinism contract of `train_dataset` (also a contract for other tools: keep it):
+  Let `key(a, b) = tf.random.experimental.stateless_fold_in(a, b, alg='philox')` with int64
+  data. The global example stream is, epoch after epoch, the source's fixed order cut into blocks
+  of `shuffle_buffer` examples (the last may be shorter), each block permuted by
+  `tf.random.experimental.stateless_shuffle(range(len), key(key([seed, 0], epoch), block),
+  alg='philox')`. Global batch k is stream examples [k*G, (k+1)*G) (batches may span epochs).
+  View v of the example with id i seen in epoch e is
+  `augment.simclr_augment(image, key(key(key([seed, 1], e), i), v), ...)`.
+  So the data, their order and their views depend only on `seed` and the step, not on the number
+  of replicas, hosts or input pipelines, nor on a restart at `start_step`, nor on
+  `tf.random.set_seed`. With a source at most `shuffle_buffer` examples long (the default for
+  anything up to 50,000), every epoch is a uniformly random permutation.
+
+Distribution: input pipeline p of P reads the whole global stream (cheaply: records stay encoded)
+and keeps the contiguous slice [p*G/P, (p+1)*G/P) of each global batch, which it alone decodes and
+augments, in per-replica batches. `tf.distribute` hands a pipeline's consecutive per-replica
+batches to its replicas in order, so the concatenation over replicas of step k's batches is
+global batch k, exactly as with one replica. Every pipeline reads every record: P times the
+read I/O of sharding by file, the price of this exactness; `cache=True` pays it once.
+
+Corrupt-file policy for 'image_folder' (image files are what users bring, and a long run should
+not die on one bad file):
+  1. When listing, each file with an image extension must start with the magic bytes of JPEG,
+     PNG, GIF or BMP; files that do not are skipped, and their number (with a few names) is logged.
+     Ids are assigned after this check, in listing order, so they never change during a run
+     (`image_folder`).
+  2. A file that passes the check but fails to read or decode later is dropped from the stream;
+     the log names the first few such files and counts them all (`_DecodeFailures`). A split of
+     which no file decodes is refused when it is loaded (training would search it forever).
+     The rest of the run goes on, but bit-for-bit reproducibility across pipeline counts does not
+     hold past such a drop (the affected pipeline's later batches shift by one example), and an
+     eval pass counts one example fewer. Fix or delete the file to get it back.
+  TFDS data was validated when it was prepared; its errors are raised, never skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+from absl import logging
+import tensorflow as tf
+
+from tf_simclr import augment
+from tf_simclr import distribute
+from tf_simclr.data import sources
+
+DEFAULT_SHUFFLE_BUFFER = 50_000
+# Stream tags of the root keys [seed, tag]: the order and the views never share random numbers
+# (tag 2 is the labelled subset's permutation, `label_subsets`).
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+_SUBSET_STREAM = 2
+_ALG = "philox"  # Pinned, rather than 'auto_select', so the keys cannot depend on the device.
+
+
+def _read(record):
+  return dict(record, image=tf.io.read_file(record["image"]))
+
+
+def _decode_image(encoded):
+  """uint8 [H, W, 3] from JPEG/PNG/GIF (first frame)/BMP bytes; grayscale becomes RGB."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+class _DecodeFailures:
+  """Counts the files of a split that fail to decode; names the first few in the log."""
+
+  NAMED = 5
+
+  def __init__(self, source: sources.Source):
+    self.where = f"{source.name} split {source.split!r}"
+    self.files = source.files
+    self.failed = set()  # ids: a file is read again each epoch, but counted once
+    self.count = 0
+
+  def __call__(self, example_id) -> bool:
+    """Logs file `example_id` (called from the input pipeline); returns False (drop it)."""
+    i = int(example_id)
+    if i in self.failed:
+      return False
+    self.failed.add(i)
+    self.count = len(self.failed)
+    name = self.files[i] if 0 <= i < len(self.files) else f"id {i}"
+    if self.count <= self.NAMED:
+      logging.warning("%s: cannot decode %s; skipped (%d so far)", self.where, name, self.count)
+    elif math.log10(self.count).is_integer():
+      logging.warning("%s: %d files that cannot be decoded skipped so far", self.where, self.count)
+    return False
+
+
+def _decode(source: sources.Source, records: tf.data.Dataset, read: bool | None = None):
+  """Reads (if `read`, default `source.reads_files`) and decodes the 'image' of `records`.
+
+  Only user files may be corrupt (see the module docstring's corrupt-file policy): for sources
+  that read files, an example that fails to read or decode is dropped, and logged by
+  `_DecodeFailures`. Each record goes through its own one-element dataset with
+  `ignore_errors`, followed by a marker that takes its place when it was dropped.
+  """
+  read = source.reads_files if read is None else read
+
+  def decode(record):
+    if read:
+      record = _read(record)
+    return dict(record, image=_decode_image(record["image"]))
+
+  if not source.reads_files:
+    ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds
+  failures = _DecodeFailures(source)
+
+  def decoded_or_marker(record):
+    good = tf.data.Dataset.from_tensors(record).map(decode).ignore_errors()
+    marker = dict(record, image=tf.zeros([0, 0, 3], tf.uint8))
+    return (
+      good.map(lambda r: (r, True))
+      .concatenate(tf.data.Dataset.from_tensors((marker, False)))
+      .take(1)
+      .get_single_element()
+    )
+
+  def keep(record, ok):
+    return tf.cond(ok, lambda: True, lambda: tf.py_function(failures, [record["id"]], tf.bool))
+
+  ds = records.map(decoded_or_marker, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.filter(keep).map(lambda record, ok: record)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps keep their order: part of the contract.
+  options.autotune.enabled = True
+  # One thread per op inside the pipeline: parallelism comes from the parallel maps.
+  options.threading.max_intra_op_parallelism = 1
+  # The pipelines shard themselves; a strategy must not shard them again.
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  return options
+
+
+def _root_key(seed: int, stream: int) -> tf.Tensor:
+  return tf.constant([seed, stream], tf.int64)
+
+
+def _fold_in(key, data):
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=_ALG)
+
+
+def view_seeds(seed: int, epoch, example_id, num_views: int = 2) -> tf.Tensor:
+  """The stateless seeds of an example's views: int64 [num_views, 2] (the contract above)."""
+  key = _fold_in(_fold_in(_root_key(seed, _AUGMENT_STREAM), epoch), example_id)
+  return tf.stack([_fold_in(key, v) for v in range(num_views)])
+
+
+def _check_batching(
+  global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
+):
+  """Refuses inconsistent batching arguments; returns G / P, a pipeline's share of a batch."""
+  if global_batch_size <= 0 or per_replica_batch_size <= 0:
+    raise ValueError(
+      f"batch sizes must be positive, got global {global_batch_size} and "
+      f"per replica {per_replica_batch_size}"
+    )
+  if num_input_pipelines <= 0 or not 0 <= input_pipeline_id < num_input_pipelines:
+    raise ValueError(
+      f"input_pipeline_id must be in [0, {num_input_pipelines}), got {input_pipeline_id}"
+    )
+  share = distribute.check_batch(
+    global_batch_size, num_input_pipelines, "global_batch_size", "input pipelines"
+  )
+  if share % per_replica_batch_size:
+    raise ValueError(
+      f"per-replica batch size {per_replica_batch_size} does not divide the "
+      f"{share} examples of each global batch that an input pipeline serves "
+      f"(global batch {global_batch_size} / {num_input_pipelines} pipelines)"
+    )
+  return share
+
+
+def _global_stream(
+  source: sources.Source, seed: int, start_example: int, shuffle_buffer: int, cache: bool
+) -> tf.data.Dataset:
+  """The infinite shuffled example stream from example `start_example` on.
+
+  Elements: the records plus 'epoch' (int64), still encoded (or paths, unless cached).
+  """
+  n = source.num_examples
+  block = min(n, shuffle_buffer)
+  blocks_per_epoch = math.ceil(n / block)
+  # Start at example `start_example` of the stream without reading the epochs before it.
+  start_epoch, offset = divmod(start_example, n)
+  start_block, offset = divmod(offset, block)
+
+  records = source.records
+  if cache:
+    if source.reads_files:
+      records = records.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    records = records.cache()
+  root = _root_key(seed, _SHUFFLE_STREAM)
+
+  def shuffle_block(counter, blk):
+    epoch, index = counter // blocks_per_epoch, counter % blocks_per_epoch
+    size = tf.shape(blk["id"])[0]
+    order = tf.random.experimental.stateless_shuffle(
+      tf.range(size), _fold_in(_fold_in(root, epoch), index), alg=_ALG
+    )
+    blk = {k: tf.gather(v, order) for k, v in blk.items()}
+    blk["epoch"] = tf.fill([size], epoch)
+    return blk
+
+  ds = records.batch(block).repeat().skip(start_block)
+  ds = ds.enumerate(start=start_epoch * blocks_per_epoch + start_block)
+  ds = ds.map(shuffle_block).unbatch()
+  return ds.skip(offset)
+
+
+def train_dataset(
+  source: sources.Source,
+  global_batch_size: int,
+  per_replica_batch_size: int,
+  num_input_pipelines: int,
+  input_pipeline_id: int,
+  seed: int,
+  image_size: int,
+  num_views: int = 2,
+  start_step: int = 0,
+  color_jitter_strength: float = 1.0,
+  use_blur: bool = True,
+  min_scale: float = 0.08,
+  horizontal_flip: bool = True,
+  cache: bool = False,
+  shuffle_buffer: int | None = None,
+  augment_on_device: bool = False,
+) -> tf.data.Dataset:
+  """The pretraining input of one input pipeline: infinite, in per-replica batches.
+
+  Follows the determinism contract of the module docstring: the concatenation, over the
+  replicas of all pipelines, of their k-th step batches is global batch k, the same for any
+  number of pipelines and replicas and after a restart at `start_step`.
+
+  Args:
+    source: from `load_source`.
+    global_batch_size: G, examples per step over all replicas.
+    per_replica_batch_size: b, examples per batch of this dataset; must divide G / P.
+    num_input_pipelines: P, e.g. `input_context.num_input_pipelines`; must divide G.
+    input_pipeline_id: this pipeline, in [0, P).
+    seed: the run's seed (`--seed`).
+    image_size: s, side of the square views.
+    num_views: V, augmented views per example.
+    start_step: the first step to produce (a restart resumes at the same example and views).
+    color_jitter_strength, use_blur, min_scale: passed to `augment.simclr_augment`.
+    horizontal_flip: passed to `augment.simclr_augment` as `flip`.
+    cache: keep the (encoded) records in memory after the first epoch.
+    shuffle_buffer: examples per shuffle block; None: min(num_examples, 50,000).
+    augment_on_device: leave the flip, colour jitter, grayscale and blur to the training step
+      (`augment.crop_view` here, `augment.distort_batch` there); same views up to rounding.
+
+  Returns:
+    tf.data.Dataset of {'views': float32 [b, V, s, s, 3] in [0, 1], 'label': int64 [b],
+    'id': int64 [b]}; with `augment_on_device`, 'views' are the crops and 'distort' holds
+    their parameters (`augment.DISTORT_SIGNATURE`, each with leading axes [b, V]).
+  """
+  share = _check_batching(
+    global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
+  )
+  if num_views < 1 or image_size < 1 or start_step < 0:
+    raise ValueError(
+      f"need num_views >= 1, image_size >= 1 and start_step >= 0, got "
+      f"{num_views}, {image_size}, {start_step}"
+    )
+  if shuffle_buffer is None:
+    shuffle_buffer = min(source.num_examples, DEFAULT_SHUFFLE_BUFFER)
+  if shuffle_buffer < 1:
+    raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
+
+  ds = _global_stream(source, seed, start_step * global_batch_size, shuffle_buffer, cache)
+  # Keep this pipeline's contiguous slice of each global batch, before any decoding.
+  begin = input_pipeline_id * share
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  ds = ds.map(lambda batch: {k: v[begin : begin + share] for k, v in batch.items()})
+  ds = ds.unbatch()
+  ds = _decode(source, ds, read=source.reads_files and not cache)
+
+  def make_views(ex):
+    seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
+    if augment_on_device:
+      crops = [
+        augment.crop_view(
+          ex["image"],
+          seeds[v],
+          image_size,
+          image_size,
+          color_jitter_strength,
+          min_scale=min_scale,
+          flip=horizontal_flip,
+        )
+        for v in range(num_views)
+      ]
+      return {
+        "views": tf.stack([c for c, _ in crops]),
+        "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
+        "label": ex["label"],
+        "id": ex["id"],
+      }
+    views = [
+      augment.simclr_augment(
+        ex["image"],
+        seeds[v],
+        image_size,
+        image_size,
+        color_jitter_strength=color_jitter_strength,
+        use_blur=use_blur,
+        min_scale=min_scale,
+        flip=horizontal_flip,
+      )
+      for v in range(num_views)
+    ]
+    return {"views": tf.stack(views), "label": ex["label"], "id": ex["id"]}
+
+  ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_steps(num_examples: int, global_batch_size: int, num_input_pipelines: int) -> int:
+  """Steps that cover a split exactly once, the same number on every pipeline.
+
+  Pipeline p holds examples p, p + P, ...: at most ceil(N / P), served G / P per step.
+  """
+  share = global_batch_size // num_input_pipelines
+  return math.ceil(math.ceil(num_examples / num_input_pipelines) / share)
+
+
+def eval_dataset(
+  source: sources.Source,
+  per_replica_batch_size: int,
+  num_input_pipelines: int,
+  input_pipeline_id: int,
+  image_size: int,
+  cache: bool = False,
+  global_batch_size: int | None = None,
+) -> tf.data.Dataset:
+  """The evaluation input of one input pipeline: each example once, padded to static batches.
+
+  Pipeline p takes the examples with id = p mod P, in order. Each pipeline's dataset is padded
+  with mask-0 examples (zero image, label 0, id -1) to exactly `eval_steps(...)` steps of
+  G / P examples, so all pipelines run the same number of full, static-shape batches.
+
+  Args:
+    source: from `load_source`.
+    per_replica_batch_size: b.
+    num_input_pipelines, input_pipeline_id: P and p.
+    image_size: s; images go through `augment.preprocess_eval`.
+    cache: keep this pipeline's (encoded) records in memory after the first pass.
+    global_batch_size: G; None means b * P (one replica per pipeline).
+
+  Returns:
+    A finite tf.data.Dataset of eval_steps * G / (P b) batches {'image': float32 [b, s, s, 3],
+    'label': int64 [b], 'mask': float32 [b] (1 real, 0 padding), 'id': int64 [b]}.
+  """
+  global_batch_size = global_batch_size or per_replica_batch_size * num_input_pipelines
+  share = _check_batching(
+    global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
+  )
+  total = eval_steps(source.num_examples, global_batch_size, num_input_pipelines) * share
+
+  ds = source.records.shard(num_input_pipelines, input_pipeline_id)
+  if cache:
+    if source.reads_files:
+      ds = ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.cache()
+  ds = _decode(source, ds, read=source.reads_files and not cache)
+
+  def preprocess(ex):
+    return {
+      "image": augment.preprocess_eval(ex["image"], image_size, image_size),
+      "label": ex["label"],
+      "mask": tf.constant(1.0),
+      "id": ex["id"],
+    }
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors(
+    {
+      "image": tf.zeros([image_size, image_size, 3]),
+      "label": tf.constant(0, tf.int64),
+      "mask": tf.constant(0.0),
+      "id": tf.constant(-1, tf.int64),
+    }
+  ).repeat()
+  # take() rather than an exact pad count: stays exact if a corrupt file was dropped.
+  ds = ds.concatenate(padding).take(total)
+  ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def example_views(
+  source: sources.Source,
+  seed: int,
+  image_size: int,
+  color_jitter_strength: float = 1.0,
+  use_blur: bool = True,
+  num_examples: int = 4,
+  min_scale: float = 0.08,
+  horizontal_flip: bool = True,
+) -> dict:
+  """The first examples of the run's first step with their two views, to look at (TensorBoard).
+
+  The global stream does not depend on the batch size, so these are exactly the views that
+  step 0 trains on.
+
+  Returns:
+    {'images': float32 [2k, s, s, 3] (example i's views at rows 2i and 2i + 1),
+     'id': int64 [k]}, k = min(num_examples, source.num_examples).
+  """
+  k = min(num_examples, source.num_examples)
+  batch = next(
+    iter(
+      train_dataset(
+        source,
+        k,
+        k,
+        1,
+        0,
+        seed,
+        image_size,
+        color_jitter_strength=color_jitter_strength,
+        use_blur=use_blur,
+        min_scale=min_scale,
+        horizontal_flip=horizontal_flip,
+      )
+    )
+  )
+  return {
+    "images": tf.reshape(batch["views"], [2 * k, image_size, image_size, 3]),
+    "id": batch["id"],
+  }
