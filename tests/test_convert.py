@@ -23,7 +23,8 @@ from tf_simclr import checkpoints
 from tf_simclr import config as C
 from tf_simclr import convert
 from tf_simclr import export
-from tf_simclr import train
+from tf_simclr import train_state
+from tf_simclr import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "reference")
@@ -130,7 +131,7 @@ def test_checkpoints_convert_in_memory(name):
       model = model_lib.build_model(
         convert.reference_config(convert.open_source(src).graph), image_size=d["images"].shape[1]
       )
-    train.init_weights(model, src)
+    train_state.init_weights(model, src)
     _assert_reference_outputs(model(tf.constant(d["images"]), training=False), d, recorded, source)
 
 
@@ -181,8 +182,8 @@ def _train_like_the_reference(name, tmp_path, strategy):
     ),
     C.RuntimeConfig(),
   )
-  state = train.build_state(cfg, strategy, num_examples=c["num_train_examples"])
-  trainer = train.Trainer(cfg, strategy, state)
+  state = train_state.build_state(cfg, strategy, num_examples=c["num_train_examples"])
+  trainer = trainer_lib.Trainer(cfg, strategy, state)
   batch = {
     "views": tf.constant(d["views"]),
     "label": tf.constant(d["labels"]),
