@@ -100,7 +100,7 @@ def run(cfg, flag_values):
   _setup_runtime(cfg)
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
   from tf_simclr import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr import train_state  # pylint: disable=g-import-not-at-top
 
   t = cfg.train
   strategy = distribute.make_strategy(
@@ -121,7 +121,7 @@ def run(cfg, flag_values):
   distribute.warn_slow_bfloat16(strategy, cfg.runtime.mixed_precision)
 
   plan = plan_lib.make_plan(cfg)
-  state = train_lib.build_state(plan.cfg, strategy, plan.train_source.num_examples, is_chief)
+  state = train_state.build_state(plan.cfg, strategy, plan.train_source.num_examples, is_chief)
   record_resume = None
   if is_chief and t.mode != "eval":
     record_resume = _record_run(plan, flag_values)
@@ -160,6 +160,7 @@ def _train(plan, strategy, state, is_chief, record_resume=None):
   evaluation when there was nothing left to train.
   """
   from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
 
   cfg, t = plan.cfg, plan.cfg.train
   pending = [record_resume] if record_resume is not None else []
@@ -174,7 +175,7 @@ def _train(plan, strategy, state, is_chief, record_resume=None):
     plan.train_source,
     state,
     is_chief,
-    train_lib.view_examples(cfg, plan.train_source),
+    trainer.view_examples(cfg, plan.train_source),
     knn_sources=plan.knn_sources,
     after_save=after_save,
   )

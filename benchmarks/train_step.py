@@ -1,6 +1,6 @@
 """Training throughput: `python -m benchmarks.train_step [--flags]` (from the repository root).
 
-Runs real training steps -- `train.Trainer`'s step under the chosen strategy, fed by
+Runs real training steps -- `trainer.Trainer`'s step under the chosen strategy, fed by
 `pipeline.train_dataset` (decode, two `simclr_augment` views per image, batch, prefetch) -- on
 synthetic uint8 images, and prints one JSON line last:
   img_per_s             source images per second (each gives two views), from step_s
@@ -36,7 +36,7 @@ import benchmarks  # noqa: E402
 if typing.TYPE_CHECKING:  # TensorFlow is imported after the flags are parsed: fast refusals.
   import tensorflow as tf
 
-  from tf_simclr import train
+  from tf_simclr import trainer as trainer_lib
 
 _NUM_SOURCES = 512  # distinct synthetic images, cycled through by the input pipeline
 _NUM_CLASSES = 10
@@ -166,7 +166,7 @@ class Bench:
   """What `build` sets up: the strategy, the trainer and its input."""
 
   strategy: tf.distribute.Strategy
-  trainer: train.Trainer
+  trainer: trainer_lib.Trainer
   input_fn: typing.Callable[[tf.distribute.InputContext], tf.data.Dataset]
   source_size: int
 
@@ -183,7 +183,7 @@ class Bench:
 
 
 def build(args, model_dir: str) -> Bench:
-  """The run config of `args`, its strategy, state and `train.Trainer` on synthetic images.
+  """The run config of `args`, its strategy, state and `trainer.Trainer` on synthetic images.
 
   Sets the process-wide CPU devices and dtype policy that `args` asks for.
   """
@@ -191,7 +191,8 @@ def build(args, model_dir: str) -> Bench:
 
   from tf_simclr import config as C  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
-  from tf_simclr import train  # pylint: disable=g-import-not-at-top
+  from tf_simclr import train_state  # pylint: disable=g-import-not-at-top
+  from tf_simclr import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
   distribute.configure_cpu_replicas(args.cpu_replicas)
   if args.mixed_precision != "none":
@@ -227,8 +228,8 @@ def build(args, model_dir: str) -> Bench:
       augment_on_device=args.augment_on_device,
     ),
   )
-  state = train.build_state(cfg, strategy, source.num_examples)
-  trainer = train.Trainer(cfg, strategy, state)
+  state = train_state.build_state(cfg, strategy, source.num_examples)
+  trainer = trainer_lib.Trainer(cfg, strategy, state)
   return Bench(strategy, trainer, trainer.input_fn(source, start_step=0), source_size)
 
 

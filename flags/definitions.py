@@ -263,25 +263,22 @@ def _pick(cls, values):
   return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def validate(values: dict) -> None:
-  """Checks values that would otherwise fail deep inside TensorFlow; ValueError names the flag."""
-  if not values["temperature"] > 0:
-    raise ValueError(f"--temperature must be > 0, got {values['temperature']}")
-  for name in (
-    "train_batch_size",
-    "eval_batch_size",
-    "image_size",
-    "width_multiplier",
-    "proj_out_dim",
-  ):
-    # `not > 0` also refuses NaN.
-    if not values[name] > 0:
-      raise ValueError(f"--{name} must be > 0, got {values[name]}")
-  try:
-    config_lib.check_width(values["width_multiplier"], values["sk_ratio"])
-  except ValueError as err:
-    raise ValueError(f"--{err}") from None
-  _check_scale(values)
+# A range check per row: (flag, whether a value is acceptable, what it must be), refused as
+# "--flag must be <what it must be>, got <value>". `v > 0` also refuses NaN; `not v < 0` lets
+# NaN through to `_check_finite`, which names it. The groups run in `validate`'s order.
+_positive = lambda v: v > 0
+_not_negative = lambda v: not v < 0
+_fraction = lambda v: 0 < v <= 1
+_SIZES = (
+  ("temperature", _positive, "> 0"),
+  ("train_batch_size", _positive, "> 0"),
+  ("eval_batch_size", _positive, "> 0"),
+  ("image_size", _positive, "> 0"),
+  ("width_multiplier", _positive, "> 0"),
+  ("proj_out_dim", _positive, "> 0"),
+)
+_COUNTS = tuple(
+  (name, _not_negative, ">= 0")
   for name in (
     "train_steps",
     "train_epochs",
@@ -294,53 +291,97 @@ def validate(values: dict) -> None:
     "sk_ratio",
     "se_ratio",
     "eval_timeout_s",
-  ):
-    if values[name] < 0:
-      raise ValueError(f"--{name} must be >= 0, got {values[name]}")
-  if values["keep_checkpoint_max"] < 1:
-    raise ValueError(
-      f"--keep_checkpoint_max must be >= 1 (the newest checkpoint is what a "
-      f"resume starts from), got {values['keep_checkpoint_max']}"
-    )
+  )
+) + (
+  (
+    "keep_checkpoint_max",
+    lambda v: v >= 1,
+    ">= 1 (the newest checkpoint is what a resume starts from)",
+  ),
+)
+_FRACTIONS = (
+  ("min_scale", _fraction, "in (0, 1]"),
+  ("train_label_fraction", _fraction, "in (0, 1]"),
+)
+_KNN = (
+  ("knn_eval_every_n_steps", _not_negative, ">= 0"),
+  ("knn_k", lambda v: v >= 1, ">= 1"),
+  ("knn_temperature", _positive, "> 0"),
+)
+_DISTILL = (
+  ("distill_temperature", _positive, "> 0"),
+  ("distill_label_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
+
+
+def validate(values: dict) -> None:
+  """Checks values that would otherwise fail deep inside TensorFlow; ValueError names the flag.
+
+  The checks run in a fixed order: of several bad values, the first in that order is reported.
+  """
+  _check_ranges(values, _SIZES)
+  _check_width(values)
+  _check_scale(values)
+  _check_ranges(values, _COUNTS)
+  _check_length(values)
+  _check_ranges(values, _FRACTIONS)
+  _check_label_choice(values)
+  _check_ranges(values, _KNN)
+  _check_few_labels(values)
+  _check_ranges(values, _DISTILL)
+  _check_teacher(values)
+  _check_finite(values)
+
+
+def _check_ranges(values: dict, rows: tuple) -> None:
+  for name, acceptable, requirement in rows:
+    if not acceptable(values[name]):
+      raise ValueError(f"--{name} must be {requirement}, got {values[name]}")
+
+
+def _check_width(values: dict) -> None:
+  """Every channel count of the network comes out at least 1 (`config.check_width`)."""
+  try:
+    config_lib.check_width(values["width_multiplier"], values["sk_ratio"])
+  except ValueError as err:
+    raise ValueError(f"--{err}") from None
+
+
+def _check_length(values: dict) -> None:
+  """A place for the run, and a length."""
   if not values["model_dir"]:
     raise ValueError("--model_dir is required (where checkpoints, results and exports go)")
   if values["train_steps"] == 0 and values["train_epochs"] == 0:
     raise ValueError("one of --train_steps or --train_epochs must be > 0")
-  if not 0 < values["min_scale"] <= 1:  # Also rejects NaN.
-    raise ValueError(f"--min_scale must be in (0, 1], got {values['min_scale']}")
-  if not 0 < values["train_label_fraction"] <= 1:  # Also rejects NaN.
-    raise ValueError(
-      f"--train_label_fraction must be in (0, 1], got {values['train_label_fraction']}"
-    )
+
+
+def _check_label_choice(values: dict) -> None:
+  """One way of choosing the labelled subset."""
   if values["train_label_file"] and values["train_label_fraction"] != 1:
     raise ValueError("give --train_label_fraction or --train_label_file, not both")
-  if values["knn_eval_every_n_steps"] < 0:
-    raise ValueError(
-      f"--knn_eval_every_n_steps must be >= 0, got {values['knn_eval_every_n_steps']}"
-    )
-  if values["knn_k"] < 1:
-    raise ValueError(f"--knn_k must be >= 1, got {values['knn_k']}")
-  if not values["knn_temperature"] > 0:
-    raise ValueError(f"--knn_temperature must be > 0, got {values['knn_temperature']}")
+
+
+def _check_few_labels(values: dict) -> None:
+  """A labelled subset is for the modes that read labels."""
   few_labels = values["train_label_fraction"] != 1 or values["train_label_file"]
   if few_labels and values["train_mode"] == "pretrain":
     raise ValueError(
       "--train_label_fraction and --train_label_file choose the labels of "
       "--train_mode=finetune or distill, not of pretraining"
     )
-  if not values["distill_temperature"] > 0:
-    raise ValueError(f"--distill_temperature must be > 0, got {values['distill_temperature']}")
-  if not 0 <= values["distill_label_weight"] <= 1:
-    raise ValueError(
-      f"--distill_label_weight must be in [0, 1], got {values['distill_label_weight']}"
-    )
+
+
+def _check_teacher(values: dict) -> None:
   if values["train_mode"] == "distill" and not values["teacher_checkpoint"]:
     raise ValueError(
       "--train_mode=distill needs --teacher_checkpoint (a fine-tuned tf_simclr "
       "checkpoint or exported SavedModel)"
     )
+
+
+def _check_finite(values: dict) -> None:
+  # NaN passes comparisons such as `lr < 0` and then poisons the weights.
   for name, value in sorted(values.items()):
-    # NaN passes comparisons such as `lr < 0` and then poisons the weights.
     if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"--{name} must be a finite number, got {value}")
 

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr import batch_norm
 from tf_simclr import checkpoints
 from tf_simclr import config as C
 from tf_simclr import convert
 from tf_simclr import export
-from tf_simclr import resnet
-from tf_simclr import train
+from tf_simclr import train_state
+from tf_simclr import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "reference")
@@ -130,7 +131,7 @@ def test_checkpoints_convert_in_memory(name):
       model = model_lib.build_model(
         convert.reference_config(convert.open_source(src).graph), image_size=d["images"].shape[1]
       )
-    train.init_weights(model, src)
+    train_state.init_weights(model, src)
     _assert_reference_outputs(model(tf.constant(d["images"]), training=False), d, recorded, source)
 
 
@@ -181,8 +182,8 @@ def _train_like_the_reference(name, tmp_path, strategy):
     ),
     C.RuntimeConfig(),
   )
-  state = train.build_state(cfg, strategy, num_examples=c["num_train_examples"])
-  trainer = train.Trainer(cfg, strategy, state)
+  state = train_state.build_state(cfg, strategy, num_examples=c["num_train_examples"])
+  trainer = trainer_lib.Trainer(cfg, strategy, state)
   batch = {
     "views": tf.constant(d["views"]),
     "label": tf.constant(d["labels"]),
@@ -439,7 +440,7 @@ def test_run_py_fine_tunes_and_refuses_reference_checkpoints(tmp_path):
 
 
 def _one_pass_statistics(self, inputs, training=None):
-  """resnet.BatchNorm.call with the reference's training statistics: tf-keras's
+  """batch_norm.BatchNorm.call with the reference's training statistics: tf-keras's
   SyncBatchNormalization (the reference's BN, `global_bn=True`, on any number of replicas)
   computes the variance in one pass, sum(x^2) / n - mean^2, in float32; tf_simclr's fused
   kernel on one replica computes it in two passes (more accurate: see the README).
@@ -455,7 +456,7 @@ def _one_pass_statistics(self, inputs, training=None):
   return self._normalize(inputs, mean, variance, *self._affine(x.shape[-1]))
 
 
-_BATCH_NORM_CALL = resnet.BatchNorm.call
+_BATCH_NORM_CALL = batch_norm.BatchNorm.call
 
 
 def test_training_step_reproduces_the_reference_resnet50_sk(tmp_path, strategies, monkeypatch):
@@ -464,6 +465,6 @@ def test_training_step_reproduces_the_reference_resnet50_sk(tmp_path, strategies
   # within 3e-7 and trained outputs within 4e-6. (With our fused two-pass statistics the
   # reference's float32 cancellation error, amplified by the selective kernels' 16-sample
   # batch norms, moves the third step's loss by 1.6e-4 and the outputs by 1e-2: README.)
-  monkeypatch.setattr(resnet.BatchNorm, "call", _one_pass_statistics)
+  monkeypatch.setattr(batch_norm.BatchNorm, "call", _one_pass_statistics)
   steps, model = _train_like_the_reference(R50, tmp_path, strategies[1])
   _assert_trains_like_the_reference(R50, steps, model, 1e-3)

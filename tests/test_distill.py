@@ -21,7 +21,8 @@ from tf_simclr import evaluate
 from tf_simclr import export
 from tf_simclr import model as model_lib
 from tf_simclr import plan as plan_lib
-from tf_simclr import train
+from tf_simclr import train_state
+from tf_simclr import trainer as trainer_lib
 from tf_simclr.data import sources
 
 # One worker runs this module, so that its module-scoped fixtures are built once, not once
@@ -165,9 +166,9 @@ def test_distill_step_learns_the_teacher(exported, strategies, tmp_path):
     C.RuntimeConfig(),
   )
   strategy = strategies[1]
-  state = train.build_state(cfg, strategy, num_examples=16)
+  state = train_state.build_state(cfg, strategy, num_examples=16)
   teacher_before = [v.numpy().copy() for v in state.teacher.weights]
-  trainer = train.Trainer(cfg, strategy, state)
+  trainer = trainer_lib.Trainer(cfg, strategy, state)
   rng = np.random.default_rng(0)
   batch = {
     "views": tf.constant(rng.uniform(size=(16, 1, 16, 16, 3)).astype(np.float32)),

@@ -28,6 +28,8 @@ from tf_simclr import model as model_lib
 from tf_simclr import plan as plan_lib
 from tf_simclr import rundir
 from tf_simclr import train as train_lib
+from tf_simclr import train_state
+from tf_simclr import trainer as trainer_lib
 from tf_simclr.data import sources
 
 # One worker runs this module, so that its module-scoped fixtures are built once, not once
@@ -172,7 +174,7 @@ def test_non_finite_forward_pass_is_neither_scored_nor_exported(tiny_run, tmp_pa
   cfg = definitions.to_config(values)
   plan = plan_lib.make_plan(cfg)
   strategy = distribute.make_strategy("one_device")
-  state = train_lib.build_state(plan.cfg, strategy, plan.train_source.num_examples)
+  state = train_state.build_state(plan.cfg, strategy, plan.train_source.num_examples)
   checkpoints.restore_all(tf.train.Checkpoint(model=state.model), os.path.join(d, "ckpt-1"))
   _overflowing(state)
   with pytest.raises(evaluate.NonFiniteOutputError) as info:
@@ -224,11 +226,11 @@ def test_augmented_views_are_what_the_run_trains_on(tiny_run, tmp_path, train_mo
   )
   cfg = definitions.to_config(values)
   source = sources.load_source("shapes10", "train[:64]", tiny_run[1])
-  shown = train_lib.view_examples(cfg, source)["images"].numpy()
+  shown = trainer_lib.view_examples(cfg, source)["images"].numpy()
   assert shown.shape == (4, 16, 16, 3)  # One view per example, not pretraining's two.
   model = model_lib.build_model(dataclasses.replace(cfg.model, num_classes=10))
-  state = train_lib.TrainState(model, None, None, None, None, 1, 1, teacher=model)
-  trainer = train_lib.Trainer(cfg, distribute.make_strategy("one_device"), state)
+  state = train_state.TrainState(model, None, None, None, None, 1, 1, teacher=model)
+  trainer = trainer_lib.Trainer(cfg, distribute.make_strategy("one_device"), state)
   assert trainer.color_jitter_strength == 0.0 and not trainer.use_blur
   dataset = trainer.input_fn(source, 0)(tf.distribute.InputContext())
   trained = next(iter(dataset))["views"].numpy()[:4, 0]  # [b, V, s, s, 3]: step 0's first four

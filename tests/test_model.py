@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr import batch_norm
 from tf_simclr import model as model_lib
-from tf_simclr import resnet
 from tf_simclr.config import ModelConfig
 
 
@@ -137,7 +137,7 @@ def test_variable_paths_select_what_lars_excludes(pretrain_model):
   bn = [
     w
     for layer in pretrain_model._flatten_layers()
-    if isinstance(layer, resnet.BatchNorm)
+    if isinstance(layer, batch_norm.BatchNorm)
     for w in layer.trainable_weights
   ]
   head = pretrain_model.supervised_head.trainable_weights

@@ -37,9 +37,9 @@ def test_train_dataset_structure_and_repeatability(shapes100):
 
 
 def test_augment_on_device_gives_the_host_views(shapes100):
-  # --augment_on_device: the host crops, the training step (train.step_images) distorts.
+  # --augment_on_device: the host crops, the training step (trainer.step_images) distorts.
   # The model must see the views of the host path, in the same view-major order.
-  from tf_simclr import train  # pylint: disable=g-import-not-at-top
+  from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
 
   host = runs.take(pipeline.train_dataset(shapes100, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE), 2)
   split = runs.take(
@@ -48,11 +48,11 @@ def test_augment_on_device_gives_the_host_views(shapes100):
     ),
     2,
   )
-  step = tf.function(train.step_images)
+  step = tf.function(trainer.step_images)
   for h, d in zip(host, split):
     np.testing.assert_array_equal(h["id"], d["id"])
     assert d["distort"]["factors"].shape == (8, 2, 4)
-    want, want_labels = train.step_images(h)
+    want, want_labels = trainer.step_images(h)
     got, got_labels = step(d)
     assert got.shape == (16, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert np.abs(got.numpy() - want.numpy()).max() < 1e-4

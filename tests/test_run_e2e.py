@@ -221,7 +221,7 @@ def _run_in_process(args, strategies):
   """What run.py does before training, in this process: parse, check the batch, plan, build."""
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
   from tf_simclr import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from tf_simclr import train as train_lib  # pylint: disable=g-import-not-at-top
+  from tf_simclr import train_state  # pylint: disable=g-import-not-at-top
 
   definitions.FLAGS.unparse_flags()
   try:
@@ -233,7 +233,7 @@ def _run_in_process(args, strategies):
   strategy = strategies[cfg.runtime.cpu_replicas or 1]
   distribute.check_batch(cfg.train.train_batch_size, strategy.num_replicas_in_sync)
   plan = plan_lib.make_plan(cfg)
-  train_lib.build_state(plan.cfg, strategy, plan.train_source.num_examples)
+  train_state.build_state(plan.cfg, strategy, plan.train_source.num_examples)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))

@@ -6,7 +6,10 @@ import pytest
 import tensorflow as tf
 
 from tf_simclr import config as C
+from tf_simclr import objective
 from tf_simclr import train
+from tf_simclr import train_state
+from tf_simclr import trainer as trainer_lib
 
 
 def test_step_learns_a_fixed_batch(tmp_path):
@@ -26,8 +29,8 @@ def test_step_learns_a_fixed_batch(tmp_path):
     C.RuntimeConfig(),
   )
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-  state = train.build_state(cfg, strategy, num_examples=32)
-  trainer = train.Trainer(cfg, strategy, state)
+  state = train_state.build_state(cfg, strategy, num_examples=32)
+  trainer = trainer_lib.Trainer(cfg, strategy, state)
   rng = np.random.default_rng(0)
   base = rng.uniform(size=(32, 16, 16, 3)).astype(np.float32)
   # View two keeps half of each image under fresh noise: random features barely pair them.
@@ -94,7 +97,7 @@ def test_compute_losses_pretraining_matches_numpy(loss_inputs):
   outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
   with tf.GradientTape() as tape:
     tape.watch(outputs["logits_sup"])
-    loss, metrics = train.compute_losses(
+    loss, metrics = objective.compute_losses(
       outputs,
       tf.constant(x["labels"], tf.int64),
       x["variables"],
@@ -137,7 +140,7 @@ def test_compute_losses_distillation_matches_numpy(loss_inputs, label_weight):
   x = loss_inputs
   outputs = {"proj_head_output": tf.constant(x["proj"]), "logits_sup": tf.constant(x["logits"])}
   for labels in (x["labels"], np.full(8, -1)):  # some labels; none (distillation alone)
-    loss, metrics = train.compute_losses(
+    loss, metrics = objective.compute_losses(
       outputs,
       tf.constant(labels, tf.int64),
       x["variables"],
@@ -190,8 +193,8 @@ def _fixed_batch_run(tmp_path, policy, steps, jit_compile=False, strategy=None):
       C.RuntimeConfig(mixed_precision=policy, jit_compile=jit_compile),
     )
     strategy = strategy or tf.distribute.OneDeviceStrategy("/cpu:0")
-    state = train.build_state(cfg, strategy, num_examples=16)
-    trainer = train.Trainer(cfg, strategy, state)
+    state = train_state.build_state(cfg, strategy, num_examples=16)
+    trainer = trainer_lib.Trainer(cfg, strategy, state)
   finally:
     keras.mixed_precision.set_dtype_policy("float32")
   rng = np.random.default_rng(1)
@@ -260,7 +263,7 @@ def test_non_finite_training_stops_before_its_checkpoint(tmp_path):
     C.RuntimeConfig(),
   )
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-  state = train.build_state(cfg, strategy, source.num_examples)
+  state = train_state.build_state(cfg, strategy, source.num_examples)
   checkpoints.save(state.manager, 0)  # the initial, finite weights
   with pytest.raises(
     train.NonFiniteError,

@@ -408,7 +408,7 @@ def knn_monitor(
 
   Args:
     cfg: the run's configuration (eval_batch_size, image_size, knn_k, knn_temperature).
-    state: the run's `train.TrainState` (its model, and `state.knn` to keep the monitor in).
+    state: the run's `train_state.TrainState` (its model, and `state.knn` to keep the monitor in).
     sources: (bank source, eval source), both labelled.
   Returns:
     {'knn/top_1_accuracy', 'knn/k', 'knn/num_examples', 'knn/bank_size'}.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_simclr import batch_norm
 from tf_simclr import config
 from tf_simclr import resnet
 from tf_simclr.config import ModelConfig
@@ -40,7 +41,7 @@ class LinearLayer(keras.layers.Layer):
       name="dense",
     )
     self.bn = (
-      resnet.BatchNormRelu(
+      batch_norm.BatchNormRelu(
         relu=False, center=use_bias, decay=bn_decay, synchronized=synchronized_bn, name="bn"
       )
       if use_bn

@@ -10,7 +10,9 @@ parameter counts agree and its released weights can be mapped onto ours:
   * the CIFAR stem (3x3 stride-1 conv, no max pool) is for images of 32 px or less.
 
 The encoder returns a dict of named endpoints (`ENDPOINTS`); `final_avg_pool` is the
-representation `h` of the paper.
+representation `h` of the paper. This module holds the network and its convolutions and blocks;
+their batch norm is `batch_norm`'s. `model.SimCLRModel` builds the encoder; `convert` maps the
+reference's weights onto these layers.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import batch_major_conv
+from tf_simclr.batch_norm import BatchNormRelu
 
 # The width arithmetic lives in config (no TensorFlow import: flag checks stay fast).
 from tf_simclr.config import channels
 from tf_simclr.config import check_width
-
-BATCH_NORM_EPSILON = 1e-5
 
 # depth -> (block kind, blocks per group). Basic blocks below 50 layers, bottlenecks above.
 DEPTHS = {
@@ -53,209 +54,6 @@ def _conv_init():
   return keras.initializers.VarianceScaling(
     scale=1.0, mode="fan_in", distribution="truncated_normal"
   )
-
-
-class BatchNorm(keras.layers.Layer):
-  """Batch normalisation (Ioffe & Szegedy 2015) that uses TF's fused kernel where it can.
-
-  Keras 3's BatchNormalization is not fused on the TF backend; measured here, forward+backward
-  of a [256, 32, 32, 64] tensor takes ~3x longer unfused. This layer keeps Keras's semantics
-  (variables gamma, beta, moving_mean, moving_variance; biased batch variance; moving = m *
-  decay + batch * (1 - decay); inference mode when not trainable) and:
-    * local moments, 4-D input: `FusedBatchNormV3` with exactly this epsilon (the tf.nn wrapper
-      would raise it to 1.001e-5);
-    * synchronized over R > 1 replicas: one all-reduce of [sum x, sum x^2, count] per channel,
-      then the normalisation formula; the all-reduce's gradient is an all-reduce, so gradients
-      are those of BN over the global batch;
-    * 2-D input (projection head): the normalisation formula.
-  Statistics are computed in float32 whatever the compute dtype (mixed precision).
-
-  Shapes: `[..., C] -> [..., C]`.
-  """
-
-  def __init__(
-    self,
-    momentum=0.9,
-    epsilon=BATCH_NORM_EPSILON,
-    center=True,
-    scale=True,
-    gamma_initializer="ones",
-    synchronized=False,
-    **kwargs,
-  ):
-    super().__init__(**kwargs)
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.center = center
-    self.scale = scale
-    self.gamma_initializer = keras.initializers.get(gamma_initializer)
-    self.synchronized = synchronized
-    self.gamma = self.beta = None
-
-  def build(self, input_shape):
-    channels = int(input_shape[-1])
-    # autocast=False: under a mixed policy every BN variable is read in float32 (statistics and
-    # the fused kernel's scale/offset), as Keras's own BatchNormalization does.
-    if self.scale:
-      self.gamma = self.add_weight(
-        shape=(channels,), name="gamma", initializer=self.gamma_initializer, autocast=False
-      )
-    if self.center:
-      self.beta = self.add_weight(
-        shape=(channels,), name="beta", initializer="zeros", autocast=False
-      )
-    self.moving_mean = self.add_weight(
-      shape=(channels,), name="moving_mean", initializer="zeros", trainable=False, autocast=False
-    )
-    self.moving_variance = self.add_weight(
-      shape=(channels,), name="moving_variance", initializer="ones", trainable=False, autocast=False
-    )
-
-  def _affine(self, channels):
-    gamma = self.gamma if self.gamma is not None else tf.ones([channels])
-    beta = self.beta if self.beta is not None else tf.zeros([channels])
-    # float32 whatever the policy: the fused kernel takes float32 scale/offset with bf16/fp16 x.
-    return tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32)
-
-  def _update_moving(self, mean, variance):
-    m = self.momentum
-    self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-    self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
-
-  def call(self, inputs, training=None):
-    channels = inputs.shape[-1]
-    gamma, beta = self._affine(channels)
-    fused = inputs.shape.rank == 4
-    if not (training and self.trainable):
-      if fused:
-        y, *_ = tf.raw_ops.FusedBatchNormV3(
-          x=inputs,
-          scale=gamma,
-          offset=beta,
-          mean=tf.cast(self.moving_mean, tf.float32),
-          variance=tf.cast(self.moving_variance, tf.float32),
-          epsilon=self.epsilon,
-          exponential_avg_factor=1.0,
-          data_format="NHWC",
-          is_training=False,
-        )
-        return y
-      return self._normalize(inputs, self.moving_mean, self.moving_variance, gamma, beta)
-
-    ctx = tf.distribute.get_replica_context()
-    if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
-      x = tf.cast(inputs, tf.float32)
-      axes = list(range(inputs.shape.rank - 1))
-      count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-      local = tf.concat(
-        [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), tf.reshape(count, [1])], axis=0
-      )
-      total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
-      n = total[-1]
-      mean = total[:channels] / n
-      variance = tf.maximum(total[channels : 2 * channels] / n - tf.square(mean), 0.0)
-      self._update_moving(mean, variance)
-      return self._normalize(inputs, mean, variance, gamma, beta)
-    if fused:
-      y, mean, unbiased_var, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=inputs,
-        scale=gamma,
-        offset=beta,
-        mean=tf.zeros([0]),
-        variance=tf.zeros([0]),
-        epsilon=self.epsilon,
-        exponential_avg_factor=1.0,
-        data_format="NHWC",
-        is_training=True,
-      )
-      # The kernel reports the Bessel-corrected variance; Keras and the reference keep the
-      # biased one in the moving average.
-      n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
-      self._update_moving(
-        tf.stop_gradient(mean), tf.stop_gradient(unbiased_var * (n - 1.0) / tf.maximum(n, 1.0))
-      )
-      return y
-    x = tf.cast(inputs, tf.float32)
-    mean, variance = tf.nn.moments(x, list(range(inputs.shape.rank - 1)))
-    self._update_moving(mean, variance)
-    return self._normalize(inputs, mean, variance, gamma, beta)
-
-  def _normalize(self, inputs, mean, variance, gamma, beta):
-    x = tf.cast(inputs, tf.float32)
-    inv = tf.math.rsqrt(tf.cast(variance, tf.float32) + self.epsilon) * gamma
-    y = x * inv + (beta - tf.cast(mean, tf.float32) * inv)
-    return tf.cast(y, inputs.dtype)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update(
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      center=self.center,
-      scale=self.scale,
-      synchronized=self.synchronized,
-      gamma_initializer=keras.initializers.serialize(self.gamma_initializer),
-    )
-    return config
-
-
-class BatchNormRelu(keras.layers.Layer):
-  """Batch norm (epsilon 1e-5), optionally synchronized across replicas, then optional ReLU.
-
-  Args:
-    relu: apply ReLU after normalisation.
-    init_zero: start gamma at 0 (last BN of a residual branch).
-    center, scale: learn beta / gamma.
-    decay: moving-average momentum (`--batch_norm_decay`).
-    synchronized: compute batch moments over all replicas (`--global_bn`).
-
-  Shapes: `[..., C] -> [..., C]`, normalised over all axes but the last.
-  """
-
-  def __init__(
-    self,
-    relu=True,
-    init_zero=False,
-    center=True,
-    scale=True,
-    decay=0.9,
-    synchronized=False,
-    **kwargs,
-  ):
-    super().__init__(**kwargs)
-    self.relu = relu
-    self.init_zero = init_zero
-    self.center = center
-    self.scale = scale
-    self.decay = decay
-    self.synchronized = synchronized
-    # The name keeps 'batch_normalization' in every variable path: LARS's exclusion regexes
-    # (the reference's) select BN variables by it.
-    self.bn = BatchNorm(
-      momentum=decay,
-      epsilon=BATCH_NORM_EPSILON,
-      center=center,
-      scale=scale,
-      gamma_initializer="zeros" if init_zero else "ones",
-      synchronized=synchronized,
-      name="batch_normalization",
-    )
-
-  def call(self, inputs, training=None):
-    x = self.bn(inputs, training=training)
-    return tf.nn.relu(x) if self.relu else x
-
-  def get_config(self):
-    config = super().get_config()
-    config.update(
-      relu=self.relu,
-      init_zero=self.init_zero,
-      center=self.center,
-      scale=self.scale,
-      decay=self.decay,
-      synchronized=self.synchronized,
-    )
-    return config
 
 
 def fixed_padding(inputs, kernel_size):
@@ -521,12 +319,19 @@ class ResNet(keras.layers.Layer):
     self.fine_tune_after_block = fine_tune_after_block
     self.zero_init_residual = zero_init_residual
     bn_args = dict(decay=batch_norm_decay, synchronized=synchronized_bn)
-    width = channels(64, width_multiplier)
-
     # Sublayers are attributes (see _Block); these name lists give the order.
-    if cifar_stem:
+    self._stem_names = self._make_stem(bn_args)
+    self.stem_bn = BatchNormRelu(**bn_args, name="stem_bn")
+    self.max_pool = None if cifar_stem else keras.layers.MaxPooling2D(3, 2, padding="same")
+    self._group_names = [self._make_group(g, bn_args) for g in range(4)]
+    self._freeze()
+
+  def _make_stem(self, bn_args):
+    """Creates the stem's layers before its last BN-ReLU as attributes; returns their names."""
+    width = channels(64, self.width_multiplier)
+    if self.cifar_stem:
       stem = [Conv2dFixedPadding(width, 3, 1, name="stem_conv")]
-    elif sk_ratio > 0:
+    elif self.sk_ratio > 0:
       # ResNet-D stem: three 3x3 convs replace the 7x7.
       stem = [
         Conv2dFixedPadding(width // 2, 3, 2, name="stem_conv_a"),
@@ -539,42 +344,40 @@ class ResNet(keras.layers.Layer):
       stem = [Conv2dFixedPadding(width, 7, 2, name="stem_conv")]
     for layer in stem:
       setattr(self, layer.name, layer)
-    self._stem_names = [layer.name for layer in stem]
-    self.stem_bn = BatchNormRelu(**bn_args, name="stem_bn")
-    self.max_pool = None if cifar_stem else keras.layers.MaxPooling2D(3, 2, padding="same")
+    return [layer.name for layer in stem]
 
-    kind, blocks = DEPTHS[depth]
+  def _make_group(self, g, bn_args):
+    """Creates block group g + 1 (g in 0..3) as attributes `block_group<g+1>_block<b>`; returns
+    their names. The group's first block strides (but in group 1) and projects its shortcut."""
+    kind, blocks = DEPTHS[self.depth]
     block_cls = ResidualBlock if kind == "basic" else BottleneckBlock
-    self._group_names = []
-    for g, (num_blocks, group_strides) in enumerate(zip(blocks, (1, 2, 2, 2))):
-      filters = channels(64 * 2**g, width_multiplier)
-      names = []
-      for b in range(num_blocks):
-        name = f"block_group{g + 1}_block{b}"
-        setattr(
-          self,
-          name,
-          block_cls(
-            filters,
-            group_strides if b == 0 else 1,
-            use_projection=(b == 0),
-            sk_ratio=sk_ratio,
-            se_ratio=se_ratio,
-            bn_args=bn_args,
-            zero_init_last_bn=zero_init_residual,
-            name=name,
-          ),
-        )
-        names.append(name)
-      self._group_names.append(names)
+    filters = channels(64 * 2**g, self.width_multiplier)
+    names = []
+    for b in range(blocks[g]):
+      name = f"block_group{g + 1}_block{b}"
+      block = block_cls(
+        filters,
+        (1, 2, 2, 2)[g] if b == 0 else 1,
+        use_projection=(b == 0),
+        sk_ratio=self.sk_ratio,
+        se_ratio=self.se_ratio,
+        bn_args=bn_args,
+        zero_init_last_bn=self.zero_init_residual,
+        name=name,
+      )
+      setattr(self, name, block)
+      names.append(name)
+    return names
 
-    # Freeze the stem (and groups 1..k) for fine_tune_after_block = k >= 0.
-    if fine_tune_after_block >= 0:
-      for layer in self.stem + [self.stem_bn]:
-        layer.trainable = False
-      for group in self.groups[:fine_tune_after_block]:
-        for block in group:
-          block.trainable = False
+  def _freeze(self):
+    """Freezes the stem (and groups 1..k) for fine_tune_after_block = k >= 0."""
+    if self.fine_tune_after_block < 0:
+      return
+    for layer in self.stem + [self.stem_bn]:
+      layer.trainable = False
+    for group in self.groups[: self.fine_tune_after_block]:
+      for block in group:
+        block.trainable = False
 
   @property
   def stem(self):
