@@ -23,6 +23,7 @@ from tf_simclr import checkpoints
 from tf_simclr import config as C
 from tf_simclr import convert
 from tf_simclr import export
+from tf_simclr import model_source
 from tf_simclr import train_state
 from tf_simclr import trainer as trainer_lib
 
@@ -46,38 +47,6 @@ def _fixture(name):
 def _relative(a, b):
   """max |a - b| / max |b|."""
   return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.mark.parametrize("name", [R18, R50])
-def test_architecture_is_read_from_the_variables(name):
-  _, config = _fixture(name)
-  for source, _ in SOURCES.values():
-    found = convert.reference_config(
-      convert.open_source(os.path.join(FIXTURES, name, source)).graph
-    )
-    assert (
-      found.resnet_depth,
-      found.width_multiplier,
-      found.sk_ratio,
-      found.se_ratio,
-      found.use_cifar_stem,
-      found.proj_head_mode,
-      found.num_proj_layers,
-      found.proj_out_dim,
-      found.ft_proj_selector,
-      found.num_classes,
-    ) == (
-      config["resnet_depth"],
-      config["width_multiplier"],
-      config["sk_ratio"],
-      config["se_ratio"],
-      config["image_size"] <= 32,
-      config["proj_head_mode"],
-      config["num_proj_layers"],
-      config["proj_out_dim"],
-      config["ft_proj_selector"],
-      config["num_classes"],
-    )
 
 
 def _assert_reference_outputs(out, d, recorded, what):
@@ -129,7 +98,7 @@ def test_checkpoints_convert_in_memory(name):
     src = os.path.join(FIXTURES, name, path)
     if model is None:  # every source of a fixture is one architecture
       model = model_lib.build_model(
-        convert.reference_config(convert.open_source(src).graph), image_size=d["images"].shape[1]
+        model_source.identify(src).config, image_size=d["images"].shape[1]
       )
     train_state.init_weights(model, src)
     _assert_reference_outputs(model(tf.constant(d["images"]), training=False), d, recorded, source)
@@ -138,7 +107,7 @@ def test_checkpoints_convert_in_memory(name):
 def _train_like_the_reference(name, tmp_path, strategy):
   """Our Trainer's steps from the reference's init checkpoint on the fixture's fixed batch.
 
-  `--checkpoint` converts the reference checkpoint in memory (`convert.restore_reference`), as
+  `--checkpoint` converts the reference checkpoint in memory (`model_source.restore`), as
   run.py does; test_converted_exports_compute_the_reference_outputs checks what that gives.
 
   The reference's settings (config of outputs.npz): LARS, its learning rate with linear scaling
@@ -277,14 +246,14 @@ def test_squeeze_excitation_is_found_and_mapped(tmp_path):
       )
   se = {k: v.astype(np.float32) for k, v in se.items()}
   _write_reference_like(str(tmp_path / "se" / "ckpt-7"), {**values, **se})
-  source = convert.open_source(str(tmp_path / "se" / "ckpt-7"))
-  config = convert.reference_config(source.graph)
+  source = model_source.identify(str(tmp_path / "se" / "ckpt-7"), "--checkpoint")
+  config = source.config
   assert (config.se_ratio, config.resnet_depth, source.step) == (0.25, 18, 7)
   got = {}
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
 
   model = model_lib.build_model(config)
-  convert.restore_reference(model, str(tmp_path / "se" / "ckpt-7"))
+  model_source.restore(model, source)
   for g, group in enumerate(model.encoder.groups):
     for b, block in enumerate(group):
       base = f"model/resnet_model/block_groups/{g}/layers/{b}/se_layer"
@@ -377,7 +346,7 @@ def test_a_model_of_other_flags_is_refused_naming_the_difference():
   ]:
     model = model_lib.build_model(dataclasses.replace(base, **changes), image_size=16)
     with pytest.raises(checkpoints.CheckpointMismatchError, match=re.escape(words)):
-      convert.restore_reference(model, source)
+      model_source.restore(model, model_source.identify(source, "--checkpoint"))
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_teacher_from_saved_model_and_checkpoint_predicts_as_the_model(exported,
   )
   (ckpt_dir / "flags.json").write_text(json.dumps(flags))
   for source in (path, str(ckpt_dir)):  # a SavedModel; a model_dir (its newest checkpoint)
-    config = distill.teacher_config(source)
+    config = distill.teacher_source(source).config
     assert (config.num_classes, config.ft_proj_selector, config.global_bn) == (10, 1, False)
     teacher = distill.load_teacher(source)
     assert not teacher.trainable_weights
@@ -138,12 +138,12 @@ def test_teacher_from_saved_model_and_checkpoint_predicts_as_the_model(exported,
   with pytest.raises(
     ValueError, match="predicts 10 classes, but the student and the dataset have 3"
   ):
-    distill.check_classes(distill.teacher_config(path), 3, path)
+    distill.check_classes(distill.teacher_source(path).config, 3, path)
   os.remove(ckpt_dir / "flags.json")
   with pytest.raises(ValueError, match="no flags.json"):
-    distill.teacher_config(str(ckpt_dir / "ckpt-7"))  # a checkpoint prefix
+    distill.teacher_source(str(ckpt_dir / "ckpt-7"))  # a checkpoint prefix
   with pytest.raises(ValueError, match="does not exist"):
-    distill.teacher_config(str(tmp_path / "nothing"))
+    distill.teacher_source(str(tmp_path / "nothing"))
 
 
 def test_distill_step_learns_the_teacher(exported, strategies, tmp_path):

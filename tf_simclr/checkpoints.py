@@ -14,9 +14,9 @@
 * In multi-worker training every worker restores from the chief's `model_dir`; the others
   write their (identical) copies to `workertemp_<task>/`, deleted after each save.
 
-Also the reading of other checkpoints: `resolve_prefix` (a prefix, one of its files or a
-directory) and the object graph a TF2 checkpoint stores (`object_graph`, `variable_key`), by
-which distillation, `convert` and `export` find values without building the saved objects.
+Also the reading of other checkpoints: the object graph a TF2 checkpoint stores
+(`ObjectGraph`, `object_graph`, `variable_key`), by which `model_source`, `reference_arch`,
+`reference_weights` and `export` find values without building the saved objects.
 """
 
 from __future__ import annotations
@@ -199,49 +199,14 @@ def restore_latest(
   return False
 
 
-def checkpoint_prefix(path: str) -> str:
-  """`ckpt-4` for one of its files (`ckpt-4.index`, `ckpt-4.data-00000-of-00001`), else `path`."""
-  match = re.fullmatch(r"(.+)\.(index|data-\d+-of-\d+)", path)
-  if match and tf.io.gfile.exists(match.group(1) + ".index"):
-    return match.group(1)
-  return path
-
-
-def resolve_prefix(path: str, flag: str = "--checkpoint", also: str = "") -> str:
-  """The checkpoint `path` stands for: a prefix, one of its files, or a directory (its newest).
-
-  Args:
-    path: as the user gave it.
-    flag: the flag that gave it, to name it in messages.
-    also: what else the flag accepts, for the messages (e.g. "an exported SavedModel").
-
-  Raises:
-    ValueError: a directory without a checkpoint, or no checkpoint at `path`.
-  """
-  prefix = checkpoint_prefix(path)
-  if tf.io.gfile.isdir(prefix):
-    latest = tf.train.latest_checkpoint(prefix)
-    if latest is None:
-      raise ValueError(
-        f"{flag}={prefix} is a directory without a checkpoint{f' (nor {also})' if also else ''}"
-      )
-    return latest
-  if not tf.io.gfile.exists(prefix + ".index"):
-    raise ValueError(
-      f"{flag}={prefix} does not exist (expected a checkpoint prefix such as "
-      "model_dir/ckpt-1000, a directory holding checkpoints"
-      f"{f', or {also}' if also else ''})"
-    )
-  return prefix
-
-
 def restore_weights(model, path: str) -> None:
-  """Initialises `model` from a tf_simclr checkpoint (see `resolve_prefix`): weights only.
+  """Initialises `model` from the tf_simclr checkpoint prefix `path`: weights only.
 
-  Variables of the checkpoint the model does not have (e.g. optimizer slots) are ignored; a
-  model variable the checkpoint lacks, or of another shape, is a CheckpointMismatchError.
+  `model_source.identify` turns what a user gives (one of the checkpoint's files, a directory)
+  into the prefix. Variables of the checkpoint the model does not have (e.g. optimizer slots)
+  are ignored; a model variable the checkpoint lacks, or of another shape, is a
+  CheckpointMismatchError.
   """
-  path = resolve_prefix(path)
   try:
     restore_all(tf.train.Checkpoint(model=model), path)
   except _CORRUPT_ERRORS as err:
@@ -348,3 +313,48 @@ def variable_keys_under(graph, names) -> list[str]:
         seen.add(child.node_id)
         stack.append(graph.nodes[child.node_id])
   return keys
+
+
+class ObjectGraph:
+  """A TF2 checkpoint's values addressed by object path (tuples of attribute names).
+
+  Raises (on construction) tf.errors.OpError or ValueError when the checkpoint is unreadable.
+  """
+
+  def __init__(self, prefix: str):
+    self.reader = tf.train.load_checkpoint(prefix)
+    self.graph = object_graph(self.reader)
+    self.shapes = self.reader.get_variable_to_shape_map()
+
+  def node(self, names):
+    """The node at object path `names`; None when there is none."""
+    try:
+      return object_node(self.graph, list(names))
+    except KeyError:
+      return None
+
+  def children(self, names) -> list[str]:
+    node = self.node(names)
+    return [] if node is None else [c.local_name for c in node.children]
+
+  def items(self, names) -> list[int]:
+    """Indices of the list at `names` whose items hold variables, in order."""
+    found = [int(n) for n in self.children(names) if n.isdigit()]
+    return sorted(i for i in found if variable_keys_under(self.graph, list(names) + [str(i)]))
+
+  def shape(self, names) -> tuple | None:
+    """Shape of the variable at `names`; None when there is none."""
+    try:
+      return tuple(self.shapes[variable_key(self.graph, list(names))])
+    except KeyError:
+      return None
+
+  def shapes_under(self, names) -> list[tuple]:
+    """Shapes of every variable reachable from the object at `names` ([] when there is none)."""
+    try:
+      return [tuple(self.shapes[k]) for k in variable_keys_under(self.graph, list(names))]
+    except KeyError:
+      return []
+
+  def value(self, names):
+    return self.reader.get_tensor(variable_key(self.graph, list(names)))

@@ -10,101 +10,52 @@ optionally mixed with the usual cross-entropy on the labelled examples:
 `(1 - w) * L_distill + w * L_labelled`. Teacher and student see the same augmented view; the
 teacher runs in inference mode (moving BN statistics) and gets no gradient.
 
-The teacher is a tf_simclr checkpoint (its architecture read from the `flags.json` of its
-model_dir, its number of classes from the checkpoint), one of our exported SavedModels (both
-from its manifest, `export.MANIFEST`), or a google-research/simclr checkpoint or SavedModel
-(both from its variables, `convert`). It is rebuilt as a SimCLRModel under the caller's
-strategy scope, so it runs under any strategy, like the student.
+The teacher is a tf_simclr checkpoint or exported SavedModel, or a google-research/simclr
+checkpoint or SavedModel: `model_source.identify` tells its architecture and classes. It is
+rebuilt as a SimCLRModel under the caller's strategy scope, so it runs under any strategy, like
+the student. Callers: `plan.make_plan` (the teacher's config, checked before anything is built)
+and `train_state.build_state` (the teacher itself).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 import tensorflow as tf
 
-from tf_simclr import checkpoints
-from tf_simclr import convert
-from tf_simclr import export
 from tf_simclr import model as model_lib
+from tf_simclr import model_source
 from tf_simclr.config import ModelConfig
 from tf_simclr.data import sources
 
-# Object path of the supervised head in a tf_simclr checkpoint (train.build_state's
-# `tf.train.Checkpoint(model=...)`, SimCLRModel's attribute); its kernel is [D, num_classes].
-_HEAD = ("model", "supervised_head")
 
-
-def _checkpoint_prefix(path: str) -> str:
-  """The teacher's checkpoint prefix (`checkpoints.resolve_prefix`)."""
-  return checkpoints.resolve_prefix(
-    path, "--teacher_checkpoint", also="an exported SavedModel, model_dir/saved_model/<step>"
-  )
-
-
-def _checkpoint_config(prefix: str) -> ModelConfig:
-  """The ModelConfig of a tf_simclr checkpoint: flags.json beside it, classes from its head."""
-  flags_path = os.path.join(os.path.dirname(prefix), "flags.json")
-  if not tf.io.gfile.exists(flags_path):
-    raise ValueError(
-      f"teacher checkpoint {prefix} has no flags.json beside it to tell its "
-      "architecture; give its exported SavedModel (model_dir/saved_model/<step>)"
-    )
-  with tf.io.gfile.GFile(flags_path) as f:
-    flags = json.load(f)
-  try:
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    graph = checkpoints.object_graph(reader)
-    kernels = [
-      shapes[k] for k in checkpoints.variable_keys_under(graph, _HEAD) if len(shapes[k]) == 2
-    ]
-    if len(kernels) != 1:
-      raise KeyError("no kernel")
-    num_classes = int(kernels[0][-1])
-  except KeyError:
-    raise ValueError(
-      f"teacher checkpoint {prefix} has no supervised head (logits); fine-tune "
-      "it first (--train_mode=finetune)"
-    ) from None
-  except tf.errors.OpError as err:
-    raise ValueError(f"teacher checkpoint {prefix} is unreadable ({type(err).__name__})") from None
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  return ModelConfig(
-    **{k: v for k, v in flags.items() if k in known and k != "num_classes"}, num_classes=num_classes
-  )
-
-
-def teacher_config(path: str) -> ModelConfig:
-  """The teacher's architecture and number of classes, as it will be built.
+def teacher_source(path: str) -> model_source.ModelSource:
+  """The teacher at `path` (`--teacher_checkpoint`), its config as it will be built.
 
   Args:
-    path: a tf_simclr checkpoint prefix, a model_dir holding checkpoints and flags.json, or an
-      exported SavedModel directory.
+    path: a tf_simclr checkpoint prefix, a model_dir holding checkpoints and flags.json, an
+      exported SavedModel directory, or a google-research/simclr checkpoint or SavedModel.
 
   Returns:
-    Its ModelConfig for inference: `train_mode="finetune"`, nothing frozen, plain batch norm
-    (inference mode does not synchronise anything).
+    `model_source.identify`'s answer, with a config for inference: `train_mode="finetune"`,
+    nothing frozen, plain batch norm (inference mode does not synchronise anything).
 
   Raises:
     ValueError: nothing usable at `path`, or a model without a supervised head.
   """
-  if convert.is_reference(path):
-    config = convert.reference_config(convert.open_source(path).graph)
-  elif export.is_saved_model(path):
-    config = export.manifest_model_config(export.read_manifest(path))
-  else:
-    config = _checkpoint_config(_checkpoint_prefix(path))
-  if config.num_classes == 0:
+  source = model_source.identify(path, "--teacher_checkpoint")
+  if source.config is None:
+    raise ValueError(source.unknown)
+  if source.config.num_classes == 0:
+    what = f"checkpoint {source.prefix}" if source.kind == model_source.CHECKPOINT else path
     raise ValueError(
-      f"teacher {path} has no supervised head (logits); fine-tune it first (--train_mode=finetune)"
+      f"teacher {what} has no supervised head (logits); fine-tune it first (--train_mode=finetune)"
     )
-  return dataclasses.replace(
-    config, train_mode="finetune", fine_tune_after_block=-1, global_bn=False
+  config = dataclasses.replace(
+    source.config, train_mode="finetune", fine_tune_after_block=-1, global_bn=False
   )
+  return dataclasses.replace(source, config=config)
 
 
 def check_classes(config: ModelConfig, num_classes: int, path: str) -> None:
@@ -116,22 +67,23 @@ def check_classes(config: ModelConfig, num_classes: int, path: str) -> None:
     )
 
 
-def check_image_size(config: ModelConfig, image_size: int, path: str) -> None:
-  """ValueError unless the teacher (`config`, from `path`) was trained at `image_size`.
+def check_image_size(teacher: model_source.ModelSource, image_size: int) -> None:
+  """ValueError unless the teacher (`teacher_source`) was trained at `image_size`.
 
   The teacher labels the student's own views, at the student's size: a teacher trained at
   another size sees images unlike its training data (objects at another scale, and above 32 px
   another stem), and its labels silently lose accuracy. Refused rather than warned: the fix is
-  one flag. A google-research/simclr teacher records no size, only its stem (`convert`), so
-  there only the stem is compared.
+  one flag. A google-research/simclr teacher records no size, only its stem
+  (`ModelSource.image_size` None), so there only the stem is compared.
   """
-  if convert.is_reference(path):
+  config = teacher.config
+  if teacher.image_size is None:
     same = config.use_cifar_stem == (image_size <= 32)
   else:
-    same = config.image_size == image_size
+    same = teacher.image_size == image_size
   if not same:
     raise ValueError(
-      f"teacher {path} was trained at --image_size={config.image_size}, but this run's "
+      f"teacher {teacher.path} was trained at --image_size={config.image_size}, but this run's "
       f"--image_size={image_size}: the teacher labels the student's views at their size. "
       f"Use --image_size={config.image_size}, or fine-tune a teacher at {image_size} px"
     )
@@ -144,17 +96,12 @@ def load_teacher(path: str) -> model_lib.SimCLRModel:
     A SimCLRModel with no trainable weights; call it with `training=False`.
 
   Raises:
-    ValueError: see `teacher_config`; checkpoints.CheckpointMismatchError when the weights do
+    ValueError: see `teacher_source`; checkpoints.CheckpointMismatchError when the weights do
       not fit the architecture they came with.
   """
-  config = teacher_config(path)
-  teacher = model_lib.build_model(config)
-  if convert.is_reference(path):
-    convert.restore_reference(teacher, path)
-  elif export.is_saved_model(path):
-    export.restore_from_saved_model(teacher, path)
-  else:
-    checkpoints.restore_weights(teacher, _checkpoint_prefix(path))
+  source = teacher_source(path)
+  teacher = model_lib.build_model(source.config)
+  model_source.restore(teacher, source)
   teacher.trainable = False
   return teacher
 

@@ -36,7 +36,7 @@ class RunPlan:
     knn_sources: (bank, queries) of the kNN monitor, both labelled: the training examples that
       have labels (the subset, with few labels) and `eval_source`. None: the monitor is off.
     label_ids: sorted int64 ids [n] of the labelled subset; None: every label (or none asked).
-    teacher: the distillation teacher's ModelConfig (`distill.teacher_config`), else None.
+    teacher: the distillation teacher's ModelConfig (`distill.teacher_source`), else None.
   """
 
   cfg: RunConfig
@@ -94,8 +94,9 @@ def _classes(cfg: RunConfig, data_classes: int, split: str) -> tuple[int, ModelC
   t, train_mode = cfg.train, cfg.model.train_mode
   if train_mode == "distill":
     # The teacher's classes are the student's; checked before anything is built.
-    teacher = distill.teacher_config(t.teacher_checkpoint)
-    distill.check_image_size(teacher, cfg.model.image_size, t.teacher_checkpoint)
+    source = distill.teacher_source(t.teacher_checkpoint)
+    distill.check_image_size(source, cfg.model.image_size)
+    teacher = source.config
     if data_classes:
       distill.check_classes(teacher, data_classes, t.teacher_checkpoint)
     elif t.distill_label_weight > 0:

@@ -13,11 +13,10 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import checkpoints
-from tf_simclr import convert
 from tf_simclr import distill
-from tf_simclr import export
 from tf_simclr import knn
 from tf_simclr import model as model_lib
+from tf_simclr import model_source
 from tf_simclr import optimizers
 from tf_simclr import schedules
 from tf_simclr.config import RunConfig
@@ -45,7 +44,7 @@ class TrainState:
 
 def init_weights(model: model_lib.SimCLRModel, path: str, new_head: bool = False) -> None:
   """Initialises `model` from a tf_simclr checkpoint (prefix or directory) or exported SavedModel,
-  or a google-research/simclr checkpoint or SavedModel (converted in memory, `convert`).
+  or a google-research/simclr checkpoint or SavedModel (converted in memory): `model_source`.
 
   `new_head` (`--zero_init_logits_layer`): a reference model's supervised head is not read, so
   its number of classes may differ.
@@ -54,12 +53,7 @@ def init_weights(model: model_lib.SimCLRModel, path: str, new_head: bool = False
     ValueError: nothing readable at `path`; checkpoints.CheckpointMismatchError (a ValueError)
       when it holds another model.
   """
-  if convert.is_reference(path):
-    convert.restore_reference(model, path, new_head=new_head)
-  elif export.is_saved_model(path):
-    export.restore_from_saved_model(model, path)
-  else:
-    checkpoints.restore_weights(model, path)
+  model_source.restore(model, model_source.identify(path, "--checkpoint"), new_head=new_head)
 
 
 def build_state(
