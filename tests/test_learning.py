@@ -43,15 +43,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(scope="module")
-def deadleaves_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("deadleaves10_data"))
-  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
-
-  sources.load_source("deadleaves10", "train", path)  # once, before two runs race to write it
-  return path
-
-
 def test_short_pretraining_beats_the_untrained_encoder(deadleaves_dir, tmp_path):
   knn = {}
   with runs.Processes(tmp_path, runs.env()) as procs:

@@ -129,8 +129,8 @@ def test_shapes10_class_is_the_shape_not_the_colour():
   assert np.abs(class_means - colours.mean(0)).max() < 15, class_means
 
 
-def test_deadleaves10_builds_offline_deterministically(tmp_path):
-  data_dir = str(tmp_path)
+def test_deadleaves10_builds_offline_deterministically(deadleaves_dir):
+  data_dir = deadleaves_dir  # built by conftest.py, shared with test_learning's runs
   test = sources.load_source("deadleaves10", "test", data_dir=data_dir)
   assert (test.num_examples, test.num_classes) == (1000, 10)
   builder = tfds.builder("deadleaves10", data_dir=data_dir)
