@@ -437,13 +437,17 @@ def test_split_form_equals_per_image_form(source, size):
     assert np.abs(split - per_image).max() < 1e-4
 
 
-def test_per_image_fused_and_planar_paths_agree(monkeypatch):
-  image = random_image((72, 90, 3), seed=9)
-  seeds = seed_rows(16, stream=17)
-  fused = _views(image, seeds, 64, 64)
-  monkeypatch.setattr(augment, "_MAX_FUSED_PIXELS", 0)
-  planar = _views(image, seeds, 64, 64)
-  assert np.abs(fused - planar).max() < 1e-5
+def test_blur_shifted_sums_equal_the_convolution():
+  # simclr_augment's XLA path blurs with shifted sums, distort_batch with depthwise convolutions
+  # above radius 4: the same zero-padded separable Gaussian, one sigma per image.
+  x = tf.constant(random_image((2, 3, 40, 44), seed=9) / 255.0, tf.float32)
+  sigma = tf.constant([0.4, 1.7])
+  radius = augment._blur_radius(112)
+  assert radius > augment._MAX_SHIFT_BLUR_RADIUS
+  conv = augment._blur(x, sigma, radius).numpy()
+  shifted = augment._blur(x, sigma, radius, shifts=True).numpy()
+  np.testing.assert_allclose(shifted, conv, atol=2e-6)
+  assert np.abs(conv - x.numpy()).max() > 0.05  # The blur did something.
 
 
 # ----------------------------------------------------------------------------
