@@ -229,7 +229,13 @@ def _encoded_records(args):
 
 
 def reference_jpeg_dataset(encoded, size, batch_size):
-  """The reference's host pipeline on encoded JPEGs: decode, two reference-like views."""
+  """The reference's host pipeline on encoded JPEGs: decode, two reference-like views.
+
+  With the reference's tf.data options (tf2/data.py): nondeterministic order, slack.
+  """
+  options = tf.data.Options()
+  options.deterministic = False
+  options.experimental_slack = True
 
   def two_views(data):
     image = tf.io.decode_jpeg(data, channels=3)
@@ -239,6 +245,7 @@ def reference_jpeg_dataset(encoded, size, batch_size):
     encoded.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
     .batch(batch_size, drop_remainder=True)
     .prefetch(tf.data.AUTOTUNE)
+    .with_options(options)
   )
 
 

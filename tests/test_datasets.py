@@ -52,7 +52,7 @@ def _records_numpy(source):
 
 def _decoded(source):
   """The source's decoded examples, in order: {'image': uint8 [H, W, 3], 'label', 'id'}."""
-  return datasets._decode(source, source.records)
+  return datasets.decode_records(source, source.records)
 
 
 def _images_numpy(source, limit=None):

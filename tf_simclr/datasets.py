@@ -817,12 +817,13 @@ class _DecodeFailures:
     return False
 
 
-def _decode(source: Source, records: tf.data.Dataset, read: bool | None = None):
+def decode_records(source: Source, records: tf.data.Dataset, read: bool | None = None):
   """Reads (if `read`, default `source.reads_files`) and decodes the 'image' of `records`.
 
-  Only user files may be corrupt (see the module docstring's corrupt-file policy): for sources
-  that read files, an example that fails to read or decode is dropped, and logged by
-  `_DecodeFailures`. Each record goes through its own one-element dataset with
+  Public for the tests of the corrupt-file policy. Elements keep their keys; 'image' becomes
+  uint8 [H, W, 3]. Only user files may be corrupt (see the module docstring's corrupt-file
+  policy): for sources that read files, an example that fails to read or decode is dropped,
+  and logged by `_DecodeFailures`. Each record goes through its own one-element dataset with
   `ignore_errors`, followed by a marker that takes its place when it was dropped.
   """
   read = source.reads_files if read is None else read
@@ -1006,7 +1007,7 @@ def train_dataset(
   ds = ds.batch(global_batch_size, drop_remainder=True)
   ds = ds.map(lambda batch: {k: v[begin : begin + share] for k, v in batch.items()})
   ds = ds.unbatch()
-  ds = _decode(source, ds, read=source.reads_files and not cache)
+  ds = decode_records(source, ds, read=source.reads_files and not cache)
 
   def make_views(ex):
     seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
@@ -1096,7 +1097,7 @@ def eval_dataset(
     if source.reads_files:
       ds = ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.cache()
-  ds = _decode(source, ds, read=source.reads_files and not cache)
+  ds = decode_records(source, ds, read=source.reads_files and not cache)
 
   def preprocess(ex):
     return {
