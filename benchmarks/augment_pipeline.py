@@ -238,7 +238,8 @@ def reference_jpeg_dataset(encoded, size, batch_size):
   options.experimental_slack = True
 
   def two_views(data):
-    image = tf.io.decode_jpeg(data, channels=3)
+    # decode_jpeg for JPEGs; decode_image, as tfds, reads the PNGs of a TFDS source too.
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return reference_like_view(image, size), reference_like_view(image, size)
 
   return (
@@ -311,7 +312,7 @@ def jpeg_main(args):
         {
           "form": name,
           "size": size,
-          "source": f"{where}: {source.num_examples} JPEGs",
+          "source": f"{where}: {source.num_examples} encoded images",
           "views_per_image": 2,
           "batch_size": batch,
           "timed_batches": steps,
