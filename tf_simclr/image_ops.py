@@ -142,13 +142,14 @@ def _conv_along(x, kernels, axis):
   return tf.transpose(tf.reshape(t, shape), np.argsort(perm))
 
 
-def blur(x, sigma, radius, shifts=False):
+def blur(x, sigma, radius, planar=True, shifts=False):
   """Separable Gaussian blur with zero 'SAME' padding, one sigma per image.
 
   Args:
-    x: float32 [N, 3, H, W].
+    x: float32 [N, 3, H, W] if planar, else [N, H, W, 3].
     sigma: float32 [N].
     radius: Python int; kernels have 2 * radius + 1 taps.
+    planar: the layout of x.
     shifts: always use shifted sums (under XLA, which fuses them; its convolutions are slow).
 
   Returns:
@@ -159,13 +160,13 @@ def blur(x, sigma, radius, shifts=False):
   sigma = sigma[:, None]
   kernels = tf.exp(-(t * t) / (2.0 * sigma * sigma))
   kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)  # [N, taps]
-  if radius > MAX_SHIFT_BLUR_RADIUS and not shifts:
+  if planar and radius > MAX_SHIFT_BLUR_RADIUS and not shifts:
     return _conv_along(_conv_along(x, kernels, 3), kernels, 2)
-  # Few taps (or XLA): shifted, weighted sums; fewer
+  # Few taps (or small interleaved images, or XLA): shifted, weighted sums; fewer
   # graph nodes than the convolution with its reshapes and transposes, which
   # is what costs on small images.
   k = tf.unstack(tf.reshape(kernels, [-1, taps, 1, 1, 1]), axis=1)
-  for axis in (3, 2):
+  for axis in (3, 2) if planar else (2, 1):
     size = [-1] * 4
     size[axis] = x.shape[axis] or tf.shape(x)[axis]
     pad = [[0, 0]] * 4
