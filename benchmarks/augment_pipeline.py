@@ -14,6 +14,15 @@ stateful, no blur, as its host pipeline), and the views of
 `batched_augment.simclr_augment_batch` (a) mapped over batches in tf.data and
 (b) in a `tf.function` on a fixed batch, as in a model graph. Absolute figures
 are noisy when other processes share the cores; compare ratios of one run.
+
+Real encoded images: `--data_dir=FOLDER` (an image folder of JPEGs, e.g. from
+`benchmarks.make_jpeg_folder`) or `--tfds=NAME` (a prepared TFDS dataset)
+times, instead, the real pretraining pipeline (`datasets.load_source` +
+`datasets.train_dataset`, two views, batch 64, as training builds it: the host
+path and the `--augment_on_device` host share) and the reference's host
+pipeline (read, decode, its preprocessing twice, with its tf.data options) on
+the same files, in interleaved rounds (A, B, C, A, B, C, ...), one JSON line
+per configuration with images/s and the ratio to the reference.
 Bad flags: one `error: ...` line on stderr, exit 1.
 """
 
