@@ -2,6 +2,7 @@
 
   python -m benchmarks.train_step [--flags]        training throughput and FLOPs of real steps
   python -m benchmarks.augment_pipeline [--flags]  host augmentation throughput in tf.data
+  python -m benchmarks.make_jpeg_folder OUT        ~500x375 JPEGs from real photographs
 
 `batched_augment` is an alternative, batched form of the augmentation that only the
 augmentation benchmark compares against.

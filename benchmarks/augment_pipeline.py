@@ -14,11 +14,21 @@ stateful, no blur, as its host pipeline), and the views of
 `batched_augment.simclr_augment_batch` (a) mapped over batches in tf.data and
 (b) in a `tf.function` on a fixed batch, as in a model graph. Absolute figures
 are noisy when other processes share the cores; compare ratios of one run.
+
+Real encoded images: `--data_dir=FOLDER` (an image folder of JPEGs, e.g. from
+`benchmarks.make_jpeg_folder`) or `--tfds=NAME` (a prepared TFDS dataset)
+times, instead, the real pretraining pipeline (`sources.load_source` +
+`pipeline.train_dataset`, two views, batch 64, as training builds it: the host
+path and the `--augment_on_device` host share) and the reference's host
+pipeline (read, decode, its preprocessing twice, with its tf.data options) on
+the same files, in interleaved rounds (A, B, C, A, B, C, ...), one JSON line
+per configuration with images/s and the ratio to the reference.
 Bad flags: one `error: ...` line on stderr, exit 1.
 """
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -29,6 +39,8 @@ import tensorflow as tf  # noqa: E402
 import benchmarks  # noqa: E402
 from benchmarks import batched_augment  # noqa: E402
 from tf_simclr import augment  # noqa: E402
+from tf_simclr.data import pipeline  # noqa: E402
+from tf_simclr.data import sources  # noqa: E402
 
 _NUM_SOURCES = 64  # Distinct synthetic images, cycled.
 
@@ -206,17 +218,154 @@ def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
   )
 
 
+# ----------------------------------------------------------------------------
+# Real encoded images: `--data_dir=FOLDER` (an image folder of JPEGs) or `--tfds=NAME`.
+
+
+def _encoded_records(args):
+  """(tf.data.Dataset of encoded JPEG bytes, endless; Source for `pipeline.train_dataset`)."""
+  if args.tfds:
+    import tensorflow_datasets as tfds
+
+    source = sources.load_source(args.tfds, args.split, args.tfds_data_dir)
+    builder = tfds.builder(args.tfds, data_dir=args.tfds_data_dir)
+    records = builder.as_dataset(
+      split=args.split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+    )
+    return records.map(lambda r: r["image"]).repeat(), source
+  source = sources.load_source(sources.IMAGE_FOLDER, args.split, args.data_dir)
+  paths = source.records.map(lambda r: r["image"])
+  return paths.repeat().map(tf.io.read_file), source
+
+
+def reference_jpeg_dataset(encoded, size, batch_size):
+  """The reference's host pipeline on encoded JPEGs: decode, two reference-like views.
+
+  With the reference's tf.data options (tf2/data.py): nondeterministic order, slack.
+  """
+  options = tf.data.Options()
+  options.deterministic = False
+  options.experimental_slack = True
+
+  def two_views(data):
+    # decode_jpeg for JPEGs; decode_image, as tfds, reads the PNGs of a TFDS source too.
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return reference_like_view(image, size), reference_like_view(image, size)
+
+  return (
+    encoded.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+    .batch(batch_size, drop_remainder=True)
+    .prefetch(tf.data.AUTOTUNE)
+    .with_options(options)
+  )
+
+
+def ours_jpeg_dataset(source, size, batch_size, augment_on_device, use_blur):
+  """The real pretraining pipeline, as training builds it (one replica, two views)."""
+  return pipeline.train_dataset(
+    source,
+    batch_size,
+    batch_size,
+    1,
+    0,
+    seed=0,
+    image_size=size,
+    use_blur=use_blur,
+    augment_on_device=augment_on_device,
+  )
+
+
+def _time_batches(dataset, batch_size, warmup, steps):
+  """(seconds, process CPU seconds) of `steps` batches after `warmup`, fresh iterator."""
+  iterator = iter(dataset)
+  for _ in range(warmup):
+    next(iterator)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    batch = next(iterator)
+  tf.nest.flatten(batch)[0].numpy()
+  return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def jpeg_main(args):
+  """Interleaved rounds (A, B, C, A, B, C, ...) of the reference and our pipelines."""
+  encoded, source = _encoded_records(args)
+  size, batch = args.image_size, args.batch_size
+  configs = {
+    "reference host pipeline (decode + 2 views, no blur)": lambda: reference_jpeg_dataset(
+      encoded, size, batch
+    ),
+    "tf_simclr host path (no blur)": lambda: ours_jpeg_dataset(source, size, batch, False, False),
+    "tf_simclr --augment_on_device host share": lambda: ours_jpeg_dataset(
+      source, size, batch, True, False
+    ),
+  }
+  if args.with_blur:
+    configs["tf_simclr host path (blur)"] = lambda: ours_jpeg_dataset(
+      source, size, batch, False, True
+    )
+  steps = args.steps or 8
+  spent = {name: [0.0, 0.0] for name in configs}
+  rounds = {name: [] for name in configs}
+  for _ in range(args.rounds):
+    for name, make in configs.items():
+      wall, cpu = _time_batches(make(), batch, args.warmup, steps)
+      spent[name][0] += wall
+      spent[name][1] += cpu
+      rounds[name].append(round(steps * batch / wall, 1))
+  images = args.rounds * steps * batch
+  baseline = images / spent[next(iter(configs))][0]
+  where = f"tfds {args.tfds} {args.split}" if args.tfds else f"{args.data_dir} {args.split}"
+  for name, (wall, cpu) in spent.items():
+    print(
+      json.dumps(
+        {
+          "form": name,
+          "size": size,
+          "source": f"{where}: {source.num_examples} encoded images",
+          "views_per_image": 2,
+          "batch_size": batch,
+          "timed_batches": steps,
+          "rounds": args.rounds,
+          "images_per_s": round(images / wall, 1),
+          "images_per_s_by_round": rounds[name],
+          "images_per_cpu_s_x_cores": round(images * os.cpu_count() / cpu, 1),
+          "vs_reference": round(images / wall / baseline, 2),
+          "cpus": os.cpu_count(),
+        }
+      ),
+      flush=True,
+    )
+
+
 def parse(argv):
   """The benchmark's flags; a bad one exits with one `error: ...` line."""
   parser = benchmarks.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument(
+    "--batch_size", type=int, default=None, help="default: 256, or 64 on real JPEGs as training"
+  )
   parser.add_argument(
     "--steps", type=int, default=0, help="timed batches (default: 20 at 32 px, 4 at 224 px)"
   )
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--sizes", default="32,224", help="view sides, comma-separated")
   parser.add_argument("--skip_batched", action="store_true")
+  jpeg = parser.add_argument_group("real JPEGs (instead of the synthetic configs)")
+  jpeg.add_argument("--data_dir", help="an image folder of JPEGs: DATA_DIR/<split>/<class>/")
+  jpeg.add_argument("--tfds", help="a prepared TFDS dataset of encoded JPEG images")
+  jpeg.add_argument("--tfds_data_dir", help="TFDS data directory for --tfds")
+  jpeg.add_argument("--split", default="train")
+  jpeg.add_argument("--image_size", type=int, default=224)
+  jpeg.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every config")
+  jpeg.add_argument("--with_blur", action="store_true", help="also time our host path with blur")
   args = parser.parse_args(argv)
+  if args.data_dir and args.tfds:
+    parser.error("give --data_dir or --tfds, not both")
+  if args.data_dir is not None and not os.path.isdir(args.data_dir):
+    parser.error(f"--data_dir={args.data_dir} is not a folder")
+  for name in ("image_size", "rounds"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name}={getattr(args, name)} must be >= 1")
   try:
     sizes = [int(s) for s in args.sizes.split(",")]
   except ValueError:
@@ -224,6 +373,8 @@ def parse(argv):
   if not sizes or min(sizes) < 1:
     parser.error(f"--sizes={args.sizes} must be positive integers separated by commas")
   args.sizes = sizes
+  if args.batch_size is None:
+    args.batch_size = 64 if args.data_dir or args.tfds else 256
   for name, low in (("batch_size", 1), ("steps", 0), ("warmup", 0)):
     if getattr(args, name) < low:
       parser.error(f"--{name}={getattr(args, name)} must be >= {low}")
@@ -232,6 +383,12 @@ def parse(argv):
 
 def main(argv=None):
   args = parse(argv)
+  if args.data_dir or args.tfds:
+    try:
+      return jpeg_main(args)
+    except sources.DatasetError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(1)
   configs = {32: (32, 32), 224: (256, 320)}
   for size in args.sizes:
     source_hw = configs.get(size, (size, size))

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr import augment
+from tf_simclr import image_ops
 
 
 def _bicubic_table():
@@ -96,8 +97,8 @@ def _crop_resize(images, boxes, flip, height, width):
   """
   y_index, y_weight = _bicubic_taps(boxes[:, 0], boxes[:, 2], height)
   x_index, x_weight = _bicubic_taps(boxes[:, 1], boxes[:, 3], width)
-  x_index = augment._select(flip, tf.reverse(x_index, axis=[1]), x_index)
-  x_weight = augment._select(flip, tf.reverse(x_weight, axis=[1]), x_weight)
+  x_index = image_ops.select(flip, tf.reverse(x_index, axis=[1]), x_index)
+  x_weight = image_ops.select(flip, tf.reverse(x_weight, axis=[1]), x_weight)
   # Vertical pass first and taps summed left to right, as the TF kernel does;
   # one gather per tap keeps the intermediate at one [B, height, W, C]. Each
   # gather moves whole rows: the gathered axis is never the innermost one
@@ -146,7 +147,7 @@ def simclr_augment_batch(images, seeds, height, width, color_jitter_strength=1.0
   image_size = tf.shape(images)[1:]
 
   def draw(seed):
-    p = augment._draw(seed, image_size, height, width, strength)
+    p = augment.draw(seed, image_size, height, width, strength)
     p["box"] = tf.concat([p.pop("begin")[:2], p.pop("size")[:2]], 0)
     return p
 

@@ -383,7 +383,7 @@ def decoded(source):
   """The source's decoded examples, in order: {'image': uint8 [H, W, 3], 'label', 'id'}."""
   from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  return pipeline._decode(source, source.records)
+  return pipeline.decode_records(source, source.records)
 
 
 def images_numpy(source, limit=None):

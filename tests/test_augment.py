@@ -12,6 +12,7 @@ from runs import map_over
 from runs import random_image
 from runs import seed_rows
 from tf_simclr import augment
+from tf_simclr import image_ops
 
 N_STATS = 2000  # Seeds per statistic: 4 sigma of a p=0.5 frequency is 0.045.
 
@@ -23,7 +24,7 @@ def _views(image, seeds, height, width, **kwargs):
 
 def _params(seeds, image_shape, height, width, strength=1.0, **kwargs):
   image_size = tf.constant(image_shape, tf.int32)
-  return map_over(lambda s: augment._draw(s, image_size, height, width, strength, **kwargs), seeds)
+  return map_over(lambda s: augment.draw(s, image_size, height, width, strength, **kwargs), seeds)
 
 
 def _crop_boxes(seeds, image_shape, height, width, **kwargs):
@@ -377,22 +378,24 @@ def test_planar_colour_ops_match_tf_image_kernels():
   back = lambda p: tf.transpose(p, [0, 2, 3, 1]).numpy()
   for factor in (0.2, 0.7, 1.0, 1.8):
     np.testing.assert_allclose(
-      back(augment._saturation(planes, factor)), tf.image.adjust_saturation(x, factor), atol=2e-6
+      back(image_ops.saturation(planes, factor)), tf.image.adjust_saturation(x, factor), atol=2e-6
     )
     np.testing.assert_allclose(
-      back(augment._contrast(planes, factor)), tf.image.adjust_contrast(x, factor), atol=2e-6
+      back(image_ops.contrast(planes, factor)), tf.image.adjust_contrast(x, factor), atol=2e-6
     )
   for delta in (-0.5, -0.2, -0.01, 0.0, 0.1, 0.2, 0.5):
     np.testing.assert_allclose(
-      back(augment._hue(planes, delta)), tf.image.adjust_hue(x, delta), atol=2e-6
+      back(image_ops.hue(planes, delta)), tf.image.adjust_hue(x, delta), atol=2e-6
     )
   gray = tf.image.rgb_to_grayscale(x)
-  np.testing.assert_allclose(back(augment._grayscale(planes)), tf.concat([gray] * 3, -1), atol=1e-6)
+  np.testing.assert_allclose(
+    back(image_ops.grayscale(planes)), tf.concat([gray] * 3, -1), atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("height", [64, 112])
 def test_blur_kernel_is_the_reference_gaussian(height):
-  radius = augment._blur_radius(height)
+  radius = image_ops.blur_radius(height)
   assert radius == (height // 10) // 2  # 10% of the side, 2 r + 1 taps.
   sigma = 1.3
   taps = np.arange(-radius, radius + 1)
@@ -400,14 +403,14 @@ def test_blur_kernel_is_the_reference_gaussian(height):
   kernel /= kernel.sum()
   impulse = np.zeros((1, 3, height, height), np.float32)
   impulse[0, :, 20, 30] = 1.0
-  out = augment._blur(tf.constant(impulse), tf.constant([sigma]), radius)
+  out = image_ops.blur(tf.constant(impulse), tf.constant([sigma]), radius)
   expected = np.zeros((height, height))
   expected[20 - radius : 21 + radius, 30 - radius : 31 + radius] = np.outer(kernel, kernel)
   for c in range(3):
     np.testing.assert_allclose(out[0, c], expected, atol=1e-6)
   # Zero padding ('SAME', as the reference): a constant image darkens at the
   # border by the kernel mass that falls outside.
-  ones = augment._blur(tf.ones((1, 3, height, height)), tf.constant([sigma]), radius)
+  ones = image_ops.blur(tf.ones((1, 3, height, height)), tf.constant([sigma]), radius)
   np.testing.assert_allclose(ones[0, 0, 0, height // 2], kernel[radius:].sum(), atol=1e-6)
 
 
@@ -437,13 +440,29 @@ def test_split_form_equals_per_image_form(source, size):
     assert np.abs(split - per_image).max() < 1e-4
 
 
-def test_per_image_fused_and_planar_paths_agree(monkeypatch):
+def test_small_view_fused_path_equals_the_xla_path(monkeypatch):
+  # Views up to 96x96 use TF's fused interleaved kernels, larger ones the planar ops under XLA:
+  # forcing the XLA path on a small view must give the same views up to float rounding.
   image = random_image((72, 90, 3), seed=9)
   seeds = seed_rows(16, stream=17)
   fused = _views(image, seeds, 64, 64)
   monkeypatch.setattr(augment, "_MAX_FUSED_PIXELS", 0)
-  planar = _views(image, seeds, 64, 64)
-  assert np.abs(fused - planar).max() < 1e-5
+  compiled = _views(image, seeds, 64, 64)
+  assert np.abs(fused - compiled).max() < 1e-5
+  assert np.abs(fused - fused[::-1]).max() > 0.1  # The seeds gave different views.
+
+
+def test_blur_shifted_sums_equal_the_convolution():
+  # simclr_augment's XLA path blurs with shifted sums, distort_batch with depthwise convolutions
+  # above radius 4: the same zero-padded separable Gaussian, one sigma per image.
+  x = tf.constant(random_image((2, 3, 40, 44), seed=9) / 255.0, tf.float32)
+  sigma = tf.constant([0.4, 1.7])
+  radius = image_ops.blur_radius(112)
+  assert radius > image_ops.MAX_SHIFT_BLUR_RADIUS
+  conv = image_ops.blur(x, sigma, radius).numpy()
+  shifted = image_ops.blur(x, sigma, radius, shifts=True).numpy()
+  np.testing.assert_allclose(shifted, conv, atol=2e-6)
+  assert np.abs(conv - x.numpy()).max() > 0.05  # The blur did something.
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from benchmarks import augment_pipeline
+from benchmarks import make_jpeg_folder
 from benchmarks import train_step
 from runs import assert_one_line_error as _assert_one_line_error
 from runs import env as _env
@@ -171,3 +173,43 @@ def test_augment_pipeline_times_every_form():
   for r in rows[1:]:
     slack = 0.005 + 0.05 * (r["images_per_s"] + base) / base**2
     assert abs(r["vs_reference_like"] - r["images_per_s"] / base) <= slack, r
+
+
+def test_augment_pipeline_on_jpegs_times_every_configuration_interleaved(tmp_path, capsys):
+  # In process (TF is loaded already): a tiny JPEG folder cut from the libraries' photographs.
+  paths = make_jpeg_folder.make_folder(str(tmp_path / "jpegs"), count=6)
+  assert len(paths) == 6 and all(p.endswith(".jpg") for p in paths)
+  batch, steps, rounds = 2, 1, 2
+  augment_pipeline.main(
+    [f"--data_dir={tmp_path / 'jpegs'}", "--image_size=16", f"--batch_size={batch}"]
+    + [f"--steps={steps}", "--warmup=1", f"--rounds={rounds}"]
+  )
+  rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert [r["form"] for r in rows] == [
+    "reference host pipeline (decode + 2 views, no blur)",
+    "tf_simclr host path (no blur)",
+    "tf_simclr --augment_on_device host share",
+  ]
+  base = rows[0]["images_per_s"]
+  for r in rows:
+    assert r["source"].endswith(": 6 encoded images") and r["batch_size"] == batch
+    assert len(r["images_per_s_by_round"]) == rounds
+    assert np.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+    slack = 0.005 + 0.05 * (r["images_per_s"] + base) / base**2
+    assert abs(r["vs_reference"] - r["images_per_s"] / base) <= slack, r
+
+
+@pytest.mark.parametrize(
+  "flags,words",
+  [
+    (["--data_dir=/nonexistent/folder"], ["--data_dir=/nonexistent/folder is not a folder"]),
+    (["--data_dir=.", "--tfds=mnist"], ["give --data_dir or --tfds, not both"]),
+    (["--rounds=0"], ["--rounds=0 must be >= 1"]),
+  ],
+)
+def test_augment_pipeline_refuses_bad_jpeg_flags_in_one_line(flags, words, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    augment_pipeline.parse(flags)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 1 and err.count("\n") == 1 and err.startswith("error: ")
+  assert all(w in err for w in words), err

@@ -22,13 +22,11 @@ numbers; an explicit alg='philox' adds ~40 graph nodes per view). The crop
 sampler has a CPU kernel only, so the draws run on the host (or a GPU), never
 under XLA on a TPU, where the default generator would differ (ThreeFry).
 
-Layout. Large views (> 96x96) run the colour ops and the blur on planar
-[..., 3, H, W] images: each op is then a few vectorized element-wise ops over
-whole planes, 3-10x faster on CPU than TF's fused interleaved kernels
-(`adjust_saturation`, `adjust_hue`, `rgb_to_grayscale`), and usable with
-per-example factors in a batch. They compute the same functions as those
-kernels (equal up to float rounding, < 2e-6, tested). Small views use the fused
-kernels: there the number of graph nodes, not arithmetic, sets the cost.
+Layout. The colour ops and the blur run on planar [..., 3, H, W] images
+(`tf_simclr.image_ops`). `simclr_augment` compiles a view's flip, jitter,
+grayscale and blur with XLA (`_compiled_distort`): 1.6x faster at 224 px than
+TF's kernels op by op (docs/benchmarks.md). Views up to 96x96 use TF's fused
+interleaved kernels instead: as fast there, and nothing to compile.
 
 Two forms compute the same view, equal up to float rounding (tested):
   * `simclr_augment`: one image of any size, all on the host (in `tf.data`).
@@ -39,9 +37,12 @@ Two forms compute the same view, equal up to float rounding (tested):
 """
 
 from collections.abc import Mapping
+import functools
 
 import numpy as np
 import tensorflow as tf
+
+from tf_simclr import image_ops
 
 # What the public functions accept where they take a tensor: a tf.Tensor, a NumPy array, a list.
 TensorLike = tf.types.experimental.TensorLike
@@ -65,23 +66,6 @@ _SIGMA_RANGE = (0.1, 2.0)
 # factors; 8-11 sort keys giving the jitter order; 12 the blur sigma. Append
 # new decisions at the end.
 _NUM_UNIFORMS = 13
-
-# Jitter op indices, as used by `order`.
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
-
-# Luma weights of tf.image.rgb_to_grayscale.
-_LUMA = (0.2989, 0.5870, 0.1140)
-
-
-# Blur kernels up to this radius are applied as shifted sums, larger ones with
-# depthwise convolutions: graph nodes vs. arithmetic, measured in tf.data on a
-# 2-core CPU (shifts 2.5x faster at 32 px, equal at 128 px, slower above).
-_MAX_SHIFT_BLUR_RADIUS = 4
-
-# `simclr_augment` runs the colour ops with TF's fused kernels up to this many
-# output pixels, planar above (see there).
-_MAX_FUSED_PIXELS = 96 * 96
-
 
 # ----------------------------------------------------------------------------
 # Argument checks.
@@ -131,15 +115,6 @@ def _check_seed(seed, rank):
   return tf.cast(seed, tf.int64)
 
 
-def _select(condition, x, y):
-  """x where condition else y; condition has x's shape, or is [B] for [B, ...].
-
-  The v1 `Select` kernel: `tf.where` (SelectV2) takes a broadcasting path on
-  CPU that is 10x slower even when the shapes are equal.
-  """
-  return tf.raw_ops.Select(condition=condition, x=x, y=y)
-
-
 def _to_float(image):
   """uint8 [0, 255] -> float32 [0, 1], as `convert_image_dtype`; floats cast."""
   if image.dtype == tf.uint8:
@@ -168,8 +143,8 @@ def _sample_box(box_seed, image_size, height, width, min_scale=_AREA_RANGE[0]):
   return begin, size
 
 
-def _draw(seed, image_size, height, width, strength, min_scale=_AREA_RANGE[0], flip=True):
-  """Every random decision of one view.
+def draw(seed, image_size, height, width, strength, min_scale=_AREA_RANGE[0], flip=True):
+  """Every random decision of one view (public for tests and benchmarks that check or reuse them).
 
   Args:
     seed: int32/int64 [2].
@@ -213,183 +188,62 @@ def _draw(seed, image_size, height, width, strength, min_scale=_AREA_RANGE[0], f
 
 
 # ----------------------------------------------------------------------------
-# Planar colour ops: x is float32 [..., 3, H, W]; factors broadcast against
-# [..., 1, 1, 1] (a scalar for one image, [B, 1, 1, 1] for a batch).
-
-
-def _brightness(x, factor):
-  return x * factor
-
-
-def _contrast(x, factor):
-  """tf.image.adjust_contrast: (x - mean) * factor + mean, mean per channel."""
-  mean = tf.reduce_mean(x, axis=[-2, -1], keepdims=True)
-  return (x - mean) * factor + mean
-
-
-def _saturation(x, factor):
-  """tf.image.adjust_saturation (HSV: S *= factor, clipped to 1).
-
-  In HSV a channel is V - V * S * g(H), g in [0, 1] depending on the hue only,
-  so scaling S moves every channel towards V by the same ratio:
-  c' = V - (V - c) * min(factor, V / (V - min)), without the HSV round trip.
-  """
-  r, g, b = tf.split(x, 3, axis=-3)
-  value = tf.maximum(tf.maximum(r, g), b)
-  low = tf.minimum(tf.minimum(r, g), b)
-  scale = tf.minimum(factor, tf.math.divide_no_nan(value, value - low))
-  return value - (value - x) * scale
-
-
-def _hue(x, delta):
-  """tf.image.adjust_hue (HSV: H += delta, wrapped), on planes.
-
-  Keeps each pixel's max and min channel and moves its hue on the colour
-  hexagon, h in [0, 6): the hue sector picks which channel is max / min and
-  the middle channel is interpolated, as TF's kernel does.
-  """
-  r, g, b = tf.split(x, 3, axis=-3)  # [..., 1, H, W] each.
-  high = tf.maximum(tf.maximum(r, g), b)
-  low = tf.minimum(tf.minimum(r, g), b)
-  chroma = high - low
-  inv = tf.math.divide_no_nan(tf.ones_like(chroma), chroma)
-  hue = _select(
-    tf.equal(high, r),
-    (g - b) * inv,
-    _select(tf.equal(high, g), (b - r) * inv + 2.0, (r - g) * inv + 4.0),
-  )
-  hue += 6.0 * delta
-  # Wrap to [0, 6) (give or take an ulp: the shares below are continuous
-  # across the wrap); 15x faster than floormod on CPU.
-  hue -= 6.0 * tf.floor(hue * (1.0 / 6.0))
-  # Each channel's share of the chroma is a trapezoid of the hue:
-  # r = clip(|h - 3| - 1), g = clip(2 - |h - 2|), b = clip(2 - |h - 4|).
-  centre = tf.constant([3.0, 2.0, 4.0])[:, None, None]
-  sign = tf.constant([1.0, -1.0, -1.0])[:, None, None]
-  shift = tf.constant([-1.0, 2.0, 2.0])[:, None, None]
-  share = tf.clip_by_value(tf.abs(hue - centre) * sign + shift, 0.0, 1.0)
-  return low + chroma * share
-
-
-def _grayscale(x):
-  """tf.image.rgb_to_grayscale, tiled to three planes."""
-  r, g, b = tf.split(x, 3, axis=-3)
-  gray = r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2]
-  return tf.concat([gray, gray, gray], axis=-3)
-
-
-_JITTER_OPS = {
-  _BRIGHTNESS: _brightness,
-  _CONTRAST: _contrast,
-  _SATURATION: _saturation,
-  _HUE: _hue,
-}
-
-# The same ops on one interleaved [H, W, 3] image with TF's fused kernels:
-# one graph node each instead of up to ~50, which is what costs on small views.
-_FUSED_JITTER_OPS = {
-  _BRIGHTNESS: _brightness,
-  _CONTRAST: tf.image.adjust_contrast,
-  _SATURATION: tf.image.adjust_saturation,
-  _HUE: tf.image.adjust_hue,
-}
-
-
-def _fused_grayscale(x):
-  """tf.image.rgb_to_grayscale of one interleaved image, tiled to 3 channels."""
-  gray = tf.image.rgb_to_grayscale(x)
-  return tf.concat([gray, gray, gray], axis=-1)
-
-
-# ----------------------------------------------------------------------------
-# Blur.
-
-
-def _blur_radius(height):
-  # Reference: kernel_size = height // 10, radius = kernel_size // 2, and the
-  # kernel has 2 * radius + 1 taps (for both axes).
-  return (height // 10) // 2
-
-
-def _conv_along(x, kernels, axis):
-  """Zero-padded 'SAME' convolution of x [N, 3, H, W] along axis 2 or 3.
-
-  Image n uses kernels[n] ([N, K], K odd). The convolved axis becomes the
-  depthwise convolution's spatial axis and every other one goes to channels:
-  hundreds of channels fill the SIMD lanes (3 interleaved channels do not:
-  2x slower at 224 px).
-  """
-  taps = kernels.shape[1]
-  if x.shape[0] == 1:
-    # One kernel: the planes can stay in the batch dimension.
-    t = x[0] if axis == 2 else tf.transpose(x[0], [0, 2, 1])  # [3, L, M]
-    shape = tf.shape(t)
-    t = tf.reshape(t, [shape[0], shape[1], 1, shape[2]])
-    filters = tf.tile(tf.reshape(kernels, [taps, 1, 1, 1]), [1, 1, shape[2], 1])
-    t = tf.reshape(tf.nn.depthwise_conv2d(t, filters, [1, 1, 1, 1], "SAME"), shape)
-    return (t if axis == 2 else tf.transpose(t, [0, 2, 1]))[None]
-  perm = [2, 0, 1, 3] if axis == 2 else [3, 0, 1, 2]
-  t = tf.transpose(x, perm)  # [L, N, 3, M]
-  shape = tf.shape(t)
-  t = tf.reshape(t, [1, shape[0], 1, -1])
-  # Channel (n, c, m) gets image n's kernel.
-  filters = tf.repeat(tf.transpose(kernels), shape[2] * shape[3], axis=1)
-  t = tf.nn.depthwise_conv2d(t, tf.reshape(filters, [taps, 1, -1, 1]), [1, 1, 1, 1], "SAME")
-  return tf.transpose(tf.reshape(t, shape), np.argsort(perm))
-
-
-def _blur(x, sigma, radius, planar=True):
-  """Separable Gaussian blur with zero 'SAME' padding, one sigma per image.
-
-  Args:
-    x: float32 [N, 3, H, W] if planar, else [N, H, W, 3].
-    sigma: float32 [N].
-    radius: Python int; kernels have 2 * radius + 1 taps.
-    planar: the layout of x.
-
-  Returns:
-    float32, x's shape: horizontal then vertical pass, as the reference.
-  """
-  taps = 2 * radius + 1
-  t = tf.range(-radius, radius + 1, dtype=tf.float32)
-  sigma = sigma[:, None]
-  kernels = tf.exp(-(t * t) / (2.0 * sigma * sigma))
-  kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)  # [N, taps]
-  if planar and radius > _MAX_SHIFT_BLUR_RADIUS:
-    return _conv_along(_conv_along(x, kernels, 3), kernels, 2)
-  # Few taps (or small interleaved images): shifted, weighted sums; fewer
-  # graph nodes than the convolution with its reshapes and transposes, which
-  # is what costs on small images.
-  k = tf.unstack(tf.reshape(kernels, [-1, taps, 1, 1, 1]), axis=1)
-  for axis in (3, 2) if planar else (2, 1):
-    size = [-1] * 4
-    size[axis] = x.shape[axis] or tf.shape(x)[axis]
-    pad = [[0, 0]] * 4
-    pad[axis] = [radius, radius]
-    padded = tf.pad(x, pad)
-    total = None
-    for i in range(taps):
-      begin = [0] * 4
-      begin[axis] = i
-      term = tf.slice(padded, begin, size) * k[i]
-      total = term if total is None else total + term
-    x = total
-  return x
-
-
-# ----------------------------------------------------------------------------
 # Per-image form.
 
 
-def _jitter_one(x, factors, order, ops):
-  """Colour jitter of one image in the given op order, with `ops`."""
+def _jitter_one(x, factors, order):
+  """Colour jitter of one planar image x [3, H, W] in the given op order.
+
+  A loop over the 4 steps, each a `switch_case` of the 4 ops: under XLA the loop body is
+  compiled once (0.3 s at 224 px; unrolled, the 16 branches took XLA 2-7 s to compile).
+  """
   factors = tf.unstack(factors)
-  for step in range(4):
-    # Bind the current image: branches must not see later reassignments.
-    branches = [lambda x=x, op=op: ops[op](x, factors[op]) for op in range(4)]
+
+  def step(i, x):
     # The reference clips after every op.
-    x = tf.clip_by_value(tf.switch_case(order[step], branches), 0.0, 1.0)
-  return x
+    branches = [
+      lambda op=op: tf.clip_by_value(image_ops.JITTER_OPS[op](x, factors[op]), 0.0, 1.0)
+      for op in range(4)
+    ]
+    return i + 1, tf.switch_case(order[i], branches)
+
+  return tf.while_loop(lambda i, x: i < 4, step, (tf.constant(0), x))[1]
+
+
+# Views up to this many pixels skip XLA: TF's fused interleaved kernels, one graph node per op,
+# are as fast there (32 px: 0.34 ms a view either way), with no compilation (0.3-0.8 s a size).
+_MAX_FUSED_PIXELS = 96 * 96
+
+# The jitter ops on one interleaved [H, W, 3] image with TF's fused kernels.
+_FUSED_JITTER_OPS = {
+  image_ops.BRIGHTNESS: image_ops.brightness,
+  image_ops.CONTRAST: tf.image.adjust_contrast,
+  image_ops.SATURATION: tf.image.adjust_saturation,
+  image_ops.HUE: tf.image.adjust_hue,
+}
+
+
+def _distort_small(view, p, strength, use_blur):
+  """`_compiled_distort`'s function on a small interleaved view [h, w, 3], TF's fused kernels."""
+  x = tf.cond(p["flip"], lambda: tf.reverse(view, axis=[1]), lambda: view)
+  if strength > 0:
+
+    def jitter(x):
+      factors = tf.unstack(p["factors"])
+      for step in range(4):
+        # Bind the current image: branches must not see later reassignments.
+        ops = [lambda x=x, op=op: _FUSED_JITTER_OPS[op](x, factors[op]) for op in range(4)]
+        # The reference clips after every op.
+        x = tf.clip_by_value(tf.switch_case(p["order"][step], ops), 0.0, 1.0)
+      return x
+
+    x = tf.cond(p["jitter"], lambda: jitter(x), lambda: x)
+    x = tf.cond(p["gray"], lambda: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), lambda: x)
+  radius = image_ops.blur_radius(view.shape[0])
+  if use_blur and radius > 0:
+    sigma = p["sigma"][None]
+    x = tf.cond(p["blur"], lambda: image_ops.blur(x[None], sigma, radius, False)[0], lambda: x)
+  return tf.clip_by_value(x, 0.0, 1.0)
 
 
 def _check_min_scale(min_scale):
@@ -407,7 +261,7 @@ def _resized_crop(image, seed, height, width, color_jitter_strength, min_scale, 
   min_scale = _check_min_scale(min_scale)
   image = _check_image(image, rank=3)
   seed = _check_seed(seed, rank=1)
-  p = _draw(seed, tf.shape(image), height, width, strength, min_scale, bool(flip))
+  p = draw(seed, tf.shape(image), height, width, strength, min_scale, bool(flip))
   # Crop before the dtype conversion: less data to convert.
   crop = _to_float(tf.slice(image, p["begin"], p["size"]))
   crop = tf.ensure_shape(crop, [None, None, 3])
@@ -448,26 +302,41 @@ def simclr_augment(
   height, width = _check_size(height, width)
   strength = _check_strength(color_jitter_strength)
   view, p = _resized_crop(image, seed, height, width, strength, min_scale, flip)
-  # Small views: TF's fused interleaved kernels (few graph nodes; per-node
-  # cost dominates). Large views: planar ops (less arithmetic, see the module
-  # docstring). Both compute the same view up to float rounding (~1e-6).
-  planar = height * width > _MAX_FUSED_PIXELS
-  x = tf.transpose(view, [2, 0, 1]) if planar else view
-  # tf.cond, not tf.where: a scalar-predicate select is slow on CPU, and the
-  # skipped branch is not computed.
-  x = tf.cond(p["flip"], lambda: tf.reverse(x, axis=[2 if planar else 1]), lambda: x)
-  if strength > 0:
-    ops = _JITTER_OPS if planar else _FUSED_JITTER_OPS
-    x = tf.cond(p["jitter"], lambda: _jitter_one(x, p["factors"], p["order"], ops), lambda: x)
-    gray = _grayscale if planar else _fused_grayscale
-    x = tf.cond(p["gray"], lambda: gray(x), lambda: x)
+  if height * width <= _MAX_FUSED_PIXELS:
+    return tf.ensure_shape(_distort_small(view, p, strength, use_blur), [height, width, 3])
+  distort = _compiled_distort(height, width, strength, bool(use_blur))
+  return distort(view, {k: p[k] for k in DISTORT_SIGNATURE})
 
-  radius = _blur_radius(height)
-  if use_blur and radius > 0:
-    x = tf.cond(p["blur"], lambda: _blur(x[None], p["sigma"][None], radius, planar)[0], lambda: x)
-  view = tf.transpose(x, [1, 2, 0]) if planar else x
-  view = tf.clip_by_value(view, 0.0, 1.0)
-  return tf.ensure_shape(view, [height, width, 3])
+
+@functools.cache
+def _compiled_distort(height, width, strength, use_blur):
+  """The flip, jitter, grayscale and blur of one view: (float32 [height, width, 3], params) -> view.
+
+  Compiled with XLA, which fuses the element-wise ops of each colour op (the hue's ~30) into a
+  loop or two over the planes: one launch per view instead of ~100 graph nodes. `tf.cond`s
+  become XLA conditionals (skipped branches cost nothing); XLA's CPU code is deterministic. The
+  blur uses shifted sums, which XLA fuses (its depthwise convolution is ~20x slower).
+  """
+
+  def distort(view, p):
+    x = tf.transpose(view, [2, 0, 1])
+    x = tf.cond(p["flip"], lambda: tf.reverse(x, axis=[2]), lambda: x)
+    if strength > 0:
+      x = tf.cond(p["jitter"], lambda: _jitter_one(x, p["factors"], p["order"]), lambda: x)
+      x = tf.cond(p["gray"], lambda: image_ops.grayscale(x), lambda: x)
+    radius = image_ops.blur_radius(height)
+    if use_blur and radius > 0:
+      sigma = p["sigma"][None]
+      x = tf.cond(
+        p["blur"], lambda: image_ops.blur(x[None], sigma, radius, shifts=True)[0], lambda: x
+      )
+    return tf.ensure_shape(tf.clip_by_value(tf.transpose(x, [1, 2, 0]), 0.0, 1.0), view.shape)
+
+  return tf.function(
+    distort,
+    jit_compile=True,
+    input_signature=[tf.TensorSpec([height, width, 3], tf.float32), DISTORT_SIGNATURE],
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -501,9 +370,9 @@ def _jitter_batch(x, factors, order):
   factors = tf.unstack(factors[:, :, None, None, None], axis=1)
   for step in range(4):
     op = order[:, step]
-    out = _brightness(x, factors[_BRIGHTNESS])
-    for k in (_CONTRAST, _SATURATION, _HUE):
-      out = _select(tf.equal(op, k), _JITTER_OPS[k](x, factors[k]), out)
+    out = image_ops.brightness(x, factors[image_ops.BRIGHTNESS])
+    for k in (image_ops.CONTRAST, image_ops.SATURATION, image_ops.HUE):
+      out = image_ops.select(tf.equal(op, k), image_ops.JITTER_OPS[k](x, factors[k]), out)
     x = tf.clip_by_value(out, 0.0, 1.0)
   return x
 
@@ -511,11 +380,11 @@ def _jitter_batch(x, factors, order):
 def _distort_planar(x, p, strength, use_blur):
   """Jitter, grayscale and blur of planar crops x [B, 3, H, W] with params p."""
   if strength > 0:
-    x = _select(p["jitter"], _jitter_batch(x, p["factors"], p["order"]), x)
-    x = _select(p["gray"], _grayscale(x), x)
-  radius = _blur_radius(x.shape[2])
+    x = image_ops.select(p["jitter"], _jitter_batch(x, p["factors"], p["order"]), x)
+    x = image_ops.select(p["gray"], image_ops.grayscale(x), x)
+  radius = image_ops.blur_radius(x.shape[2])
   if use_blur and radius > 0:
-    x = _select(p["blur"], _blur(x, p["sigma"], radius), x)
+    x = image_ops.select(p["blur"], image_ops.blur(x, p["sigma"], radius), x)
   return x
 
 
@@ -577,7 +446,7 @@ def distort_batch(
   strength = _check_strength(color_jitter_strength)
   crops = _check_image(crops, rank=4, name="crops")
   x = tf.transpose(_to_float(crops), [0, 3, 1, 2])
-  x = _select(params["flip"], tf.reverse(x, axis=[3]), x)
+  x = image_ops.select(params["flip"], tf.reverse(x, axis=[3]), x)
   x = _distort_planar(x, params, strength, use_blur)
   views = tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0.0, 1.0)
   return tf.ensure_shape(views, [None] + crops.shape[1:].as_list())

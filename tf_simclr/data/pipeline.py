@@ -97,35 +97,41 @@ class _DecodeFailures:
     return False
 
 
-def _decode(source: sources.Source, records: tf.data.Dataset, read: bool | None = None):
+def decode_records(source: sources.Source, records: tf.data.Dataset, read: bool | None = None):
   """Reads (if `read`, default `source.reads_files`) and decodes the 'image' of `records`.
 
-  Only user files may be corrupt (see the module docstring's corrupt-file policy): for sources
-  that read files, an example that fails to read or decode is dropped, and logged by
-  `_DecodeFailures`. Each record goes through its own one-element dataset with
-  `ignore_errors`, followed by a marker that takes its place when it was dropped.
+  Public for the tests of the corrupt-file policy. Elements keep their keys; 'image' becomes
+  uint8 [H, W, 3]. Only user files may be corrupt (see the module docstring's corrupt-file
+  policy): for sources that read files, an example that fails to read or decode is dropped,
+  and logged by `_DecodeFailures`. Each file's bytes (or path) go through their own one-element
+  dataset with `ignore_errors`, followed by an empty image that takes its place when it was
+  dropped.
   """
   read = source.reads_files if read is None else read
 
-  def decode(record):
-    if read:
-      record = _read(record)
-    return dict(record, image=_decode_image(record["image"]))
+  def decode_image(data):
+    return _decode_image(tf.io.read_file(data) if read else data)
 
   if not source.reads_files:
-    ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds
+    return records.map(
+      lambda record: dict(record, image=decode_image(record["image"])),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
   failures = _DecodeFailures(source)
 
   def decoded_or_marker(record):
-    good = tf.data.Dataset.from_tensors(record).map(decode).ignore_errors()
-    marker = dict(record, image=tf.zeros([0, 0, 3], tf.uint8))
-    return (
-      good.map(lambda r: (r, True))
-      .concatenate(tf.data.Dataset.from_tensors((marker, False)))
+    # Only the image goes through the guard, not the whole record: the guard costs per tensor
+    # (0.15 instead of 0.25 ms a file). A decoded image is never empty: empty means dropped.
+    image = (
+      tf.data.Dataset.from_tensors(record["image"])
+      .map(decode_image)
+      .ignore_errors()
+      .concatenate(tf.data.Dataset.from_tensors(tf.zeros([0, 0, 3], tf.uint8)))
       .take(1)
       .get_single_element()
     )
+    return dict(record, image=image), tf.size(image) > 0
 
   def keep(record, ok):
     return tf.cond(ok, lambda: True, lambda: tf.py_function(failures, [record["id"]], tf.bool))
@@ -286,7 +292,7 @@ def train_dataset(
   ds = ds.batch(global_batch_size, drop_remainder=True)
   ds = ds.map(lambda batch: {k: v[begin : begin + share] for k, v in batch.items()})
   ds = ds.unbatch()
-  ds = _decode(source, ds, read=source.reads_files and not cache)
+  ds = decode_records(source, ds, read=source.reads_files and not cache)
 
   def make_views(ex):
     seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
@@ -376,7 +382,7 @@ def eval_dataset(
     if source.reads_files:
       ds = ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.cache()
-  ds = _decode(source, ds, read=source.reads_files and not cache)
+  ds = decode_records(source, ds, read=source.reads_files and not cache)
 
   def preprocess(ex):
     return {
