@@ -20,6 +20,7 @@ import tensorflow as tf
 from tf_simclr import augment
 from tf_simclr import checkpoints
 from tf_simclr import convert
+from tf_simclr import data_service
 from tf_simclr import datasets
 from tf_simclr import distill
 from tf_simclr import distribute
@@ -341,8 +342,14 @@ class Trainer:
   def input_fn(self, source: datasets.Source, start_step: int):
     """The `distribute_datasets_from_function` argument feeding this step from `start_step`."""
     t, data = self.cfg.train, self.cfg.data
+    build = datasets.train_dataset
+    if self.cfg.runtime.data_service:  # a tf.data service's workers make the examples
+      job = data_service.job_name(t.model_dir, start_step)
+      build = functools.partial(
+        data_service.train_dataset, service=self.cfg.runtime.data_service, job=job
+      )
     make_dataset = functools.partial(
-      datasets.train_dataset,
+      build,
       source,
       global_batch_size=t.train_batch_size,
       seed=t.seed,
