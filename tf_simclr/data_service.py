@@ -99,7 +99,7 @@ def _step_examples(step, num_examples: int, block: int, seed: int, global_batch_
 
   def block_positions(c):
     epoch, index = c // per_epoch, c % per_epoch
-    size = tf.cast(tf.minimum(block, num_examples - index * block), tf.int32)
+    size = tf.cast(tf.minimum(tf.constant(block, tf.int64), num_examples - index * block), tf.int32)
     order = tf.random.experimental.stateless_shuffle(
       tf.range(size), datasets._fold_in(datasets._fold_in(root, epoch), index), alg=datasets._ALG
     )
