@@ -103,6 +103,10 @@ def run(cfg, flag_values):
   from tf_simclr import train_state  # pylint: disable=g-import-not-at-top
 
   t = cfg.train
+  if cfg.runtime.data_service and t.mode != "eval":  # before model_dir is touched
+    from tf_simclr import data_service  # pylint: disable=g-import-not-at-top
+
+    data_service.check_dispatcher(cfg.runtime.data_service)
   strategy = distribute.make_strategy(
     cfg.runtime.strategy,
     cfg.runtime.cpu_replicas,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from absl import flags
 from absl import logging
@@ -254,6 +255,13 @@ flags.DEFINE_bool(
   "Crop on the host, flip/colour/blur the batch in "
   "the training step, on the accelerator: for hosts that cannot keep up.",
 )
+flags.DEFINE_string(
+  "data_service",
+  None,
+  "grpc://HOST:PORT of a tf.data service dispatcher: its workers (python -m "
+  "tf_simclr.data_service worker) decode and augment the pretraining input; see "
+  "docs/distributed.md.",
+)
 
 FLAGS = flags.FLAGS
 
@@ -421,9 +429,39 @@ def _check_scale(values: dict) -> None:
     )
 
 
+def check_data_service(values: dict) -> None:
+  """Refuses a malformed --data_service address and what the service cannot feed.
+
+  Why each combination is refused: docs/distributed.md#scaling-the-input-out-with-tfdata-service.
+  """
+  address = values.get("data_service")
+  if not address:
+    return
+  match = re.fullmatch(r"grpc://([^\s:/]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", address)
+  if not match or not 0 < int(match.group(2)) < 65536:
+    raise ValueError(f"--data_service must be grpc://HOST:PORT, got {address!r}")
+  if values["train_mode"] != "pretrain":
+    raise ValueError(
+      f"--data_service feeds pretraining only, not --train_mode={values['train_mode']}"
+    )
+  if values["dataset"] != config_lib.IMAGE_FOLDER:
+    raise ValueError(
+      f"--data_service needs --dataset={config_lib.IMAGE_FOLDER}: its workers read each "
+      f"example by id, and {values['dataset']}'s TFDS record files are read in order only"
+    )
+  if values["cache_dataset"]:
+    raise ValueError("--cache_dataset has no effect with --data_service (the workers read)")
+  if values["deterministic"]:
+    raise ValueError(
+      "--deterministic cannot hold with --data_service: the workers' examples reach the "
+      "trainer in the order they finish"
+    )
+
+
 def to_config(values: dict) -> config_lib.RunConfig:
   """absl flag values (`FLAGS.flag_values_dict()`) -> RunConfig. Raises ValueError."""
   validate(values)
+  check_data_service(values)
   return config_lib.RunConfig(
     data=_pick(config_lib.DataConfig, values),
     model=_pick(config_lib.ModelConfig, values),

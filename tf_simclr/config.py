@@ -234,6 +234,9 @@ class RuntimeConfig:
   mixed_precision: str = "none"  # one of MIXED_PRECISION_POLICIES
   jit_compile: bool = False
   augment_on_device: bool = False
+  # A tf.data service dispatcher, grpc://HOST:PORT, whose workers run the pretraining input
+  # (tf_simclr.data_service); None: the input runs on this host.
+  data_service: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import augment
+from tf_simclr import data_service
 from tf_simclr import distribute
 from tf_simclr import objective
 from tf_simclr.config import RunConfig
@@ -123,8 +124,14 @@ class Trainer:
   def input_fn(self, source: sources.Source, start_step: int):
     """The `distribute_datasets_from_function` argument feeding this step from `start_step`."""
     t, data = self.cfg.train, self.cfg.data
+    build = pipeline.train_dataset
+    if self.cfg.runtime.data_service:  # a tf.data service's workers make the examples
+      job = data_service.job_name(t.model_dir, start_step)
+      build = functools.partial(
+        data_service.train_dataset, service=self.cfg.runtime.data_service, job=job
+      )
     make_dataset = functools.partial(
-      pipeline.train_dataset,
+      build,
       source,
       global_batch_size=t.train_batch_size,
       seed=t.seed,

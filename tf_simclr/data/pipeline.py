@@ -42,6 +42,7 @@ not die on one bad file):
 
 from __future__ import annotations
 
+import functools
 import math
 
 from absl import logging
@@ -227,6 +228,59 @@ def _global_stream(
   return ds.skip(offset)
 
 
+def example_to_views(
+  ex: dict,
+  seed: int,
+  image_size: int,
+  num_views: int,
+  color_jitter_strength: float,
+  use_blur: bool,
+  min_scale: float,
+  horizontal_flip: bool,
+  augment_on_device: bool,
+) -> dict:
+  """One decoded example's training views, seeded by (`seed`, its epoch, its id).
+
+  `ex` holds 'image' uint8 [H, W, 3], 'epoch', 'id' and 'label' (int64 scalars). Returns
+  `train_dataset`'s element without the batch axis: 'views' float32 [V, s, s, 3], 'label', 'id'
+  (and 'distort' with `augment_on_device`). The tf.data service workers call it too.
+  """
+  seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
+  if augment_on_device:
+    crops = [
+      augment.crop_view(
+        ex["image"],
+        seeds[v],
+        image_size,
+        image_size,
+        color_jitter_strength,
+        min_scale=min_scale,
+        flip=horizontal_flip,
+      )
+      for v in range(num_views)
+    ]
+    return {
+      "views": tf.stack([c for c, _ in crops]),
+      "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
+      "label": ex["label"],
+      "id": ex["id"],
+    }
+  views = [
+    augment.simclr_augment(
+      ex["image"],
+      seeds[v],
+      image_size,
+      image_size,
+      color_jitter_strength=color_jitter_strength,
+      use_blur=use_blur,
+      min_scale=min_scale,
+      flip=horizontal_flip,
+    )
+    for v in range(num_views)
+  ]
+  return {"views": tf.stack(views), "label": ex["label"], "id": ex["id"]}
+
+
 def train_dataset(
   source: sources.Source,
   global_batch_size: int,
@@ -294,42 +348,17 @@ def train_dataset(
   ds = ds.unbatch()
   ds = decode_records(source, ds, read=source.reads_files and not cache)
 
-  def make_views(ex):
-    seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
-    if augment_on_device:
-      crops = [
-        augment.crop_view(
-          ex["image"],
-          seeds[v],
-          image_size,
-          image_size,
-          color_jitter_strength,
-          min_scale=min_scale,
-          flip=horizontal_flip,
-        )
-        for v in range(num_views)
-      ]
-      return {
-        "views": tf.stack([c for c, _ in crops]),
-        "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
-        "label": ex["label"],
-        "id": ex["id"],
-      }
-    views = [
-      augment.simclr_augment(
-        ex["image"],
-        seeds[v],
-        image_size,
-        image_size,
-        color_jitter_strength=color_jitter_strength,
-        use_blur=use_blur,
-        min_scale=min_scale,
-        flip=horizontal_flip,
-      )
-      for v in range(num_views)
-    ]
-    return {"views": tf.stack(views), "label": ex["label"], "id": ex["id"]}
-
+  make_views = functools.partial(
+    example_to_views,
+    seed=seed,
+    image_size=image_size,
+    num_views=num_views,
+    color_jitter_strength=color_jitter_strength,
+    use_blur=use_blur,
+    min_scale=min_scale,
+    horizontal_flip=horizontal_flip,
+    augment_on_device=augment_on_device,
+  )
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(per_replica_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
