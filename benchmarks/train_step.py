@@ -6,6 +6,7 @@ synthetic uint8 images, and prints one JSON line last:
   img_per_s             source images per second (each gives two views), from step_s
   step_s                median wall time of the timed steps
   first_step_s          the first step: tracing, compilation and one step
+  stem                  "cifar" (3x3 stem, 32 px or less) or "imagenet" (7x7 and max pool)
   gflop_per_step        convolution and matmul FLOPs of one step (forward and backward),
                         counted from the traced step graph's ops and their static shapes
   achieved_gflop_per_s  gflop_per_step / step_s
@@ -57,7 +58,10 @@ def parse(argv):
     help="side of the synthetic source images (default: image_size, or 256 above 64 px)",
   )
   p.add_argument("--train_batch_size", type=int, default=128)
-  p.add_argument("--steps", type=int, default=6, help="timed steps after the first")
+  p.add_argument("--steps", type=int, default=6, help="timed steps after the warm-up")
+  p.add_argument(
+    "--warmup", type=int, default=0, help="untimed steps between the first step and the timed ones"
+  )
   p.add_argument("--optimizer", default="lars", choices=["lars", "momentum", "adam"])
   p.add_argument(
     "--mixed_precision", default="none", choices=["none", "mixed_bfloat16", "mixed_float16"]
@@ -72,7 +76,7 @@ def parse(argv):
   for name in ("steps", "train_batch_size", "image_size"):
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)} must be positive")
-  for name in ("source_size", "cpu_replicas"):
+  for name in ("source_size", "cpu_replicas", "warmup"):
     if getattr(args, name) < 0:
       p.error(f"--{name}={getattr(args, name)} must be >= 0")
   return args
@@ -216,7 +220,7 @@ def build(args, model_dir: str) -> Bench:
     C.TrainConfig(
       model_dir=model_dir,
       train_batch_size=args.train_batch_size,
-      train_steps=args.steps + 1,
+      train_steps=1 + args.warmup + args.steps,  # every step run is inside the schedule
       checkpoint_steps=1,
       temperature=0.1,
     ),
@@ -233,15 +237,19 @@ def build(args, model_dir: str) -> Bench:
   return Bench(strategy, trainer, trainer.input_fn(source, start_step=0), source_size)
 
 
-def time_steps(trainer, iterator, steps: int):
-  """Runs 1 + `steps` training steps: (first step's seconds, list of the others' seconds)."""
+def time_steps(trainer, iterator, steps: int, warmup: int = 0):
+  """Runs 1 + `warmup` + `steps` training steps.
+
+  Returns (the first step's seconds, list of the last `steps` steps' seconds): the `warmup`
+  steps between them are run and left out (allocator and thread pools settling).
+  """
   times = []
-  for _ in range(steps + 1):
+  for _ in range(1 + warmup + steps):
     t0 = time.time()
     # .numpy() waits for the step: the loop's outputs depend on every op of the step.
     trainer.run_loop(iterator, 1)["total_loss"].numpy()
     times.append(time.time() - t0)
-  return times[0], times[1:]
+  return times[0], times[1 + warmup :]
 
 
 def main(argv=None):
@@ -252,7 +260,7 @@ def main(argv=None):
       bench = build(args, model_dir)
       iterator = bench.iterator()
       built = time.time()
-      first_step_s, times = time_steps(bench.trainer, iterator, args.steps)
+      first_step_s, times = time_steps(bench.trainer, iterator, args.steps, args.warmup)
       flops = step_flops(bench.trainer, bench.per_replica_batch())
   except ValueError as err:  # e.g. a batch that does not divide over the replicas
     sys.stderr.write(f"error: {err}\n")
@@ -264,6 +272,7 @@ def main(argv=None):
     "resnet_depth": args.resnet_depth,
     "width_multiplier": args.width_multiplier,
     "image_size": args.image_size,
+    "stem": "cifar" if bench.trainer.cfg.model.use_cifar_stem else "imagenet",
     "source_size": bench.source_size,
     "train_batch_size": args.train_batch_size,
     "views": 2 * args.train_batch_size,
@@ -275,6 +284,7 @@ def main(argv=None):
     "replicas": replicas,
     "strategy": type(bench.strategy).__name__,
     "cpus": os.cpu_count(),
+    "warmup_steps": args.warmup,
     "timed_steps": args.steps,
     "img_per_s": round(args.train_batch_size / step_s, 2),
     "step_s": round(step_s, 3),

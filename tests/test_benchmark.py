@@ -39,12 +39,13 @@ def resnet18_cifar_forward_conv_flops(size):
 
 
 def test_timed_steps_train_and_the_flop_count_is_the_hand_count(tmp_path):
-  batch, size, classes, proj, steps = 8, 16, 10, 128, 2
+  batch, size, classes, proj, steps, warmup = 8, 16, 10, 128, 2, 1
   args = train_step.parse(
     [
       f"--image_size={size}",
       f"--train_batch_size={batch}",
       f"--steps={steps}",
+      f"--warmup={warmup}",
       "--optimizer=adam",
       "--augment_on_device",
       "--strategy=one_device",
@@ -54,11 +55,12 @@ def test_timed_steps_train_and_the_flop_count_is_the_hand_count(tmp_path):
   state = bench.trainer.state
   variables = state.model.trainable_variables
   before = [v.numpy() for v in variables]
-  first, times = train_step.time_steps(bench.trainer, bench.iterator(), steps)
+  first, times = train_step.time_steps(bench.trainer, bench.iterator(), args.steps, args.warmup)
   assert len(times) == steps and all(0 < t < first for t in times)  # the first step traces
-  # Each timed call is one optimizer step, and every trainable variable moved: the step timed
-  # is training, not a forward pass or a step whose update was lost.
-  assert int(state.optimizer.iterations) == steps + 1
+  # Each call is one optimizer step (the first, the untimed warm-up ones, the timed ones), and
+  # every trainable variable moved: the step timed is training, not a forward pass or a step
+  # whose update was lost.
+  assert int(state.optimizer.iterations) == 1 + warmup + steps
   unchanged = [v.path for v, b in zip(variables, before) if np.array_equal(v.numpy(), b)]
   assert not unchanged, unchanged
 
@@ -85,6 +87,7 @@ def test_train_step_row_is_consistent(capsys):
       "--width_multiplier=0.125",
       f"--train_batch_size={batch}",
       f"--steps={steps}",
+      "--warmup=1",
       "--optimizer=adam",
       "--strategy=one_device",
     ]
@@ -94,7 +97,8 @@ def test_train_step_row_is_consistent(capsys):
     k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
   }
   assert all(np.isfinite(v) and v > 0 for v in numbers.values()), numbers
-  assert (row["views"], row["timed_steps"], row["replicas"]) == (2 * batch, steps, 1)
+  assert (row["views"], row["warmup_steps"], row["timed_steps"]) == (2 * batch, 1, steps)
+  assert (row["replicas"], row["stem"]) == (1, "cifar")  # 16 px: the 3x3 stem
   # Rounded to 3 decimals: the step's seconds lie within 0.0005 of what is printed.
   step_s, half = row["step_s"], 0.0005
   assert row["step_s_min"] <= step_s <= row["step_s_max"]
@@ -126,6 +130,7 @@ def _benchmark(module, flags, timeout=300):
   [
     ("benchmarks.train_step", ["--steps=0"], ["--steps=0 must be positive"]),
     ("benchmarks.train_step", ["--source_size=-1"], ["--source_size=-1 must be >= 0"]),
+    ("benchmarks.train_step", ["--warmup=-1"], ["--warmup=-1 must be >= 0"]),
     ("benchmarks.train_step", ["--optimizer=sgd"], ["--optimizer", "invalid choice: 'sgd'"]),
     ("benchmarks.train_step", ["--image_size=big"], ["--image_size", "invalid int value"]),
     # Refused once the strategy exists: 3 examples do not split over 2 replicas.
