@@ -239,3 +239,39 @@ def test_a_truncated_file_is_counted_once_however_often_it_is_read(tmp_path, cap
   assert all(2 not in b["id"] for b in batches)
   warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
   assert len(warnings) == 1 and "a/cut.jpg; skipped (1 so far)" in warnings[0], warnings
+
+
+def test_dropped_files_are_named_from_their_stream_positions(tmp_path, caplog):
+  # Half the files are cut JPEGs, listed last: runs of consecutive drops in the shuffled train
+  # stream of a second pipeline after a restart, and drops at the very end of an eval pass.
+  root = str(tmp_path)
+  for i in range(4):
+    runs.png(i, f"{root}/train/a/{i}.png")
+  jpeg = tf.io.encode_jpeg(runs.random_image((32, 32, 3), 9)).numpy()
+  for i in range(4):
+    runs.write(f"{root}/train/a/cut{i}.jpg", jpeg[: len(jpeg) // 2])
+  source = sources.load_source("image_folder", "train", data_dir=root)
+  cut = {f"a/cut{i}.jpg" for i in range(4)}
+
+  def named():
+    names = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
+    caplog.clear()
+    return [n.split(" cannot decode ")[1].split(";")[0].split("train/")[1] for n in names]
+
+  caplog.clear()
+  batches = runs.take(
+    pipeline.train_dataset(source, 4, 2, 2, 1, seed=3, image_size=8, start_step=1), 5
+  )
+  assert all(set(b["id"]) <= {0, 1, 2, 3} for b in batches)
+  # The files of this pipeline's slice that the 5 batches had to skip (their ids from the
+  # stream without decoding), at least, are named; a file that decodes never is.
+  stream = pipeline._global_stream(source, 3, 4, 8, False).batch(4).take(20)
+  ids = np.concatenate([b["id"][2:] for b in runs.take(stream, 20)])
+  skipped = ids[:10]
+  names = named()
+  assert sorted(set(names)) == sorted(names) and set(names) <= cut
+  assert {f"a/cut{i - 4}.jpg" for i in skipped if i >= 4} <= set(names)
+  # Eval: the dropped files are the last of the split, each counted once.
+  eval_batches = runs.take(pipeline.eval_dataset(source, 2, 1, 0, image_size=8), 10)
+  assert sum(b["mask"].sum() for b in eval_batches) == 4
+  assert sorted(named()) == sorted(cut)
