@@ -136,12 +136,23 @@ def test_view_seeds_contract(shapes100):
     pipeline.train_dataset(shapes100, 4, 4, 1, 0, seed=9, image_size=IMAGE_SIZE), 1
   )[0]
   images = {int(ex["id"]): ex["image"] for ex in runs.decoded(shapes100)}
+
+  def later(v, example_id):  # the contract's seed of view v in epoch 3
+    key = tf.constant([9, 1], tf.int64)
+    for data in (3, int(example_id), v):
+      key = tf.random.experimental.stateless_fold_in(key, tf.constant(data, tf.int64), alg="philox")
+    return key
+
   for i, example_id in enumerate(batch["id"]):
     for v in range(2):
       key = tf.constant([9, 1], tf.int64)
       for data in (0, int(example_id), v):  # epoch 0, id, view
         key = tf.random.experimental.stateless_fold_in(
           key, tf.constant(data, tf.int64), alg="philox"
+        )
+      for epoch in (0, 3):  # view_seeds computes the same folds with fewer draws
+        np.testing.assert_array_equal(
+          pipeline.view_seeds(9, epoch, example_id)[v], key if epoch == 0 else later(v, example_id)
         )
       view = augment.simclr_augment(images[int(example_id)], key, IMAGE_SIZE, IMAGE_SIZE)
       np.testing.assert_allclose(batch["views"][i, v], view.numpy(), atol=1e-5)
