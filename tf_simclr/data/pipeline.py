@@ -129,32 +129,28 @@ def decode_records(
     locate = lambda p: next(iter(records.skip(p).take(1)))["id"]  # noqa: E731
   failures = _DecodeFailures(source, locate)
   finite = int(records.cardinality()) != tf.data.INFINITE_CARDINALITY
-  ds = records.map(lambda record: (record, False))
-  if finite:
-    end = {k: tf.zeros([], s.dtype) for k, s in records.element_spec.items()}
-    ds = ds.concatenate(tf.data.Dataset.from_tensors((end, True)))
+  ds = records
+  if finite:  # An end marker (id -1, never decoded) reveals the files dropped at the end.
+    end = {k: tf.zeros([], spec.dtype) for k, spec in records.element_spec.items()}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(dict(end, id=tf.constant(-1, tf.int64))))
 
-  def decode_or_end(position, record, is_end):
+  def decode_at(position, record):
     if not finite:
-      return position, decode_image(record), is_end
+      return position, decode_image(record)
     empty = tf.zeros([0, 0, 3], tf.uint8)
-    image = tf.cond(is_end, lambda: empty, lambda: decode_image(record)["image"])
-    return position, dict(record, image=image), is_end
-
-  ds = ds.enumerate().map(
-    lambda p, el: decode_or_end(p, *el), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-  )
+    image = tf.cond(record["id"] < 0, lambda: empty, lambda: decode_image(record)["image"])
+    return position, dict(record, image=image)
 
   def check(last, element):
-    position, record, is_end = element
+    position, record = element
     gap = position > last + 1
-    ok = tf.cond(gap, lambda: tf.py_function(failures, [last, position], tf.bool), lambda: True)
-    return position, (record, tf.logical_and(ok, is_end))
+    logged = tf.cond(gap, lambda: tf.py_function(failures, [last, position], tf.bool), lambda: True)
+    with tf.control_dependencies([logged]):
+      return position, dict(record, id=tf.identity(record["id"]))
 
+  ds = ds.enumerate().map(decode_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors().scan(tf.constant(-1, tf.int64), check)
-  if finite:
-    ds = ds.filter(lambda record, is_end: tf.logical_not(is_end))
-  return ds.map(lambda record, is_end: record)
+  return ds.filter(lambda record: record["id"] >= 0) if finite else ds
 
 
 def _options() -> tf.data.Options:
