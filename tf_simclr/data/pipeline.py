@@ -42,6 +42,7 @@ not die on one bad file):
 
 from __future__ import annotations
 
+import functools
 import math
 
 from absl import logging
@@ -240,6 +241,14 @@ def _global_stream(
   return ds.skip(offset)
 
 
+def _locate(source, seed, shuffle_buffer, slices, position) -> int:
+  """The id at `position` of a pipeline's stream (a dropped file's); slices: its (first stream
+  example, G, the first and the number of its examples in each global batch)."""
+  start, global_batch_size, begin, share = slices
+  example = start + position // share * global_batch_size + begin + position % share
+  return int(next(iter(_global_stream(source, seed, example, shuffle_buffer, False)))["id"])
+
+
 def train_dataset(
   source: sources.Source,
   global_batch_size: int,
@@ -298,19 +307,13 @@ def train_dataset(
     shuffle_buffer = min(source.num_examples, DEFAULT_SHUFFLE_BUFFER)
   if shuffle_buffer < 1:
     raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
-
-  start = start_step * global_batch_size
-  ds = _global_stream(source, seed, start, shuffle_buffer, cache)
+  ds = _global_stream(source, seed, start_step * global_batch_size, shuffle_buffer, cache)
   # Keep this pipeline's contiguous slice of each global batch, before any decoding.
   begin = input_pipeline_id * share
   ds = ds.batch(global_batch_size, drop_remainder=True)
-  ds = ds.map(lambda batch: {k: v[begin : begin + share] for k, v in batch.items()})
-  ds = ds.unbatch()
-
-  def locate(position):  # The id at `position` of this pipeline's stream, a dropped file's.
-    example = start + position // share * global_batch_size + begin + position % share
-    return next(iter(_global_stream(source, seed, example, shuffle_buffer, False)))["id"]
-
+  ds = ds.map(lambda batch: {k: v[begin : begin + share] for k, v in batch.items()}).unbatch()
+  slices = (start_step * global_batch_size, global_batch_size, begin, share)
+  locate = functools.partial(_locate, source, seed, shuffle_buffer, slices)
   ds = decode_records(source, ds, read=source.reads_files and not cache, locate=locate)
 
   def make_views(ex):
