@@ -283,6 +283,7 @@ def test_dropped_files_are_named_from_their_stream_positions(tmp_path, caplog):
   assert sorted(set(names)) == sorted(names) and set(names) <= cut
   assert {f"a/cut{i - 4}.jpg" for i in skipped if i >= 4} <= set(names)
   # Eval: the dropped files are the last of the split, each counted once.
-  eval_batches = runs.take(pipeline.eval_dataset(source, 2, 1, 0, image_size=8), 10)
-  assert sum(b["mask"].sum() for b in eval_batches) == 4
-  assert sorted(named()) == sorted(cut)
+  for cache in (False, True):
+    eval_batches = runs.take(pipeline.eval_dataset(source, 2, 1, 0, image_size=8, cache=cache), 10)
+    assert sum(b["mask"].sum() for b in eval_batches) == 4
+    assert sorted(named()) == sorted(cut)

@@ -114,9 +114,9 @@ def decode_records(
   and logged by `_DecodeFailures`. The decoding map numbers its elements and ignores its
   errors; a sequential scan finds the gaps in the numbers (nothing per file: a one-element
   dataset per file cost 0.1 ms) and `locate(position)`, called for the dropped positions only,
-  gives their ids (default: skip to the position in `records`, which must be deterministic;
-  an infinite stream passes a faster one). A finite stream ends with a marker, so that files
-  dropped at its end are counted too.
+  gives their ids (default: skip to the position in `records`, which must be deterministic and
+  not cached; an infinite stream passes a faster one). A finite stream ends with a marker, so
+  that files dropped at its end are counted too.
   """
   read = source.reads_files if read is None else read
 
@@ -399,12 +399,14 @@ def eval_dataset(
   )
   total = eval_steps(source.num_examples, global_batch_size, num_input_pipelines) * share
 
-  ds = source.records.shard(num_input_pipelines, input_pipeline_id)
+  ds = shard = source.records.shard(num_input_pipelines, input_pipeline_id)
   if cache:
     if source.reads_files:
       ds = ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.cache()
-  ds = decode_records(source, ds, read=source.reads_files and not cache)
+  # Dropped files are looked up in the uncached shard: a second iterator of the cache would fill it.
+  locate = lambda position: next(iter(shard.skip(position).take(1)))["id"]
+  ds = decode_records(source, ds, read=source.reads_files and not cache, locate=locate)
 
   def preprocess(ex):
     return {
