@@ -136,12 +136,23 @@ def test_view_seeds_contract(shapes100):
     pipeline.train_dataset(shapes100, 4, 4, 1, 0, seed=9, image_size=IMAGE_SIZE), 1
   )[0]
   images = {int(ex["id"]): ex["image"] for ex in runs.decoded(shapes100)}
+
+  def later(v, example_id):  # the contract's seed of view v in epoch 3
+    key = tf.constant([9, 1], tf.int64)
+    for data in (3, int(example_id), v):
+      key = tf.random.experimental.stateless_fold_in(key, tf.constant(data, tf.int64), alg="philox")
+    return key
+
   for i, example_id in enumerate(batch["id"]):
     for v in range(2):
       key = tf.constant([9, 1], tf.int64)
       for data in (0, int(example_id), v):  # epoch 0, id, view
         key = tf.random.experimental.stateless_fold_in(
           key, tf.constant(data, tf.int64), alg="philox"
+        )
+      for epoch in (0, 3):  # view_seeds computes the same folds with fewer draws
+        np.testing.assert_array_equal(
+          pipeline.view_seeds(9, epoch, example_id)[v], key if epoch == 0 else later(v, example_id)
         )
       view = augment.simclr_augment(images[int(example_id)], key, IMAGE_SIZE, IMAGE_SIZE)
       np.testing.assert_allclose(batch["views"][i, v], view.numpy(), atol=1e-5)
@@ -239,3 +250,40 @@ def test_a_truncated_file_is_counted_once_however_often_it_is_read(tmp_path, cap
   assert all(2 not in b["id"] for b in batches)
   warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
   assert len(warnings) == 1 and "a/cut.jpg; skipped (1 so far)" in warnings[0], warnings
+
+
+def test_dropped_files_are_named_from_their_stream_positions(tmp_path, caplog):
+  # Half the files are cut JPEGs, listed last: runs of consecutive drops in the shuffled train
+  # stream of a second pipeline after a restart, and drops at the very end of an eval pass.
+  root = str(tmp_path)
+  for i in range(4):
+    runs.png(i, f"{root}/train/a/{i}.png")
+  jpeg = tf.io.encode_jpeg(runs.random_image((32, 32, 3), 9)).numpy()
+  for i in range(4):
+    runs.write(f"{root}/train/a/cut{i}.jpg", jpeg[: len(jpeg) // 2])
+  source = sources.load_source("image_folder", "train", data_dir=root)
+  cut = {f"a/cut{i}.jpg" for i in range(4)}
+
+  def named():
+    names = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
+    caplog.clear()
+    return [n.split(" cannot decode ")[1].split(";")[0].split("train/")[1] for n in names]
+
+  caplog.clear()
+  batches = runs.take(
+    pipeline.train_dataset(source, 4, 2, 2, 1, seed=3, image_size=8, start_step=1), 5
+  )
+  assert all(set(b["id"]) <= {0, 1, 2, 3} for b in batches)
+  # The files of this pipeline's slice that the 5 batches had to skip (their ids from the
+  # stream without decoding), at least, are named; a file that decodes never is.
+  stream = pipeline._global_stream(source, 3, 4, 8, False).batch(4).take(20)
+  ids = np.concatenate([b["id"][2:] for b in runs.take(stream, 20)])
+  skipped = ids[:10]
+  names = named()
+  assert sorted(set(names)) == sorted(names) and set(names) <= cut
+  assert {f"a/cut{i - 4}.jpg" for i in skipped if i >= 4} <= set(names)
+  # Eval: the dropped files are the last of the split, each counted once.
+  for cache in (False, True):
+    eval_batches = runs.take(pipeline.eval_dataset(source, 2, 1, 0, image_size=8, cache=cache), 10)
+    assert sum(b["mask"].sum() for b in eval_batches) == 4
+    assert sorted(named()) == sorted(cut)
