@@ -81,7 +81,7 @@ def _bicubic_taps(offset, size, out_size):
   return bounded + offset[:, None, None], weights * inv[..., None]
 
 
-def _crop_resize(images, boxes, flip, height, width):
+def crop_resize(images, boxes, flip, height, width):
   """Bicubic resize of per-example crops, bit-identical to TF's kernel.
 
   Args:
@@ -154,7 +154,7 @@ def simclr_augment_batch(images, seeds, height, width, color_jitter_strength=1.0
   signature = {"box": tf.TensorSpec([4], tf.int32), **augment.DISTORT_SIGNATURE}
   p = tf.map_fn(draw, seeds, fn_output_signature=signature)
 
-  x = _crop_resize(augment._to_float(images), p["box"], p["flip"], height, width)
+  x = crop_resize(augment._to_float(images), p["box"], p["flip"], height, width)
   x = tf.clip_by_value(x, 0.0, 1.0)
   x = augment._distort_planar(x, p, strength, use_blur)
   views = tf.transpose(x, [0, 2, 3, 1])

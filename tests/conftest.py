@@ -82,9 +82,9 @@ def replica_runs(tmp_path_factory):
 # worker runs them while one runs the `replica_runs` group, instead of one of them starting last.
 # xdist hands out the largest group first, then single tests in collection order.
 LONG_FIRST = (
+  "test_learning.py::test_short_pretraining_beats_the_untrained_encoder",
   "test_small_images.py::test_small_images_preset_beats_raw_pixels",
   "test_faults.py::test_interrupted_run_resumes_to_the_uninterrupted_weights",
-  "test_learning.py::test_short_pretraining_beats_the_untrained_encoder",
 )
 
 

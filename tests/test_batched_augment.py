@@ -29,7 +29,7 @@ def test_batched_resize_is_tf_bicubic_of_the_crop():
     ].numpy()
     if flip:
       expected = expected[:, ::-1]
-    got = batched_augment._crop_resize(
+    got = batched_augment.crop_resize(
       images, tf.constant([[y, x, h, w]]), tf.constant([flip]), out_h, out_w
     )
     worst = max(worst, np.abs(np.transpose(got[0], [1, 2, 0]) - expected).max())

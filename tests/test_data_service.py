@@ -70,10 +70,10 @@ def _epochs(ids, before):
 
 def test_step_examples_are_the_local_streams_global_batches(source):
   # Blocks of 5 do not divide the epoch (12) nor a step (4): steps cross blocks and epochs.
-  stream = pipeline._global_stream(source, SEED, 0, 5, False).batch(7 * G).take(1)
+  stream = pipeline.global_stream(source, SEED, 0, 5, False).batch(7 * G).take(1)
   local = next(iter(stream))
   steps = tf.data.Dataset.range(7)  # each step computed alone, as on a worker
-  got = steps.flat_map(lambda k: data_service._step_examples(k, N, 5, SEED, G)).batch(7 * G)
+  got = steps.flat_map(lambda k: data_service.step_examples(k, N, 5, SEED, G)).batch(7 * G)
   got = next(iter(got))
   np.testing.assert_array_equal(got["position"], local["id"])  # ids are positions here
   np.testing.assert_array_equal(got["epoch"], local["epoch"])

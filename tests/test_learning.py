@@ -14,7 +14,9 @@ import pytest
 
 import runs
 
-pytestmark = pytest.mark.slow
+# One worker runs both users of conftest's deadleaves10 build (this and test_sources's), so it
+# is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deadleaves")]
 
 STEPS = 150
 BASELINE_STEPS = 50

@@ -276,7 +276,7 @@ def test_dropped_files_are_named_from_their_stream_positions(tmp_path, caplog):
   assert all(set(b["id"]) <= {0, 1, 2, 3} for b in batches)
   # The files of this pipeline's slice that the 5 batches had to skip (their ids from the
   # stream without decoding), at least, are named; a file that decodes never is.
-  stream = pipeline._global_stream(source, 3, 4, 8, False).batch(4).take(20)
+  stream = pipeline.global_stream(source, 3, 4, 8, False).batch(4).take(20)
   ids = np.concatenate([b["id"][2:] for b in runs.take(stream, 20)])
   skipped = ids[:10]
   names = named()

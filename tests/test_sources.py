@@ -129,6 +129,7 @@ def test_shapes10_class_is_the_shape_not_the_colour():
   assert np.abs(class_means - colours.mean(0)).max() < 15, class_means
 
 
+@pytest.mark.xdist_group("deadleaves")  # with test_learning: one build per session
 def test_deadleaves10_builds_offline_deterministically(deadleaves_dir):
   data_dir = deadleaves_dir  # built by conftest.py, shared with test_learning's runs
   test = sources.load_source("deadleaves10", "test", data_dir=data_dir)

@@ -83,11 +83,11 @@ def job_name(model_dir: str, start_step: int) -> str:
   return f"tf_simclr_{digest}_step{start_step}"
 
 
-def _step_examples(step, num_examples: int, block: int, seed: int, global_batch_size: int):
+def step_examples(step, num_examples: int, block: int, seed: int, global_batch_size: int):
   """The stream positions of global batch `step` as {'position', 'epoch'}: int64, G elements.
 
   The blocks of `datasets`' determinism contract that the batch touches, each permuted as
-  `pipeline._global_stream` does; 'position' indexes `Source.records`.
+  `pipeline.global_stream` does; 'position' indexes `Source.records`.
   """
   per_epoch = math.ceil(num_examples / block)
   first = step * global_batch_size
@@ -96,13 +96,13 @@ def _step_examples(step, num_examples: int, block: int, seed: int, global_batch_
   def counter(position):  # the stream's block number (epoch * per_epoch + block)
     return position // num_examples * per_epoch + position % num_examples // block
 
-  root = pipeline._root_key(seed, pipeline._SHUFFLE_STREAM)
+  root = pipeline.root_key(seed, pipeline.SHUFFLE_STREAM)
 
   def block_positions(c):
     epoch, index = c // per_epoch, c % per_epoch
     size = tf.cast(tf.minimum(tf.constant(block, tf.int64), num_examples - index * block), tf.int32)
     order = tf.random.experimental.stateless_shuffle(
-      tf.range(size), pipeline._fold_in(pipeline._fold_in(root, epoch), index), alg=pipeline._ALG
+      tf.range(size), pipeline.fold_in(pipeline.fold_in(root, epoch), index), alg=pipeline.RNG_ALG
     )
     return {"position": index * block + tf.cast(order, tf.int64), "epoch": tf.fill([size], epoch)}
 
@@ -147,10 +147,10 @@ def worker_dataset(
     return dict(found, epoch=ex["epoch"])
 
   def decode(ex):
-    return dict(ex, image=pipeline._decode_image(tf.io.read_file(ex["image"])))
+    return dict(ex, image=pipeline.decode_image(tf.io.read_file(ex["image"])))
 
   steps = tf.data.Dataset.range(start_step, end)  # splittable: one split per global batch
-  ds = steps.flat_map(lambda k: _step_examples(k, n, block, seed, global_batch_size))
+  ds = steps.flat_map(lambda k: step_examples(k, n, block, seed, global_batch_size))
   ds = ds.map(record)
   # A file that fails to read or decode is dropped, and logged by the worker that met it.
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
@@ -189,7 +189,7 @@ def train_dataset(
     tf.data.Dataset of {'views': float32 [b, V, s, s, 3], 'label': int64 [b], 'id': int64 [b]}
     (and 'distort' with augment_on_device), b = per_replica_batch_size.
   """
-  pipeline._check_batching(
+  pipeline.check_batching(
     global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
   )
   kwargs.pop("cache", None)

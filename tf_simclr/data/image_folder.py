@@ -190,7 +190,7 @@ def _first_decodable(paths: list[str]) -> int | None:
   """The index of the first of `paths` that decodes as an image, or None."""
   for i, path in enumerate(paths):
     try:
-      pipeline._decode_image(tf.io.read_file(os.fsencode(path) if _is_local(path) else path))
+      pipeline.decode_image(tf.io.read_file(os.fsencode(path) if _is_local(path) else path))
       return i
     except tf.errors.OpError:
       continue

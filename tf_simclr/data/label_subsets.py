@@ -181,8 +181,8 @@ def label_subset(
   )
   perm = tf.random.experimental.stateless_shuffle(
     tf.range(source.num_examples, dtype=tf.int64),
-    pipeline._root_key(seed, pipeline._SUBSET_STREAM),
-    alg=pipeline._ALG,
+    pipeline.root_key(seed, pipeline.SUBSET_STREAM),
+    alg=pipeline.RNG_ALG,
   ).numpy()
   # Group perm by class, keeping perm's order within a class; then rank within the class.
   grouped = perm[np.argsort(labels[perm], kind="stable")]

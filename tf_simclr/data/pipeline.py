@@ -55,17 +55,17 @@ from tf_simclr.data import sources
 DEFAULT_SHUFFLE_BUFFER = 50_000
 # Stream tags of the root keys [seed, tag]: the order and the views never share random numbers
 # (tag 2 is the labelled subset's permutation, `label_subsets`).
-_SHUFFLE_STREAM = 0
+SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
-_SUBSET_STREAM = 2
-_ALG = "philox"  # Pinned, rather than 'auto_select', so the keys cannot depend on the device.
+SUBSET_STREAM = 2
+RNG_ALG = "philox"  # Pinned, rather than 'auto_select', so the keys cannot depend on the device.
 
 
 def _read(record):
   return dict(record, image=tf.io.read_file(record["image"]))
 
 
-def _decode_image(encoded):
+def decode_image(encoded):
   """uint8 [H, W, 3] from JPEG/PNG/GIF (first frame)/BMP bytes; grayscale becomes RGB."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
@@ -120,12 +120,12 @@ def decode_records(
   """
   read = source.reads_files if read is None else read
 
-  def decode_image(record):
+  def decode_record(record):
     data = record["image"]
-    return dict(record, image=_decode_image(tf.io.read_file(data) if read else data))
+    return dict(record, image=decode_image(tf.io.read_file(data) if read else data))
 
   if not source.reads_files:
-    return records.map(decode_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records.map(decode_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if locate is None:
     locate = lambda p: next(iter(records.skip(p).take(1)))["id"]  # noqa: E731
   failures = _DecodeFailures(source, locate)
@@ -137,9 +137,9 @@ def decode_records(
 
   def decode_at(position, record):
     if not finite:
-      return position, decode_image(record)
+      return position, decode_record(record)
     empty = tf.zeros([0, 0, 3], tf.uint8)
-    image = tf.cond(record["id"] < 0, lambda: empty, lambda: decode_image(record)["image"])
+    image = tf.cond(record["id"] < 0, lambda: empty, lambda: decode_record(record)["image"])
     return position, dict(record, image=image)
 
   def check(last, element):
@@ -165,21 +165,21 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _root_key(seed: int, stream: int) -> tf.Tensor:
+def root_key(seed: int, stream: int) -> tf.Tensor:
   return tf.constant([seed, stream], tf.int64)
 
 
-def _fold_in(key, data):
-  return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=_ALG)
+def fold_in(key, data):
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=RNG_ALG)
 
 
 def view_seeds(seed: int, epoch, example_id, num_views: int = 2) -> tf.Tensor:
   """The stateless seeds of an example's views: int64 [num_views, 2] (the contract above)."""
-  key = _fold_in(_fold_in(_root_key(seed, _AUGMENT_STREAM), epoch), example_id)
-  return tf.stack([_fold_in(key, v) for v in range(num_views)])
+  key = fold_in(fold_in(root_key(seed, _AUGMENT_STREAM), epoch), example_id)
+  return tf.stack([fold_in(key, v) for v in range(num_views)])
 
 
-def _check_batching(
+def check_batching(
   global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
 ):
   """Refuses inconsistent batching arguments; returns G / P, a pipeline's share of a batch."""
@@ -204,7 +204,7 @@ def _check_batching(
   return share
 
 
-def _global_stream(
+def global_stream(
   source: sources.Source, seed: int, start_example: int, shuffle_buffer: int, cache: bool
 ) -> tf.data.Dataset:
   """The infinite shuffled example stream from example `start_example` on.
@@ -223,13 +223,13 @@ def _global_stream(
     if source.reads_files:
       records = records.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     records = records.cache()
-  root = _root_key(seed, _SHUFFLE_STREAM)
+  root = root_key(seed, SHUFFLE_STREAM)
 
   def shuffle_block(counter, blk):
     epoch, index = counter // blocks_per_epoch, counter % blocks_per_epoch
     size = tf.shape(blk["id"])[0]
     order = tf.random.experimental.stateless_shuffle(
-      tf.range(size), _fold_in(_fold_in(root, epoch), index), alg=_ALG
+      tf.range(size), fold_in(fold_in(root, epoch), index), alg=RNG_ALG
     )
     blk = {k: tf.gather(v, order) for k, v in blk.items()}
     blk["epoch"] = tf.fill([size], epoch)
@@ -246,7 +246,7 @@ def _locate(source, seed, shuffle_buffer, slices, position) -> int:
   example, G, the first and the number of its examples in each global batch)."""
   start, global_batch_size, begin, share = slices
   example = start + position // share * global_batch_size + begin + position % share
-  return int(next(iter(_global_stream(source, seed, example, shuffle_buffer, False)))["id"])
+  return int(next(iter(global_stream(source, seed, example, shuffle_buffer, False)))["id"])
 
 
 def example_to_views(
@@ -348,7 +348,7 @@ def train_dataset(
     'id': int64 [b]}; with `augment_on_device`, 'views' are the crops and 'distort' holds
     their parameters (`augment.DISTORT_SIGNATURE`, each with leading axes [b, V]).
   """
-  share = _check_batching(
+  share = check_batching(
     global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
   )
   if num_views < 1 or image_size < 1 or start_step < 0:
@@ -360,7 +360,7 @@ def train_dataset(
     shuffle_buffer = min(source.num_examples, DEFAULT_SHUFFLE_BUFFER)
   if shuffle_buffer < 1:
     raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
-  ds = _global_stream(source, seed, start_step * global_batch_size, shuffle_buffer, cache)
+  ds = global_stream(source, seed, start_step * global_batch_size, shuffle_buffer, cache)
   # Keep this pipeline's contiguous slice of each global batch, before any decoding.
   begin = input_pipeline_id * share
   ds = ds.batch(global_batch_size, drop_remainder=True)
@@ -422,7 +422,7 @@ def eval_dataset(
     'label': int64 [b], 'mask': float32 [b] (1 real, 0 padding), 'id': int64 [b]}.
   """
   global_batch_size = global_batch_size or per_replica_batch_size * num_input_pipelines
-  share = _check_batching(
+  share = check_batching(
     global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
   )
   total = eval_steps(source.num_examples, global_batch_size, num_input_pipelines) * share
