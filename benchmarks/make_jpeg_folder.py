@@ -9,6 +9,7 @@ random flip) of one of the photographs that scikit-image (`skimage.data`) and sc
 Bad arguments or an existing OUT: one `error: ...` line on stderr, exit 1.
 """
 
+import importlib.util
 import os
 
 import numpy as np
@@ -78,6 +79,9 @@ def main(argv=None):
     parser.error(f"--count={args.count} must be >= 1")
   if os.path.exists(args.out):
     parser.error(f"{args.out} exists; give a new folder")
+  missing = [m for m in ("skimage", "sklearn", "PIL") if importlib.util.find_spec(m) is None]
+  if missing:
+    parser.error(f"needs {', '.join(missing)}: pip install scikit-image scikit-learn pillow")
   paths = make_folder(args.out, args.count, args.seed)
   print(f"wrote {len(paths)} JPEGs under {os.path.join(args.out, 'train')}")
 

@@ -7,10 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from benchmarks import augment_pipeline
-from benchmarks import make_jpeg_folder
 from benchmarks import train_step
+import runs
 from runs import assert_one_line_error as _assert_one_line_error
 from runs import env as _env
 
@@ -181,9 +182,13 @@ def test_augment_pipeline_times_every_form():
 
 
 def test_augment_pipeline_on_jpegs_times_every_configuration_interleaved(tmp_path, capsys):
-  # In process (TF is loaded already): a tiny JPEG folder cut from the libraries' photographs.
-  paths = make_jpeg_folder.make_folder(str(tmp_path / "jpegs"), count=6)
-  assert len(paths) == 6 and all(p.endswith(".jpg") for p in paths)
+  # In process (TF is loaded already): six small JPEGs of two sizes, encoded here (the real
+  # photographs of make_jpeg_folder need scikit-image, which the project does not install).
+  for i in range(6):
+    folder = tmp_path / "jpegs" / "train" / f"c{i % 2}"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = runs.random_image((40 + 8 * (i % 2), 56, 3), seed=i)
+    (folder / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
   batch, steps, rounds = 2, 1, 2
   augment_pipeline.main(
     [f"--data_dir={tmp_path / 'jpegs'}", "--image_size=16", f"--batch_size={batch}"]
