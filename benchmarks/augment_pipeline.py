@@ -177,18 +177,9 @@ def time_dataset(dataset, batch_size, warmup, steps):
   of the idle machine's figure when other processes share the cores (the
   wall figure then drops; idle threads spinning make cpu an underestimate).
   """
-  iterator = iter(dataset)
-  for _ in range(warmup):
-    next(iterator)
-  start, cpu_start = time.perf_counter(), time.process_time()
-  for _ in range(steps):
-    views = next(iterator)
-  views[0].numpy()
+  seconds, cpu_seconds = _time_batches(dataset, warmup, steps)
   images = steps * batch_size
-  return (
-    images / (time.perf_counter() - start),
-    images * os.cpu_count() / (time.process_time() - cpu_start),
-  )
+  return images / seconds, images * os.cpu_count() / cpu_seconds
 
 
 def time_function(source_hw, size, batch_size, use_blur, warmup, steps):
@@ -275,7 +266,7 @@ def ours_jpeg_dataset(source, size, batch_size, augment_on_device, use_blur):
   )
 
 
-def _time_batches(dataset, batch_size, warmup, steps):
+def _time_batches(dataset, warmup, steps):
   """(seconds, process CPU seconds) of `steps` batches after `warmup`, fresh iterator."""
   iterator = iter(dataset)
   for _ in range(warmup):
@@ -309,7 +300,7 @@ def jpeg_main(args):
   rounds = {name: [] for name in configs}
   for _ in range(args.rounds):
     for name, make in configs.items():
-      wall, cpu = _time_batches(make(), batch, args.warmup, steps)
+      wall, cpu = _time_batches(make(), args.warmup, steps)
       spent[name][0] += wall
       spent[name][1] += cpu
       rounds[name].append(round(steps * batch / wall, 1))

@@ -52,11 +52,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def deadleaves_dir(tmp_path_factory):
   """The deadleaves10 data_dir, built once per test process (its 6,000 images take ~15 s)."""
-  path = str(tmp_path_factory.getbasetemp() / "deadleaves10_data")
-  from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
-
-  sources.load_source("deadleaves10", "train", path)  # before two runs race to write it
-  return path
+  return runs.shared_data_dir(tmp_path_factory, "deadleaves10")
 
 
 @pytest.fixture(scope="session")

@@ -186,12 +186,13 @@ def free_ports(n):
       s.close()
 
 
-def shared_data_dir(tmp_path_factory):
-  """One shapes10 data_dir per test process (conftest.py's `data_dir`), prepared once."""
-  path = str(tmp_path_factory.getbasetemp() / "shapes10_data")
+def shared_data_dir(tmp_path_factory, dataset="shapes10"):
+  """The data_dir of built-in `dataset`, prepared once per test process (conftest.py's
+  `data_dir` and `deadleaves_dir`) before concurrent runs race to write it."""
+  path = str(tmp_path_factory.getbasetemp() / f"{dataset}_data")
   from tf_simclr.data import sources  # pylint: disable=g-import-not-at-top
 
-  sources.load_source("shapes10", "train", path)  # before concurrent runs race to write it
+  sources.load_source(dataset, "train", path)
   return path
 
 

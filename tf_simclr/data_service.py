@@ -101,9 +101,7 @@ def step_examples(step, num_examples: int, block: int, seed: int, global_batch_s
   def block_positions(c):
     epoch, index = c // per_epoch, c % per_epoch
     size = tf.cast(tf.minimum(tf.constant(block, tf.int64), num_examples - index * block), tf.int32)
-    order = tf.random.experimental.stateless_shuffle(
-      tf.range(size), pipeline.fold_in(pipeline.fold_in(root, epoch), index), alg=pipeline.RNG_ALG
-    )
+    order = pipeline.block_order(root, epoch, index, size)
     return {"position": index * block + tf.cast(order, tf.int64), "epoch": tf.fill([size], epoch)}
 
   ds = tf.data.Dataset.range(counter(first), counter(last) + 1).map(block_positions).unbatch()

@@ -128,13 +128,18 @@ def _list_images(folder: str, split_root: str, listing: _Listing) -> list[str]:
   return sorted(paths)
 
 
+def _examples(paths) -> str:
+  """The first three of `paths`, as the log shows them."""
+  return ", ".join(_shown(p) for p in sorted(paths)[:3])
+
+
 def _log_listing(root: str, listing: _Listing) -> None:
   if listing.system_dirs:
     logging.warning(
       "Image folder %s: skipping %d hidden or system folders (not classes, not images), e.g. %s",
       root,
       len(listing.system_dirs),
-      ", ".join(_shown(p) for p in sorted(listing.system_dirs)[:3]),
+      _examples(listing.system_dirs),
     )
   if listing.others:
     logging.info(
@@ -149,7 +154,7 @@ def _log_listing(root: str, listing: _Listing) -> None:
       "sockets, broken links), e.g. %s",
       root,
       len(listing.not_regular),
-      ", ".join(_shown(p) for p in sorted(listing.not_regular)[:3]),
+      _examples(listing.not_regular),
     )
   if listing.links_not_followed:
     logging.warning(
@@ -157,7 +162,7 @@ def _log_listing(root: str, listing: _Listing) -> None:
       "folder, above it, or to a folder already listed (a loop), e.g. %s",
       root,
       len(listing.links_not_followed),
-      ", ".join(_shown(p) for p in sorted(listing.links_not_followed)[:3]),
+      _examples(listing.links_not_followed),
     )
 
 

@@ -169,14 +169,14 @@ def root_key(seed: int, stream: int) -> tf.Tensor:
   return tf.constant([seed, stream], tf.int64)
 
 
-def fold_in(key, data):
+def _fold_in(key, data):
   return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=RNG_ALG)
 
 
 def view_seeds(seed: int, epoch, example_id, num_views: int = 2) -> tf.Tensor:
   """The stateless seeds of an example's views: int64 [num_views, 2] (the contract above)."""
-  key = fold_in(fold_in(root_key(seed, _AUGMENT_STREAM), epoch), example_id)
-  return tf.stack([fold_in(key, v) for v in range(num_views)])
+  key = _fold_in(_fold_in(root_key(seed, _AUGMENT_STREAM), epoch), example_id)
+  return tf.stack([_fold_in(key, v) for v in range(num_views)])
 
 
 def check_batching(
@@ -204,6 +204,17 @@ def check_batching(
   return share
 
 
+def block_order(root, epoch, index, size) -> tf.Tensor:
+  """int32 [size]: the order of block `index` of `epoch` in the shuffled stream.
+
+  `root` is `root_key(seed, SHUFFLE_STREAM)`; `global_stream` and the tf.data service's workers
+  (`data_service.step_examples`) both shuffle with it, so their streams agree.
+  """
+  return tf.random.experimental.stateless_shuffle(
+    tf.range(size), _fold_in(_fold_in(root, epoch), index), alg=RNG_ALG
+  )
+
+
 def global_stream(
   source: sources.Source, seed: int, start_example: int, shuffle_buffer: int, cache: bool
 ) -> tf.data.Dataset:
@@ -228,9 +239,7 @@ def global_stream(
   def shuffle_block(counter, blk):
     epoch, index = counter // blocks_per_epoch, counter % blocks_per_epoch
     size = tf.shape(blk["id"])[0]
-    order = tf.random.experimental.stateless_shuffle(
-      tf.range(size), fold_in(fold_in(root, epoch), index), alg=RNG_ALG
-    )
+    order = block_order(root, epoch, index, size)
     blk = {k: tf.gather(v, order) for k, v in blk.items()}
     blk["epoch"] = tf.fill([size], epoch)
     return blk
