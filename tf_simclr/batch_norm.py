@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_simclr import collectives
+
 BATCH_NORM_EPSILON = 1e-5
 
 
@@ -108,7 +110,7 @@ class BatchNorm(keras.layers.Layer):
       local = tf.concat(
         [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), tf.reshape(count, [1])], axis=0
       )
-      total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
+      total = collectives.all_sum(ctx, local)
       n = total[-1]
       mean = total[:channels] / n
       variance = tf.maximum(total[channels : 2 * channels] / n - tf.square(mean), 0.0)

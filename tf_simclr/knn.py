@@ -25,6 +25,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tf_simclr import collectives
 from tf_simclr import distribute
 from tf_simclr import evaluate
 from tf_simclr.config import RunConfig
@@ -234,13 +235,13 @@ class KnnMonitor:
       ctx = tf.distribute.get_replica_context()
       many = ctx.num_replicas_in_sync > 1
       query, bad = self._features(batch["image"], batch["mask"])  # [b, d]
-      queries = ctx.all_gather(query, axis=0) if many else query  # [B, d]
+      queries = collectives.all_gather(ctx, query, axis=0) if many else query  # [B, d]
       sims, labels = nearest_neighbours(
         queries, bank[0], bank[1], k, bank[2], chunk_size=chunk
       )  # [B, k']
       if many:  # Merge the shards' candidates: [B, R k'] -> [B, k].
-        sims = ctx.all_gather(sims, axis=1)
-        labels = ctx.all_gather(labels, axis=1)
+        sims = collectives.all_gather(ctx, sims, axis=1)
+        labels = collectives.all_gather(ctx, labels, axis=1)
         sims, index = tf.math.top_k(sims, k)
         labels = tf.gather(labels, index, batch_dims=1)
       predicted = vote(sims, labels, self.num_classes, self.temperature)  # [B]

@@ -11,6 +11,8 @@ import numbers
 
 import tensorflow as tf
 
+from tf_simclr import collectives
+
 # Subtracted from an example's similarity with itself; in config, which bounds --temperature.
 from tf_simclr.config import LARGE_NUM
 
@@ -64,7 +66,7 @@ def contrastive_loss(
   ctx = _replica_context()
   if ctx is not None:
     # One collective for both views: [2, N, d] -> [2, R*N, d], replica-major along axis 1.
-    gathered = ctx.all_gather(tf.stack([hidden1, hidden2]), axis=1)
+    gathered = collectives.all_gather(ctx, tf.stack([hidden1, hidden2]), axis=1)
     hidden1_large, hidden2_large = gathered[0], gathered[1]
     replica_id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
   else:
