@@ -160,7 +160,11 @@ def step_flops(trainer, per_replica_batch) -> int:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  specs = tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), per_replica_batch)
+  from tf_simclr import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  # --augment_on_device: the crops, as the step hands them to its gradients.
+  batch = trainer_lib.crop_views(per_replica_batch, trainer.cfg.model.image_size)
+  specs = tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), batch)
   graph = tf.function(trainer.compute_gradients).get_concrete_function(specs).graph
   return count_graph_flops(graph) * trainer.num_replicas
 

@@ -252,8 +252,9 @@ flags.DEFINE_float(
 flags.DEFINE_bool(
   "augment_on_device",
   False,
-  "Crop on the host, flip/colour/blur the batch in "
-  "the training step, on the accelerator: for hosts that cannot keep up.",
+  "The host decodes and draws; the training step crops, resizes, flips, colours and blurs "
+  "the batch on the accelerator (on a TPU the host also crops and resizes: static shapes): "
+  "for hosts that cannot keep up.",
 )
 flags.DEFINE_string(
   "data_service",

@@ -126,26 +126,42 @@ def _benchmark(module, flags, timeout=300):
   )
 
 
+# The whole command, in a subprocess: TensorFlow loads, then one line and exit status 1. One
+# case refused by each benchmark's flag parser, one once the strategy exists (3 examples do not
+# split over 2 replicas: TF's logical devices cannot be set up again in this process).
 @pytest.mark.parametrize(
   "module,flags,words",
   [
     ("benchmarks.train_step", ["--steps=0"], ["--steps=0 must be positive"]),
-    ("benchmarks.train_step", ["--source_size=-1"], ["--source_size=-1 must be >= 0"]),
-    ("benchmarks.train_step", ["--warmup=-1"], ["--warmup=-1 must be >= 0"]),
-    ("benchmarks.train_step", ["--optimizer=sgd"], ["--optimizer", "invalid choice: 'sgd'"]),
-    ("benchmarks.train_step", ["--image_size=big"], ["--image_size", "invalid int value"]),
-    # Refused once the strategy exists: 3 examples do not split over 2 replicas.
+    ("benchmarks.augment_pipeline", ["--batch_size=0"], ["--batch_size=0 must be >= 1"]),
     (
       "benchmarks.train_step",
       ["--strategy=mirrored", "--cpu_replicas=2", "--train_batch_size=3"],
       ["train_batch_size=3 must be a positive multiple of the number of replicas (2)"],
     ),
-    ("benchmarks.augment_pipeline", ["--sizes=32,x"], ["--sizes=32,x must be positive"]),
-    ("benchmarks.augment_pipeline", ["--batch_size=0"], ["--batch_size=0 must be >= 1"]),
   ],
 )
 def test_bad_flags_are_refused_in_one_line(module, flags, words):
   _assert_one_line_error(_benchmark(module, flags), words)
+
+
+# The other flag refusals, through the same parsers in this process.
+@pytest.mark.parametrize(
+  "module,flags,words",
+  [
+    (train_step, ["--source_size=-1"], ["--source_size=-1 must be >= 0"]),
+    (train_step, ["--warmup=-1"], ["--warmup=-1 must be >= 0"]),
+    (train_step, ["--optimizer=sgd"], ["--optimizer", "invalid choice: 'sgd'"]),
+    (train_step, ["--image_size=big"], ["--image_size", "invalid int value"]),
+    (augment_pipeline, ["--sizes=32,x"], ["--sizes=32,x must be positive"]),
+  ],
+)
+def test_bad_flags_are_refused_by_the_parsers(module, flags, words, capsys):
+  with pytest.raises(SystemExit) as exited:
+    module.parse(flags)
+  assert exited.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
 
 
 def test_augment_pipeline_times_every_form():
@@ -199,6 +215,7 @@ def test_augment_pipeline_on_jpegs_times_every_configuration_interleaved(tmp_pat
     "reference host pipeline (decode + 2 views, no blur)",
     "tf_simclr host path (no blur)",
     "tf_simclr --augment_on_device host share",
+    "tf_simclr --augment_on_device host share, TPU (the host crops)",
   ]
   base = rows[0]["images_per_s"]
   for r in rows:

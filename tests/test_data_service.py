@@ -121,6 +121,43 @@ def test_two_workers_make_each_example_of_an_epoch_once_with_the_local_views(sou
   assert got == collections.Counter({(e, i): 1 for e in (0, 1) for i in range(N)})
 
 
+def test_with_the_crop_on_the_accelerator_the_workers_send_padded_sources(source, service):
+  # --augment_on_device off a TPU: the workers decode and draw, the batches carry the source
+  # images zero-padded to the batch's largest; the step's crops are the local host crops.
+  from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
+
+  on_device = dict(AUGMENTATION, augment_on_device=True)
+  ds = data_service.train_dataset(
+    source,
+    G,
+    2,
+    1,
+    0,
+    service=service,
+    job=data_service.job_name("/runs/crop", 0),
+    seed=SEED,
+    image_size=SIZE,
+    num_steps=3,  # one epoch
+    shuffle_buffer=5,
+    crop_on_device=True,
+    **on_device,
+  )
+  local = pipeline.train_dataset(source, G, G, 1, 0, SEED, SIZE, shuffle_buffer=5, **on_device)
+  want = {int(i): v for b in local.take(3) for i, v in zip(b["id"].numpy(), b["views"].numpy())}
+  rows = {  # each example's height: the folder's images are 20 to 31 rows high
+    int(r["id"]): tf.io.decode_png(tf.io.read_file(r["image"])).shape[0] for r in source.records
+  }
+  seen = []
+  for batch in ds:
+    ids = batch["id"].numpy()
+    assert batch["image"].shape[1] == max(rows[int(i)] for i in ids)
+    crops = trainer.crop_views(batch, SIZE)["views"].numpy()
+    for i, views in zip(ids, crops):
+      assert np.abs(views - want[int(i)]).max() < 2e-6
+    seen.extend(ids)
+  assert sorted(seen) == list(range(N))
+
+
 def _flags(**changes):
   flag_values = copy.deepcopy(definitions.FLAGS)  # the defaults, global flags untouched
   flag_values.unparse_flags()

@@ -36,22 +36,33 @@ def test_train_dataset_structure_and_repeatability(shapes100):
   assert not np.array_equal(a[0]["id"], c[0]["id"])
 
 
-def test_augment_on_device_gives_the_host_views(shapes100):
-  # --augment_on_device: the host crops, the training step (trainer.step_images) distorts.
-  # The model must see the views of the host path, in the same view-major order.
+@pytest.mark.parametrize("crop_on_device", [False, True], ids=["tpu", "gpu"])
+def test_augment_on_device_gives_the_host_views(shapes100, crop_on_device):
+  # --augment_on_device: the host crops (TPU) or only draws (elsewhere); the training step
+  # (trainer.crop_views, trainer.step_images) does the rest. The model must see the views of
+  # the host path, in the same view-major order.
   from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
 
   host = runs.take(pipeline.train_dataset(shapes100, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE), 2)
   split = runs.take(
     pipeline.train_dataset(
-      shapes100, 16, 8, 1, 0, seed=3, image_size=IMAGE_SIZE, augment_on_device=True
+      shapes100,
+      16,
+      8,
+      1,
+      0,
+      seed=3,
+      image_size=IMAGE_SIZE,
+      augment_on_device=True,
+      crop_on_device=crop_on_device,
     ),
     2,
   )
-  step = tf.function(trainer.step_images)
+  step = tf.function(lambda b: trainer.step_images(trainer.crop_views(b, IMAGE_SIZE)))
   for h, d in zip(host, split):
     np.testing.assert_array_equal(h["id"], d["id"])
     assert d["distort"]["factors"].shape == (8, 2, 4)
+    assert ("image" in d) == crop_on_device and ("views" in d) != crop_on_device
     want, want_labels = trainer.step_images(h)
     got, got_labels = step(d)
     assert got.shape == (16, IMAGE_SIZE, IMAGE_SIZE, 3)

@@ -28,12 +28,15 @@ grayscale and blur with XLA (`_compiled_distort`): 1.6x faster at 224 px than
 TF's kernels op by op (docs/benchmarks.md). Views up to 96x96 use TF's fused
 interleaved kernels instead: as fast there, and nothing to compile.
 
-Two forms compute the same view, equal up to float rounding (tested):
+Three forms compute the same view, equal up to float rounding (tested):
   * `simclr_augment`: one image of any size, all on the host (in `tf.data`).
-  * `crop_view` on the host (in `tf.data`: the crop and resize, and the view's
-    other random draws), then `distort_batch` in the training step on the
-    accelerator (flip, jitter, grayscale, blur of the batch, with static
-    shapes): the accelerator path, `--augment_on_device`.
+  * `box_params` on the host (in `tf.data`: the view's random draws, no
+    pixels), then `crop_batch` and `distort_batch` in the training step on the
+    accelerator (the crop's bicubic resize, then flip, jitter, grayscale and
+    blur of the batch): `--augment_on_device` where shapes may vary by batch.
+  * `crop_view` on the host (the draws, the crop and its resize), then
+    `distort_batch`: `--augment_on_device` on a TPU, whose inputs need static
+    shapes (the source images differ in size).
 """
 
 from collections.abc import Mapping
@@ -42,6 +45,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from tf_simclr import bicubic
 from tf_simclr import image_ops
 
 # What the public functions accept where they take a tensor: a tf.Tensor, a NumPy array, a list.
@@ -340,15 +344,15 @@ def _compiled_distort(height, width, strength, use_blur):
 
 
 # ----------------------------------------------------------------------------
-# Split form: crop on the host, distort on the accelerator.
+# Split forms: draw on the host, crop and distort on the accelerator.
 #
 # On a TPU pod the host CPUs cannot keep up with the colour ops and the blur
-# of large views (a known complaint with the reference). Here the host does
-# what needs the source image (decode, the crop sampler, the crop and resize)
-# and draws the rest of the view's parameters; the accelerator applies the
-# flip, jitter, grayscale and blur to the batch with static shapes and no
-# randomness of its own (nothing that differs between Philox and ThreeFry).
-# `distort_batch(*crop_view(...))` equals `simclr_augment` up to float
+# of large views (a known complaint with the reference). Here the host draws
+# every parameter of the view (the crop sampler has a CPU kernel only) and
+# decodes; the accelerator applies the crop and resize (`crop_batch`; on a
+# TPU the host does it, `crop_view`), then the flip, jitter, grayscale and
+# blur to the batch, with no randomness of its own (nothing that differs
+# between Philox and ThreeFry). Both equal `simclr_augment` up to float
 # rounding (~1e-6, tested).
 
 
@@ -398,6 +402,12 @@ DISTORT_SIGNATURE = {
   "order": tf.TensorSpec([4], tf.int32),
   "sigma": tf.TensorSpec([], tf.float32),
 }
+# ... and with the crop on the accelerator too, the box that `crop_batch` crops.
+BOX_SIGNATURE = {
+  **DISTORT_SIGNATURE,
+  "begin": tf.TensorSpec([3], tf.int32),
+  "size": tf.TensorSpec([3], tf.int32),
+}
 
 
 def crop_view(
@@ -424,6 +434,49 @@ def crop_view(
   """
   crop, p = _resized_crop(image, seed, height, width, color_jitter_strength, min_scale, flip)
   return crop, {k: p[k] for k in DISTORT_SIGNATURE}
+
+
+def box_params(
+  image_shape: TensorLike,
+  seed: TensorLike,
+  height: int,
+  width: int,
+  color_jitter_strength: float = 1.0,
+  min_scale: float = _AREA_RANGE[0],
+  flip: bool = True,
+) -> dict[str, tf.Tensor]:
+  """The host half of one view when the accelerator crops too: every draw, no pixels.
+
+  Args:
+    image_shape: int32 [3], the source image's shape.
+    seed, height, width, color_jitter_strength, min_scale, flip: as `crop_view`.
+
+  Returns:
+    dict shaped like `BOX_SIGNATURE`: `crop_view`'s params and the crop box ('begin', 'size'
+    int32 [3], `tf.slice` style) for `crop_batch`; the same draws as `crop_view`'s.
+  """
+  height, width = _check_size(height, width)
+  strength = _check_strength(color_jitter_strength)
+  min_scale = _check_min_scale(min_scale)
+  seed = _check_seed(seed, rank=1)
+  p = draw(seed, image_shape, height, width, strength, min_scale, bool(flip))
+  return {k: p[k] for k in BOX_SIGNATURE}
+
+
+def crop_batch(images: TensorLike, params: Mapping[str, tf.Tensor], height: int, width: int):
+  """The accelerator's crop and bicubic resize of a batch of views (`box_params`'s boxes).
+
+  Args:
+    images: uint8 [B, H, W, 3], each view's source image (zero-padded to a common size).
+    params: 'begin' and 'size' int32 [B, 3] (other keys ignored).
+    height, width: Python ints.
+
+  Returns:
+    float32 [B, height, width, 3] in [0, 1]: `crop_view`'s crops (equal up to float rounding).
+  """
+  height, width = _check_size(height, width)
+  images = _check_image(images, rank=4, name="images")
+  return bicubic.crop_resize(images, params["begin"], params["size"], height, width)
 
 
 def distort_batch(

@@ -127,7 +127,7 @@ def worker_dataset(
       `pipeline.train_dataset`.
     num_steps: None: without end.
     **augmentation: `pipeline.example_to_views`'s color_jitter_strength, use_blur, min_scale,
-      horizontal_flip and augment_on_device.
+      horizontal_flip, augment_on_device and crop_on_device.
 
   Returns:
     tf.data.Dataset of `pipeline.example_to_views` elements: 'views' float32 [V, s, s, 3], ...
@@ -185,7 +185,8 @@ def train_dataset(
 
   Returns:
     tf.data.Dataset of {'views': float32 [b, V, s, s, 3], 'label': int64 [b], 'id': int64 [b]}
-    (and 'distort' with augment_on_device), b = per_replica_batch_size.
+    (and 'distort' with augment_on_device; 'image' for 'views' with crop_on_device),
+    b = per_replica_batch_size.
   """
   pipeline.check_batching(
     global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
@@ -193,7 +194,7 @@ def train_dataset(
   kwargs.pop("cache", None)
   ds = worker_dataset(source, global_batch_size, **kwargs)
   ds = ds.apply(tf.data.experimental.service.distribute(PROCESSING_MODE, service, job_name=job))
-  ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+  ds = pipeline.batch_views(ds, per_replica_batch_size)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

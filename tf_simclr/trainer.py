@@ -64,6 +64,30 @@ def view_examples(cfg: RunConfig, source: sources.Source, num_examples: int = 4)
   return {"images": tf.reshape(batch["views"], [-1, s, s, 3]), "id": batch["id"]}
 
 
+def crop_views(batch, image_size: int) -> dict:
+  """With --augment_on_device off a TPU, the step crops: a batch of source images and boxes ->
+  the batch as `augment.crop_view` would have made it, for `step_images`.
+
+  Args:
+    batch: {'image': uint8 [b, H, W, 3], 'distort': `augment.BOX_SIGNATURE`, each [b, V, ...],
+      'label', 'id'}; a batch without 'image' is returned as it is.
+    image_size: s, the side of the views.
+  Returns:
+    the batch with 'views' float32 [b, V, s, s, 3] (crops, not yet flipped) for 'image'.
+  """
+  if "image" not in batch:
+    return batch
+  batch = dict(batch)
+  images, params = batch.pop("image"), batch["distort"]
+  num_views = params["begin"].shape[1]
+  crops = [
+    augment.crop_batch(images, {k: params[k][:, v] for k in ("begin", "size")}, *[image_size] * 2)
+    for v in range(num_views)
+  ]
+  batch["views"] = tf.stack(crops, axis=1)
+  return batch
+
+
 def step_images(batch, color_jitter_strength: float = 1.0, use_blur: bool = True):
   """A replica's batch as the model takes it: (images [V*b, H, W, 3], labels int64 [V*b]).
 
@@ -139,6 +163,8 @@ class Trainer:
       start_step=start_step,
       cache=data.cache_dataset,
       augment_on_device=self.cfg.runtime.augment_on_device,
+      # A TPU needs static input shapes; the source images differ in size.
+      crop_on_device=not isinstance(self.strategy, tf.distribute.TPUStrategy),
       **augmentation(self.cfg),
     )
     return distribute.input_fn(t.train_batch_size, make_dataset)
@@ -148,11 +174,13 @@ class Trainer:
 
     Args:
       batch: {'views': float32 [b, V, H, W, 3], 'label': int64 [b] (-1 when unlabeled), ...};
-        with --augment_on_device, 'views' are crops and 'distort' their parameters.
+        with --augment_on_device, 'views' are crops and 'distort' their parameters, or (off a
+        TPU) source images and boxes for `crop_views`.
     Returns:
       dict of scalar metrics (this replica's values).
     """
-    grads, metrics = self._gradients(batch)
+    # Before the (possibly XLA-compiled) gradients: the source images' shapes vary by batch.
+    grads, metrics = self._gradients(crop_views(batch, self.cfg.model.image_size))
     model = self.state.model
     # Outside XLA: the optimizer's cross-replica update is a merge call.
     self.state.optimizer.apply_gradients(zip(grads, model.trainable_variables))

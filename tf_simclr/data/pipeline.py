@@ -268,14 +268,35 @@ def example_to_views(
   min_scale: float,
   horizontal_flip: bool,
   augment_on_device: bool,
+  crop_on_device: bool = False,
 ) -> dict:
   """One decoded example's training views, seeded by (`seed`, its epoch, its id).
 
   `ex` holds 'image' uint8 [H, W, 3], 'epoch', 'id' and 'label' (int64 scalars). Returns
   `train_dataset`'s element without the batch axis: 'views' float32 [V, s, s, 3], 'label', 'id'
-  (and 'distort' with `augment_on_device`). The tf.data service workers call it too.
+  (and 'distort' with `augment_on_device`; with `crop_on_device` too, 'image' instead of
+  'views'). The tf.data service workers call it too.
   """
   seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
+  if augment_on_device and crop_on_device:
+    params = [
+      augment.box_params(
+        tf.shape(ex["image"]),
+        seeds[v],
+        image_size,
+        image_size,
+        color_jitter_strength,
+        min_scale=min_scale,
+        flip=horizontal_flip,
+      )
+      for v in range(num_views)
+    ]
+    return {
+      "image": ex["image"],
+      "distort": {k: tf.stack([p[k] for p in params]) for k in params[0]},
+      "label": ex["label"],
+      "id": ex["id"],
+    }
   if augment_on_device:
     crops = [
       augment.crop_view(
@@ -328,6 +349,7 @@ def train_dataset(
   cache: bool = False,
   shuffle_buffer: int | None = None,
   augment_on_device: bool = False,
+  crop_on_device: bool = False,
 ) -> tf.data.Dataset:
   """The pretraining input of one input pipeline: infinite, in per-replica batches.
 
@@ -351,11 +373,16 @@ def train_dataset(
     shuffle_buffer: examples per shuffle block; None: min(num_examples, 50,000).
     augment_on_device: leave the flip, colour jitter, grayscale and blur to the training step
       (`augment.crop_view` here, `augment.distort_batch` there); same views up to rounding.
+    crop_on_device: with `augment_on_device`, leave the crop and resize to the step too
+      (`augment.box_params` here, `augment.crop_batch` there): batches of source images
+      zero-padded to the batch's largest, so shapes vary from batch to batch (not for TPUs).
 
   Returns:
     tf.data.Dataset of {'views': float32 [b, V, s, s, 3] in [0, 1], 'label': int64 [b],
     'id': int64 [b]}; with `augment_on_device`, 'views' are the crops and 'distort' holds
-    their parameters (`augment.DISTORT_SIGNATURE`, each with leading axes [b, V]).
+    their parameters (`augment.DISTORT_SIGNATURE`, each with leading axes [b, V]); with
+    `crop_on_device` too, 'image' uint8 [b, H, W, 3] instead of 'views', and 'distort' holds
+    the boxes as well (`augment.BOX_SIGNATURE`).
   """
   share = check_batching(
     global_batch_size, per_replica_batch_size, num_input_pipelines, input_pipeline_id
@@ -388,10 +415,19 @@ def train_dataset(
     min_scale=min_scale,
     horizontal_flip=horizontal_flip,
     augment_on_device=augment_on_device,
+    crop_on_device=crop_on_device,
   )
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+  ds = batch_views(ds, per_replica_batch_size)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def batch_views(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+  """`example_to_views` elements in batches of `batch_size`; source images (`crop_on_device`)
+  zero-padded to the largest of their batch."""
+  if "image" in ds.element_spec:
+    return ds.padded_batch(batch_size, drop_remainder=True)
+  return ds.batch(batch_size, drop_remainder=True)
 
 
 def eval_steps(num_examples: int, global_batch_size: int, num_input_pipelines: int) -> int:
