@@ -19,11 +19,11 @@ Real encoded images: `--data_dir=FOLDER` (an image folder of JPEGs, e.g. from
 `benchmarks.make_jpeg_folder`) or `--tfds=NAME` (a prepared TFDS dataset)
 times, instead, the real pretraining pipeline (`sources.load_source` +
 `pipeline.train_dataset`, two views, batch 64, as training builds it: the host
-path and the `--augment_on_device` host share, where the step crops, and on a TPU, where
-the host crops) and the reference's host
-pipeline (read, decode, its preprocessing twice, with its tf.data options) on
-the same files, in interleaved rounds (A, B, C, A, B, C, ...), one JSON line
-per configuration with images/s and the ratio to the reference.
+path, and the `--augment_on_device` host share where the step crops and, on a
+TPU, where the host crops) and the reference's host pipeline (read, decode, its
+preprocessing twice, with its tf.data options) on the same files, in
+interleaved rounds (A, B, C, A, B, C, ...), one JSON line per configuration
+with images/s and the ratio to the reference.
 Bad flags: one `error: ...` line on stderr, exit 1.
 """
 

@@ -78,7 +78,7 @@ def test_values_and_gradients_are_those_of_the_replica_context(strategies, num_r
 
 
 def _largest_walk(strategy, collective, monkeypatch):
-  """The most ops TF's custom-gradient walk visits while tracing a per-replica stack of 20 dense
+  """The most ops TF's custom-gradient walk visits while tracing a per-replica stack of 10 dense
   layers, each followed by `collective`, and its gradient."""
   sizes = []
   walk = op_selector.get_backward_walk_ops
@@ -98,7 +98,7 @@ def _largest_walk(strategy, collective, monkeypatch):
       with tf.GradientTape() as tape:
         tape.watch(x)
         h = x
-        for i in range(20):
+        for i in range(10):
           h = tf.tanh(tf.matmul(h, tf.eye(8) * (1.0 + 0.01 * i)))
           h = h - collective(ctx, tf.reduce_mean(h, 0)) / 4.0
         loss = tf.reduce_sum(h)

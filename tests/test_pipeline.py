@@ -106,6 +106,36 @@ def test_strategy_replicas_equal_one_replica(shapes100, strategies):
   runs.assert_batches_equal(results[1], results[2])
 
 
+def test_crop_on_device_replicas_equal_one_replica(shapes100, strategies):
+  # --augment_on_device off a TPU, distributed as training does: each replica crops and
+  # distorts its share of the source images; together they make the one replica's views.
+  from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
+
+  fn = functools.partial(
+    pipeline.train_dataset,
+    shapes100,
+    16,
+    seed=5,
+    image_size=IMAGE_SIZE,
+    augment_on_device=True,
+    crop_on_device=True,
+  )
+
+  def images(batch):  # [V*b, s, s, 3] view-major -> [b, V, s, s, 3]
+    views = trainer.step_images(trainer.crop_views(batch, IMAGE_SIZE))[0]
+    return tf.transpose(tf.reshape(views, [2, -1, IMAGE_SIZE, IMAGE_SIZE, 3]), [1, 0, 2, 3, 4])
+
+  results = {}
+  for replicas in (1, 2):
+    strategy = strategies[replicas]
+    batch = next(iter(_distributed(strategy, 16, fn)))
+    parts = strategy.experimental_local_results(strategy.run(tf.function(images), args=(batch,)))
+    results[replicas] = np.concatenate([p.numpy() for p in parts])
+  assert results[1].shape == (16, 2, IMAGE_SIZE, IMAGE_SIZE, 3)
+  np.testing.assert_allclose(results[2], results[1], atol=2e-6)
+  assert np.abs(results[1][:, 0] - results[1][:, 1]).max() > 0.1  # two different views
+
+
 @pytest.mark.parametrize("start_step,pipelines", [(3, 1), (7, 1), (7, 2)])
 def test_restart_resumes_at_the_same_examples(shapes100, start_step, pipelines):
   fresh = runs.global_batches(shapes100, start_step + 3, 16, 1, 16, seed=11)
