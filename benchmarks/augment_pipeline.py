@@ -19,11 +19,11 @@ Real encoded images: `--data_dir=FOLDER` (an image folder of JPEGs, e.g. from
 `benchmarks.make_jpeg_folder`) or `--tfds=NAME` (a prepared TFDS dataset)
 times, instead, the real pretraining pipeline (`sources.load_source` +
 `pipeline.train_dataset`, two views, batch 64, as training builds it: the host
-path, and the `--augment_on_device` host share where the step crops and, on a
-TPU, where the host crops) and the reference's host pipeline (read, decode, its
-preprocessing twice, with its tf.data options) on the same files, in
-interleaved rounds (A, B, C, A, B, C, ...), one JSON line per configuration
-with images/s and the ratio to the reference.
+path, also with bilinear crops, and the `--augment_on_device` host share where
+the step crops and, on a TPU, where the host crops) and the reference's host
+pipeline (read, decode, its preprocessing twice, with its tf.data options) on
+the same files, in interleaved rounds (A, B, C, A, B, C, ...), one JSON line
+per configuration with images/s and the ratio to the reference.
 Bad flags: one `error: ...` line on stderr, exit 1.
 """
 
@@ -252,7 +252,15 @@ def reference_jpeg_dataset(encoded, size, batch_size):
   )
 
 
-def ours_jpeg_dataset(source, size, batch_size, augment_on_device, use_blur, crop_on_device=True):
+def ours_jpeg_dataset(
+  source,
+  size,
+  batch_size,
+  augment_on_device,
+  use_blur,
+  crop_on_device=True,
+  interpolation="bicubic",
+):
   """The real pretraining pipeline, as training builds it (one replica, two views); with
   `augment_on_device`, the host's share on a GPU or CPU (`crop_on_device`) or on a TPU."""
   return pipeline.train_dataset(
@@ -266,6 +274,7 @@ def ours_jpeg_dataset(source, size, batch_size, augment_on_device, use_blur, cro
     use_blur=use_blur,
     augment_on_device=augment_on_device,
     crop_on_device=crop_on_device,
+    crop_interpolation=interpolation,
   )
 
 
@@ -290,6 +299,9 @@ def jpeg_main(args):
       encoded, size, batch
     ),
     "tf_simclr host path (no blur)": lambda: ours_jpeg_dataset(source, size, batch, False, False),
+    "tf_simclr host path (no blur, --crop_interpolation=bilinear)": lambda: ours_jpeg_dataset(
+      source, size, batch, False, False, interpolation="bilinear"
+    ),
     "tf_simclr --augment_on_device host share": lambda: ours_jpeg_dataset(
       source, size, batch, True, False
     ),

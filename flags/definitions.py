@@ -166,6 +166,13 @@ flags.DEFINE_boolean(
   "Mirror training views with probability 0.5 (the reference). Turn it off for images whose "
   "mirror image is another thing: digits, letters, text.",
 )
+flags.DEFINE_enum(
+  "crop_interpolation",
+  "bicubic",
+  config_lib.CROP_INTERPOLATIONS,
+  "How a training view's random crop is resized: bicubic (the reference) or bilinear "
+  "(torchvision's RandomResizedCrop; the host path is ~1.2x faster at 224 px).",
+)
 flags.DEFINE_boolean(
   "zero_init_residual",
   True,

@@ -12,7 +12,7 @@ from runs import map_over
 from runs import random_image
 from runs import seed_rows
 from tf_simclr import augment
-from tf_simclr import bicubic
+from tf_simclr import crop_resize
 from tf_simclr import image_ops
 
 N_STATS = 2000  # Seeds per statistic: 4 sigma of a p=0.5 frequency is 0.045.
@@ -299,13 +299,14 @@ def test_no_flip_changes_only_the_flip():
   assert not params["flip"].numpy()
 
 
-def test_crop_box_is_the_crop_of_the_view():
+@pytest.mark.parametrize("method", augment.INTERPOLATIONS)
+def test_crop_box_is_the_crop_of_the_view(method):
   image = random_image((60, 90, 3), seed=4).astype(np.float32) / 255.0
   seeds = seed_rows(12, stream=13)
   for seed, (oy, ox, h, w) in zip(seeds, _crop_boxes(seeds, image.shape, 32, 32)):
-    expected = tf.image.resize(image[None, oy : oy + h, ox : ox + w], [32, 32], "bicubic")[0]
+    expected = tf.image.resize(image[None, oy : oy + h, ox : ox + w], [32, 32], method)[0]
     expected = np.clip(expected.numpy(), 0.0, 1.0)
-    view = augment.simclr_augment(image, seed, 32, 32, 0.0, False).numpy()
+    view = augment.simclr_augment(image, seed, 32, 32, 0.0, False, interpolation=method).numpy()
     if not np.array_equal(view, expected):
       np.testing.assert_array_equal(view, expected[:, ::-1])
 
@@ -441,9 +442,10 @@ def test_split_form_equals_per_image_form(source, size):
     assert np.abs(split - per_image).max() < 1e-4
 
 
-def test_bicubic_crop_resize_is_tf_resize_of_the_crop():
-  # bicubic.crop_resize against TF's own kernel on the sliced crop: down- and upsampling, boxes
-  # of one row or column, at the image's edges, inside zero padding (never read).
+@pytest.mark.parametrize("method", augment.INTERPOLATIONS)
+def test_crop_resize_is_tf_resize_of_the_crop(method):
+  # crop_resize against TF's own kernel on the sliced crop: down- and upsampling, boxes of one
+  # row or column, at the image's edges, inside padding (never read).
   rng = np.random.default_rng(5)
   cases = 0
   for _ in range(30):
@@ -453,19 +455,19 @@ def test_bicubic_crop_resize_is_tf_resize_of_the_crop():
     y, x = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
     out_h, out_w = (int(v) for v in rng.integers(1, 70, 2))
     crop = tf.cast(image[y : y + h, x : x + w], tf.float32) * (1.0 / 255.0)
-    want = tf.image.resize(crop[None], [out_h, out_w], method="bicubic")[0]
+    want = tf.image.resize(crop[None], [out_h, out_w], method=method)[0]
     want = np.clip(want.numpy(), 0.0, 1.0)
     canvas = np.zeros((h_img + 3, w_img + 5, 3), np.uint8)
     canvas[:h_img, :w_img] = image
     canvas[h_img:] = 255  # padding that must not leak into the view
-    got = bicubic.crop_resize(canvas[None], [[y, x, 0]], [[h, w, -1]], out_h, out_w)[0]
+    got = crop_resize.crop_resize(canvas[None], [[y, x, 0]], [[h, w, -1]], out_h, out_w, method)[0]
     np.testing.assert_array_equal(got.numpy(), want)
     cases += (h < out_h) + 2 * (w > out_w)
   assert cases > 20  # both up- and downsampling occurred
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
-def test_crop_on_the_accelerator_equals_the_host_crop(jit):
+@pytest.mark.parametrize("jit,method", [(False, "bicubic"), (True, "bicubic"), (False, "bilinear")])
+def test_crop_on_the_accelerator_equals_the_host_crop(jit, method):
   # --augment_on_device off a TPU: box_params on the host draws what crop_view draws, and
   # crop_batch on a zero-padded batch of different-size images gives crop_view's crops.
   shapes = [(40, 30), (17, 64), (224, 150), (9, 9), (64, 64), (50, 120)]
@@ -475,14 +477,16 @@ def test_crop_on_the_accelerator_equals_the_host_crop(jit):
   canvas = np.zeros((len(images), 224, 150, 3), np.uint8)
   for i, im in enumerate(images):
     canvas[i, : im.shape[0], : im.shape[1]] = im
-  host = [augment.crop_view(im, seed, size, size) for im, seed in zip(images, seeds)]
+  host = [
+    augment.crop_view(im, seed, size, size, interpolation=method) for im, seed in zip(images, seeds)
+  ]
   boxes = [augment.box_params(im.shape, seed, size, size) for im, seed in zip(images, seeds)]
   for (_, p), b in zip(host, boxes):
     for key in p:
       np.testing.assert_array_equal(p[key], b[key], err_msg=key)
   params = {k: tf.stack([b[k] for b in boxes]) for k in augment.BOX_SIGNATURE}
   crop = tf.function(augment.crop_batch, jit_compile=jit)
-  got = crop(canvas, params, size, size).numpy()
+  got = crop(canvas, params, size, size, method).numpy()
   want = np.stack([c.numpy() for c, _ in host])
   assert np.abs(got - want).max() < 2e-6  # float rounding: graph rewrites may fuse mul-adds
   assert np.abs(want - want[::-1]).max() > 0.1  # different crops

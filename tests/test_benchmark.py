@@ -214,6 +214,7 @@ def test_augment_pipeline_on_jpegs_times_every_configuration_interleaved(tmp_pat
   assert [r["form"] for r in rows] == [
     "reference host pipeline (decode + 2 views, no blur)",
     "tf_simclr host path (no blur)",
+    "tf_simclr host path (no blur, --crop_interpolation=bilinear)",
     "tf_simclr --augment_on_device host share",
     "tf_simclr --augment_on_device host share, TPU (the host crops)",
   ]

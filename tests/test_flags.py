@@ -108,6 +108,7 @@ def test_each_setting_lives_once_and_every_flag_has_a_home():
 
 
 def test_choices_are_the_library_s():
+  from tf_simclr import augment  # pylint: disable=g-import-not-at-top
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
   from tf_simclr import model as model_lib  # pylint: disable=g-import-not-at-top
   from tf_simclr import optimizers  # pylint: disable=g-import-not-at-top
@@ -122,8 +123,20 @@ def test_choices_are_the_library_s():
     ("mode", config_lib.MODES),
     ("learning_rate_scaling", schedules.LEARNING_RATE_SCALINGS),
     ("mixed_precision", config_lib.MIXED_PRECISION_POLICIES),
+    ("crop_interpolation", augment.INTERPOLATIONS),
   ]:
     assert tuple(flags[name].parser.enum_values) == choices, name
+
+
+@pytest.mark.parametrize("train_mode", ["pretrain", "finetune"])
+def test_crop_interpolation_reaches_the_training_views(tmp_path, train_mode):
+  from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
+
+  flagfile = tmp_path / "f.cfg"
+  flagfile.write_text(f"--crop_interpolation=bilinear\n--train_mode={train_mode}\n")
+  cfg = _config_as_run_py_reads(str(flagfile), str(tmp_path / "m"))
+  assert cfg.data.crop_interpolation == "bilinear"
+  assert trainer.augmentation(cfg)["crop_interpolation"] == "bilinear"  # train_dataset's argument
 
 
 def test_integer_width_is_an_int_however_spelt():

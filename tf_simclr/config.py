@@ -16,6 +16,7 @@ MIXED_PRECISION_POLICIES = ("none", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "tpu", "multi_worker", "mirrored", "one_device")  # distribute
 OPTIMIZERS = ("momentum", "adam", "lars")  # optimizers
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")  # model
+CROP_INTERPOLATIONS = ("bicubic", "bilinear")  # augment
 LEARNING_RATE_SCALINGS = ("linear", "sqrt")  # schedules
 IMAGE_FOLDER = "image_folder"  # data.sources
 BUILT_IN_DATASETS = ("deadleaves10", "deadleaves10_color", "shapes10")  # data.sources
@@ -164,6 +165,8 @@ class DataConfig:
   # reference's 0.08) and whether views are mirrored (the reference flips with p = 0.5).
   min_scale: float = 0.08
   horizontal_flip: bool = True
+  # The crops' resize: the reference's bicubic, or bilinear (cheaper on the host).
+  crop_interpolation: str = "bicubic"
   cache_dataset: bool = False
   # Few labels (label_subsets.label_subset): a class-balanced fraction in (0, 1], or a file of ids.
   train_label_fraction: float = 1.0

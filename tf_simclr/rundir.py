@@ -70,6 +70,7 @@ RUN_DEFINING = (
   "use_blur",
   "min_scale",
   "horizontal_flip",
+  "crop_interpolation",
   "train_label_fraction",
   "train_label_file",
   "distill_temperature",

@@ -46,6 +46,7 @@ def augmentation(cfg: RunConfig) -> dict:
     use_blur=cfg.data.use_blur and pretrain,
     min_scale=cfg.data.min_scale,
     horizontal_flip=cfg.data.horizontal_flip,
+    crop_interpolation=cfg.data.crop_interpolation,
   )
 
 
@@ -64,7 +65,7 @@ def view_examples(cfg: RunConfig, source: sources.Source, num_examples: int = 4)
   return {"images": tf.reshape(batch["views"], [-1, s, s, 3]), "id": batch["id"]}
 
 
-def crop_views(batch, image_size: int) -> dict:
+def crop_views(batch, image_size: int, interpolation: str = "bicubic") -> dict:
   """With --augment_on_device off a TPU, the step crops: a batch of source images and boxes ->
   the batch as `augment.crop_view` would have made it, for `step_images`.
 
@@ -72,6 +73,7 @@ def crop_views(batch, image_size: int) -> dict:
     batch: {'image': uint8 [b, H, W, 3], 'distort': `augment.BOX_SIGNATURE`, each [b, V, ...],
       'label', 'id'}; a batch without 'image' is returned as it is.
     image_size: s, the side of the views.
+    interpolation: the crops' resize (`--crop_interpolation`).
   Returns:
     the batch with 'views' float32 [b, V, s, s, 3] (crops, not yet flipped) for 'image'.
   """
@@ -80,10 +82,8 @@ def crop_views(batch, image_size: int) -> dict:
   batch = dict(batch)
   images, params = batch.pop("image"), batch["distort"]
   num_views = params["begin"].shape[1]
-  crops = [
-    augment.crop_batch(images, {k: params[k][:, v] for k in ("begin", "size")}, *[image_size] * 2)
-    for v in range(num_views)
-  ]
+  boxes = [{k: params[k][:, v] for k in ("begin", "size")} for v in range(num_views)]
+  crops = [augment.crop_batch(images, b, image_size, image_size, interpolation) for b in boxes]
   batch["views"] = tf.stack(crops, axis=1)
   return batch
 
@@ -180,7 +180,8 @@ class Trainer:
       dict of scalar metrics (this replica's values).
     """
     # Before the (possibly XLA-compiled) gradients: the source images' shapes vary by batch.
-    grads, metrics = self._gradients(crop_views(batch, self.cfg.model.image_size))
+    batch = crop_views(batch, self.cfg.model.image_size, self.cfg.data.crop_interpolation)
+    grads, metrics = self._gradients(batch)
     model = self.state.model
     # Outside XLA: the optimizer's cross-replica update is a merge call.
     self.state.optimizer.apply_gradients(zip(grads, model.trainable_variables))

@@ -269,13 +269,15 @@ def example_to_views(
   horizontal_flip: bool,
   augment_on_device: bool,
   crop_on_device: bool = False,
+  crop_interpolation: str = "bicubic",
 ) -> dict:
   """One decoded example's training views, seeded by (`seed`, its epoch, its id).
 
   `ex` holds 'image' uint8 [H, W, 3], 'epoch', 'id' and 'label' (int64 scalars). Returns
   `train_dataset`'s element without the batch axis: 'views' float32 [V, s, s, 3], 'label', 'id'
   (and 'distort' with `augment_on_device`; with `crop_on_device` too, 'image' instead of
-  'views'). The tf.data service workers call it too.
+  'views', for the step to crop: `trainer.crop_views`, with the same `crop_interpolation`).
+  The tf.data service workers call it too.
   """
   seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
   if augment_on_device and crop_on_device:
@@ -307,6 +309,7 @@ def example_to_views(
         color_jitter_strength,
         min_scale=min_scale,
         flip=horizontal_flip,
+        interpolation=crop_interpolation,
       )
       for v in range(num_views)
     ]
@@ -326,6 +329,7 @@ def example_to_views(
       use_blur=use_blur,
       min_scale=min_scale,
       flip=horizontal_flip,
+      interpolation=crop_interpolation,
     )
     for v in range(num_views)
   ]
@@ -350,6 +354,7 @@ def train_dataset(
   shuffle_buffer: int | None = None,
   augment_on_device: bool = False,
   crop_on_device: bool = False,
+  crop_interpolation: str = "bicubic",
 ) -> tf.data.Dataset:
   """The pretraining input of one input pipeline: infinite, in per-replica batches.
 
@@ -376,6 +381,7 @@ def train_dataset(
     crop_on_device: with `augment_on_device`, leave the crop and resize to the step too
       (`augment.box_params` here, `augment.crop_batch` there): batches of source images
       zero-padded to the batch's largest, so shapes vary from batch to batch (not for TPUs).
+    crop_interpolation: the crops' resize, `augment.INTERPOLATIONS` ('bicubic': the reference).
 
   Returns:
     tf.data.Dataset of {'views': float32 [b, V, s, s, 3] in [0, 1], 'label': int64 [b],
@@ -416,6 +422,7 @@ def train_dataset(
     horizontal_flip=horizontal_flip,
     augment_on_device=augment_on_device,
     crop_on_device=crop_on_device,
+    crop_interpolation=crop_interpolation,
   )
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = batch_views(ds, per_replica_batch_size)

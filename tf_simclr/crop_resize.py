@@ -1,13 +1,15 @@
-"""A batch of crops, each its own box of its own image, resized as `tf.image.resize(bicubic)` does.
+"""A batch of crops, each its own box of its own image, resized as `tf.image.resize` does.
 
 The reference crops each view and resizes it with `tf.image.resize(..., method='bicubic')`
-(TF's `ResizeBicubic`, half-pixel centres, no antialiasing). On the host that resize is a third
-of the cost of a 224 px view. `crop_resize` computes the same function for a whole batch on
-the accelerator, where boxes differ in size from view to view: per output row and column the
-four taps and weights of TF's kernel (Keys' cubic, a = -0.5, from its table of 1,025 entries;
-taps outside the crop get weight 0 and the rest are renormalised), then the image's rows are
-gathered and mixed, then its columns, in TF's order. Equal to TF's resize of the crop up to
-float rounding (tested); static output shapes, no per-view control flow.
+(TF's `ResizeBicubic`, half-pixel centres, no antialiasing); `--crop_interpolation=bilinear`
+uses `ResizeBilinear` instead. On the host that resize is a third of the cost of a 224 px view.
+`crop_resize` computes the same function for a whole batch on the accelerator, where boxes
+differ in size from view to view: per output row and column the taps and weights of TF's
+kernel, then the image's rows are gathered and mixed, then its columns, in TF's order.
+Bicubic: Keys' cubic (a = -0.5) from TF's table of 1,025 entries, four taps, those outside the
+crop weighted 0 and the rest renormalised. Bilinear: two taps clamped to the crop. Equal to
+TF's resize of the crop up to float rounding (bit for bit eagerly; tested); static output
+shapes, no per-view control flow.
 """
 
 import numpy as np
@@ -63,17 +65,37 @@ def _taps(start, length, out_size):
   return indices, weights
 
 
+def _bilinear_taps(start, length, out_size):
+  """TF's taps of a half-pixel bilinear resize: as `_taps`, with 2 taps [B, out_size, 2].
+
+  The weights are (1 - t, t); TF computes `top + (bottom - top) * t`, which `crop_resize`
+  keeps for bilinear.
+  """
+  scale = tf.cast(length, tf.float32) / float(out_size)  # [B]
+  pos = (tf.range(out_size, dtype=tf.float32) + 0.5)[None, :] * scale[:, None] - 0.5
+  floor = tf.floor(pos)
+  t = pos - floor
+  low = tf.maximum(tf.cast(floor, tf.int32), 0)
+  high = tf.minimum(tf.cast(tf.math.ceil(pos), tf.int32), length[:, None] - 1)
+  indices = start[:, None, None] + tf.stack([low, high], axis=-1)
+  return indices, tf.stack([1.0 - t, t], axis=-1)
+
+
 def _mix(gather, indices, weights):
-  """w0 * gather(i0) + w1 * gather(i1) + w2 * gather(i2) + w3 * gather(i3), summed in that order."""
+  """The taps' weighted sum: w0 * g(i0) + w1 * g(i1) + ... in that order (bicubic, 4 taps), or
+  `g(i0) + (g(i1) - g(i0)) * t` as TF's bilinear kernel (2 taps, weights (1 - t, t))."""
+  if len(weights) == 2:
+    top = gather(indices[..., 0])
+    return top + (gather(indices[..., 1]) - top) * weights[1]
   out = None
-  for k in range(4):
+  for k in range(len(weights)):
     term = weights[k] * gather(indices[..., k])
     out = term if out is None else out + term
   return out
 
 
-def crop_resize(images, begin, size, height, width):
-  """Each image's box, resized to [height, width] by TF's bicubic kernel, clipped to [0, 1].
+def crop_resize(images, begin, size, height, width, method="bicubic"):
+  """Each image's box, resized to [height, width] by TF's kernel, clipped to [0, 1].
 
   Args:
     images: uint8 [B, H, W, 3] in [0, 255] or float in [0, 1] (pixels outside each box, e.g.
@@ -81,15 +103,16 @@ def crop_resize(images, begin, size, height, width):
     begin: int32 [B, 2 or 3], (row, column[, 0]) of each box's corner, as `tf.slice`.
     size: int32 [B, 2 or 3], (rows, columns[, -1 or 3]) of each box, each >= 1.
     height, width: Python ints, the output size.
+    method: 'bicubic' or 'bilinear' (Python str), as `tf.image.resize`'s.
 
   Returns:
-    float32 [B, height, width, 3]: `clip(resize(crop in [0, 1], bicubic), 0, 1)` per image.
+    float32 [B, height, width, 3]: `clip(resize(crop in [0, 1], method), 0, 1)` per image.
   """
   images = tf.convert_to_tensor(images)
   begin, size = tf.cast(begin, tf.int32), tf.cast(size, tf.int32)
-  rows, row_w = _taps(begin[:, 0], size[:, 0], height)  # [B, height, 4]
-  cols, col_w = _taps(begin[:, 1], size[:, 1], width)  # [B, width, 4]
-  # TF mixes each needed column's four rows first, then the four columns.
+  taps = {"bicubic": _taps, "bilinear": _bilinear_taps}[method]
+  rows, row_w = taps(begin[:, 0], size[:, 0], height)  # [B, height, 4 or 2]
+  cols, col_w = taps(begin[:, 1], size[:, 1], width)  # [B, width, 4 or 2]
   row_w = [w[:, :, None, None] for w in tf.unstack(row_w, axis=-1)]
   col_w = [w[:, None, :, None] for w in tf.unstack(col_w, axis=-1)]
 
@@ -99,9 +122,16 @@ def crop_resize(images, begin, size, height, width):
       return tf.cast(x, tf.float32) * (1.0 / 255.0)
     return tf.cast(x, tf.float32)
 
-  mixed_rows = _mix(image_rows, rows, row_w)  # [B, height, W, 3]
+  def mixed_cols(values, index):  # [B, width] -> [B, height, width, 3]
+    return tf.gather(values, index, axis=2, batch_dims=1)
 
-  def mixed_cols(index):  # [B, width] -> [B, height, width, 3]
-    return tf.gather(mixed_rows, index, axis=2, batch_dims=1)
+  def row_lerp(index):  # one of the two rows of each output row, lerped along it
+    values = image_rows(index)
+    return _mix(lambda c: mixed_cols(values, c), cols, col_w)
 
-  return tf.clip_by_value(_mix(mixed_cols, cols, col_w), 0.0, 1.0)
+  if method == "bilinear":  # TF lerps along both rows first, then between them.
+    out = _mix(row_lerp, rows, row_w)
+  else:  # TF mixes the four rows of each needed column first, then the four columns.
+    mixed_rows = _mix(image_rows, rows, row_w)  # [B, height, W, 3]
+    out = _mix(lambda c: mixed_cols(mixed_rows, c), cols, col_w)
+  return tf.clip_by_value(out, 0.0, 1.0)
