@@ -208,6 +208,41 @@ def test_restored_checkpoints_skips_pruned_and_yields_each_once(tmp_path):
   assert seen == [(1, 10.0), (3, 30.0), (4, 40.0)]
 
 
+def test_restored_checkpoints_looks_again_at_the_newest_and_never_waits_forever(tmp_path):
+  # A listed checkpoint whose data file is missing for a moment (as while it is replaced) is
+  # restored at the next look; when the run's last checkpoint stays unreadable the walk ends
+  # with one line instead of waiting for a newer one that will never come.
+  value = tf.Variable(0.0)
+  ckpt = tf.train.Checkpoint(value=value)
+  manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=10)
+  for step in (1, 2):
+    value.assign(step * 10.0)
+    manager.save(checkpoint_number=step)
+  (data2,) = tf.io.gfile.glob(str(tmp_path / "ckpt-2.data*"))
+  tf.io.gfile.rename(data2, data2 + ".away")
+  looks = []
+
+  def check():  # called before each restore: the file comes back after the first failure
+    looks.append(len(looks))
+    if len(looks) == 3:
+      tf.io.gfile.rename(data2 + ".away", data2)
+
+  # (timeout_secs: a walk that skipped ckpt-2 for good would end after 5 s instead of hanging)
+  walk = evaluate.restored_checkpoints(
+    ckpt, str(tmp_path), last_step=2, poll_secs=0.01, timeout_secs=5, check=check
+  )
+  assert [(step, float(value.numpy())) for step, _ in walk] == [(1, 10.0), (2, 20.0)]
+  assert len(looks) == 3  # ckpt-1, ckpt-2 (missing), ckpt-2 again
+  tf.io.gfile.remove(data2)
+  value.assign(-1.0)
+  walk = evaluate.restored_checkpoints(
+    ckpt, str(tmp_path), last_step=2, poll_secs=0.01, timeout_secs=5
+  )
+  assert next(walk)[0] == 1
+  with pytest.raises(ValueError, match=r"the run's last checkpoint .*ckpt-2 could not be restored"):
+    next(walk)
+
+
 def test_write_results_merge_keeps_same_step_only(tmp_path):
   d = str(tmp_path)
   evaluate.write_results(d, {"eval/label_top_1_accuracy": 0.5}, 10)

@@ -199,10 +199,22 @@ def test_view_seeds_contract(shapes100):
       np.testing.assert_allclose(batch["views"][i, v], view.numpy(), atol=1e-5)
 
 
-def test_example_views(shapes100):
-  shown = pipeline.example_views(shapes100, seed=6, image_size=IMAGE_SIZE)
+def test_the_views_shown_are_the_first_step_s(shapes100):
+  # trainer.view_examples (TensorBoard's "augmented views") against a global batch of 16 on two
+  # pipelines: the stream does not depend on the batch size.
+  from tf_simclr import config as C  # pylint: disable=g-import-not-at-top
+  from tf_simclr import trainer  # pylint: disable=g-import-not-at-top
+
+  cfg = C.RunConfig(
+    C.DataConfig(dataset="shapes10"),
+    C.ModelConfig(image_size=IMAGE_SIZE),
+    C.OptimConfig(),
+    C.TrainConfig(seed=6),
+    C.RuntimeConfig(),
+  )
+  shown = trainer.view_examples(cfg, shapes100)
   first = runs.take(
-    pipeline.train_dataset(shapes100, 16, 8, 1, 0, seed=6, image_size=IMAGE_SIZE), 1
+    pipeline.train_dataset(shapes100, 16, 8, 2, 0, seed=6, image_size=IMAGE_SIZE), 1
   )[0]
   np.testing.assert_array_equal(shown["id"].numpy(), first["id"][:4])
   np.testing.assert_array_equal(

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tf_simclr import checkpoints
 from tf_simclr import distribute
+from tf_simclr import errors
 from tf_simclr import optimizers
 from tf_simclr.data import pipeline
 from tf_simclr.data import sources
@@ -164,10 +165,12 @@ def restored_checkpoints(
 
   For evaluating beside a training job: every checkpoint the `checkpoint` index lists, oldest
   first, each once (never one older than the last yielded), waiting `poll_secs` between looks
-  for new ones. A checkpoint that cannot be restored when its turn comes (pruned by the
-  training job's `keep_checkpoint_max` between listing and restore, or unreadable) is skipped
-  with a log line. Every object of `checkpoint` must be restored (values of the file it lacks,
-  e.g. optimizer slots, are ignored). Stops after yielding a step >= `last_step`.
+  for new ones. A checkpoint that cannot be restored when its turn comes is skipped with a log
+  line if a newer one is listed (pruned by the training job's `keep_checkpoint_max` between
+  listing and restore); the newest listed is looked at again a poll later, up to
+  `_RESTORE_TRIES` times (it may be being written). Every object of `checkpoint` must be
+  restored (values of the file it lacks, e.g. optimizer slots, are ignored). Stops after
+  yielding a step >= `last_step`.
 
   Args:
     checkpoint: the tf.train.Checkpoint to restore into (e.g. `Checkpoint(model=model)`).
@@ -184,43 +187,70 @@ def restored_checkpoints(
     (step, path) after each successful restore.
 
   Raises:
-    ValueError: no checkpoint at all came within `timeout_secs`.
+    ValueError: no checkpoint at all came within `timeout_secs`, or the run's last checkpoint
+      (`last_step`) could not be restored.
     checkpoints.CheckpointMismatchError: a checkpoint lacks an object of `checkpoint`, or
       holds one of another shape (another model).
   """
-  last_number, waiting_since, yielded = -1, None, False
+  last_number, waiting_since, yielded, failures = -1, None, False, 0
   while True:
-    state = tf.train.get_checkpoint_state(model_dir)
-    listed = list(state.all_model_checkpoint_paths) if state is not None else []
-    numbered = sorted(
-      (int(m.group(1)), p) for p in listed if (m := _CKPT_NUMBER.search(p)) is not None
-    )
-    fresh = [(n, p) for n, p in numbered if n > last_number]
+    fresh = [(n, p) for n, p in _listed(model_dir) if n > last_number]
+    retry = False
     for number, path in fresh:
-      last_number = number
       if check is not None:
         check()
       try:
         checkpoints.restore_all(checkpoint, path)
       except tf.errors.OpError as err:
-        logging.warning(
-          "Skipping checkpoint %s: it could not be restored (%s; pruned by the training job?)",
-          path,
-          type(err).__name__,
-        )
+        # Still the newest listed: being written or replaced (look again), unless it keeps
+        # failing. Older ones are skipped: the training job's keep_checkpoint_max prunes them.
+        newest = number == max(n for n, _ in _listed(model_dir) or [(number, path)])
+        failures += 1
+        if newest and failures <= _RESTORE_TRIES:
+          retry = True
+          break
+        _skip(path, err, number, last_step)
+        last_number, failures = number, 0
         continue
+      last_number, failures = number, 0
       step = int(step_of()) if step_of is not None else number
       logging.info("Evaluating checkpoint %s (step %d)", path, step)
       yield step, path
       yielded, waiting_since = True, None
       if step >= last_step:
         return
-    if fresh:
+    if fresh and not retry:
       continue  # The restores took time: look again before waiting.
     waiting_since = _waiting(model_dir, last_step, timeout_secs, waiting_since, yielded)
     if waiting_since is None:
       return
     time.sleep(poll_secs)
+
+
+# Looks at a checkpoint that fails to restore while it is the newest listed, a poll apart.
+_RESTORE_TRIES = 3
+
+
+def _listed(model_dir):
+  """[(number, path)] of the checkpoints the `checkpoint` index of `model_dir` lists, oldest
+  first."""
+  state = tf.train.get_checkpoint_state(model_dir)
+  listed = list(state.all_model_checkpoint_paths) if state is not None else []
+  return sorted((int(m.group(1)), p) for p in listed if (m := _CKPT_NUMBER.search(p)) is not None)
+
+
+def _skip(path, err, number, last_step):
+  """Logs a checkpoint that could not be restored; the run's last one ends the evaluation."""
+  if number >= last_step:  # no newer checkpoint will come: waiting would never end
+    raise ValueError(
+      f"the run's last checkpoint {path} could not be restored ({type(err).__name__}: "
+      f"{errors.first_line(err)[:200]})"
+    )
+  logging.warning(
+    "Skipping checkpoint %s: it could not be restored (%s; pruned by the training job?)",
+    path,
+    type(err).__name__,
+  )
 
 
 def _waiting(model_dir, last_step, timeout_secs, since, yielded):

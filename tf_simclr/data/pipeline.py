@@ -3,7 +3,7 @@
 Called by `train` (`train_dataset`: pretraining and fine-tuning input, and the views shown in
 TensorBoard), `evaluate` and `knn` (`eval_dataset`), `label_subsets` (the root key of its
 permutation) and `image_folder` (which checks at load time that a split decodes with this
-module's decoder). `example_views` gives the first step's views, to look at.
+module's decoder).
 
 The determinism contract of `train_dataset` (also a contract for other tools: keep it):
   Let `key(a, b) = tf.random.experimental.stateless_fold_in(a, b, alg='philox')` with int64
@@ -509,46 +509,3 @@ def eval_dataset(
   ds = ds.concatenate(padding).take(total)
   ds = ds.batch(per_replica_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def example_views(
-  source: sources.Source,
-  seed: int,
-  image_size: int,
-  color_jitter_strength: float = 1.0,
-  use_blur: bool = True,
-  num_examples: int = 4,
-  min_scale: float = 0.08,
-  horizontal_flip: bool = True,
-) -> dict:
-  """The first examples of the run's first step with their two views, to look at (TensorBoard).
-
-  The global stream does not depend on the batch size, so these are exactly the views that
-  step 0 trains on.
-
-  Returns:
-    {'images': float32 [2k, s, s, 3] (example i's views at rows 2i and 2i + 1),
-     'id': int64 [k]}, k = min(num_examples, source.num_examples).
-  """
-  k = min(num_examples, source.num_examples)
-  batch = next(
-    iter(
-      train_dataset(
-        source,
-        k,
-        k,
-        1,
-        0,
-        seed,
-        image_size,
-        color_jitter_strength=color_jitter_strength,
-        use_blur=use_blur,
-        min_scale=min_scale,
-        horizontal_flip=horizontal_flip,
-      )
-    )
-  )
-  return {
-    "images": tf.reshape(batch["views"], [2 * k, image_size, image_size, 3]),
-    "id": batch["id"],
-  }
