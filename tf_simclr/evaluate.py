@@ -207,6 +207,9 @@ def restored_checkpoints(
         newest = number == max(n for n, _ in _listed(model_dir) or [(number, path)])
         failures += 1
         if newest and failures <= _RESTORE_TRIES:
+          logging.info(
+            "Checkpoint %s not restorable yet (%s): looking again", path, errors.first_line(err)
+          )
           retry = True
           break
         _skip(path, err, number, last_step)
@@ -247,9 +250,10 @@ def _skip(path, err, number, last_step):
       f"{errors.first_line(err)[:200]})"
     )
   logging.warning(
-    "Skipping checkpoint %s: it could not be restored (%s; pruned by the training job?)",
+    "Skipping checkpoint %s: it could not be restored (%s: %s; pruned by the training job?)",
     path,
     type(err).__name__,
+    errors.first_line(err)[:200],
   )
 
 
