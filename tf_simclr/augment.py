@@ -273,15 +273,20 @@ def _check_interpolation(interpolation):
   return interpolation
 
 
-def _resized_crop(image, seed, height, width, color_jitter_strength, min_scale, flip, method):
-  """The view's random resized crop [height, width, 3] in [0, 1], and its draws."""
-  method = _check_interpolation(method)
+def _checked_draw(image_shape, seed, height, width, color_jitter_strength, min_scale, flip):
+  """`draw` after checking the caller's arguments: `crop_view`'s and `box_params`'s draws."""
   height, width = _check_size(height, width)
   strength = _check_strength(color_jitter_strength)
   min_scale = _check_min_scale(min_scale)
-  image = _check_image(image, rank=3)
   seed = _check_seed(seed, rank=1)
-  p = draw(seed, tf.shape(image), height, width, strength, min_scale, bool(flip))
+  return draw(seed, image_shape, height, width, strength, min_scale, bool(flip))
+
+
+def _resized_crop(image, seed, height, width, color_jitter_strength, min_scale, flip, method):
+  """The view's random resized crop [height, width, 3] in [0, 1], and its draws."""
+  method = _check_interpolation(method)
+  image = _check_image(image, rank=3)
+  p = _checked_draw(tf.shape(image), seed, height, width, color_jitter_strength, min_scale, flip)
   # Crop before the dtype conversion: less data to convert.
   crop = _to_float(tf.slice(image, p["begin"], p["size"]))
   crop = tf.ensure_shape(crop, [None, None, 3])
@@ -476,11 +481,7 @@ def box_params(
     dict shaped like `BOX_SIGNATURE`: `crop_view`'s params and the crop box ('begin', 'size'
     int32 [3], `tf.slice` style) for `crop_batch`; the same draws as `crop_view`'s.
   """
-  height, width = _check_size(height, width)
-  strength = _check_strength(color_jitter_strength)
-  min_scale = _check_min_scale(min_scale)
-  seed = _check_seed(seed, rank=1)
-  p = draw(seed, image_shape, height, width, strength, min_scale, bool(flip))
+  p = _checked_draw(image_shape, seed, height, width, color_jitter_strength, min_scale, flip)
   return {k: p[k] for k in BOX_SIGNATURE}
 
 

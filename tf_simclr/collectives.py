@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-_SUM = tf.distribute.ReduceOp.SUM
+
+def _stopped_sum(ctx, x):
+  """TF's all-reduce of `x`, which its custom-gradient walk sees as a constant."""
+  return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(x))
 
 
 def all_sum(ctx: tf.distribute.ReplicaContext, x: tf.Tensor) -> tf.Tensor:
@@ -29,9 +32,9 @@ def all_sum(ctx: tf.distribute.ReplicaContext, x: tf.Tensor) -> tf.Tensor:
   @tf.custom_gradient
   def summed(x):
     def grad(dy):
-      return ctx.all_reduce(_SUM, tf.stop_gradient(dy))
+      return _stopped_sum(ctx, dy)
 
-    return ctx.all_reduce(_SUM, tf.stop_gradient(x)), grad
+    return _stopped_sum(ctx, x), grad
 
   return summed(x)
 
@@ -46,7 +49,7 @@ def all_gather(ctx: tf.distribute.ReplicaContext, x: tf.Tensor, axis: int) -> tf
   @tf.custom_gradient
   def gathered(x):
     def grad(dy):
-      total = ctx.all_reduce(_SUM, tf.stop_gradient(dy))
+      total = _stopped_sum(ctx, dy)
       size = tf.shape(x)[axis]
       start = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * size
       return tf.gather(total, tf.range(start, start + size), axis=axis)

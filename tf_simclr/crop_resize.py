@@ -33,6 +33,13 @@ def _keys_table(a=-0.5):
 _NEAR, _FAR = _keys_table()
 
 
+def _positions(length, out_size):
+  """TF's half-pixel sampling positions in the crop and their floors: float32 [B, out_size]."""
+  scale = tf.cast(length, tf.float32) / float(out_size)  # [B]
+  pos = (tf.range(out_size, dtype=tf.float32) + 0.5)[None, :] * scale[:, None] - 0.5
+  return pos, tf.floor(pos)
+
+
 def _taps(start, length, out_size):
   """TF's taps of a half-pixel bicubic resize of [start, start + length) to `out_size` samples.
 
@@ -44,9 +51,7 @@ def _taps(start, length, out_size):
   Returns:
     (indices int32 [B, out_size, 4] into the image, weights float32 [B, out_size, 4]).
   """
-  scale = tf.cast(length, tf.float32) / float(out_size)  # [B]
-  pos = (tf.range(out_size, dtype=tf.float32) + 0.5)[None, :] * scale[:, None] - 0.5
-  floor = tf.floor(pos)
+  pos, floor = _positions(length, out_size)
   offset = tf.cast(tf.round((pos - floor) * _TABLE_SIZE), tf.int32)  # lrintf: half to even
   near, far = tf.constant(_NEAR), tf.constant(_FAR)
   rest = _TABLE_SIZE - offset
@@ -71,9 +76,7 @@ def _bilinear_taps(start, length, out_size):
   The weights are (1 - t, t); TF computes `top + (bottom - top) * t`, which `crop_resize`
   keeps for bilinear.
   """
-  scale = tf.cast(length, tf.float32) / float(out_size)  # [B]
-  pos = (tf.range(out_size, dtype=tf.float32) + 0.5)[None, :] * scale[:, None] - 0.5
-  floor = tf.floor(pos)
+  pos, floor = _positions(length, out_size)
   t = pos - floor
   low = tf.maximum(tf.cast(floor, tf.int32), 0)
   high = tf.minimum(tf.cast(tf.math.ceil(pos), tf.int32), length[:, None] - 1)

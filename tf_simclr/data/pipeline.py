@@ -280,60 +280,30 @@ def example_to_views(
   The tf.data service workers call it too.
   """
   seeds = view_seeds(seed, ex["epoch"], ex["id"], num_views)
+  # Every form draws the same view from (seed, these arguments).
+  view = dict(
+    height=image_size,
+    width=image_size,
+    color_jitter_strength=color_jitter_strength,
+    min_scale=min_scale,
+    flip=horizontal_flip,
+  )
+  out = {"label": ex["label"], "id": ex["id"]}
+
+  def stacked(params):  # V dicts of [...] -> one dict of [V, ...]
+    return {k: tf.stack([p[k] for p in params]) for k in params[0]}
+
   if augment_on_device and crop_on_device:
-    params = [
-      augment.box_params(
-        tf.shape(ex["image"]),
-        seeds[v],
-        image_size,
-        image_size,
-        color_jitter_strength,
-        min_scale=min_scale,
-        flip=horizontal_flip,
-      )
-      for v in range(num_views)
-    ]
-    return {
-      "image": ex["image"],
-      "distort": {k: tf.stack([p[k] for p in params]) for k in params[0]},
-      "label": ex["label"],
-      "id": ex["id"],
-    }
+    boxes = [augment.box_params(tf.shape(ex["image"]), s, **view) for s in tf.unstack(seeds)]
+    return dict(out, image=ex["image"], distort=stacked(boxes))
+  view = dict(view, interpolation=crop_interpolation)  # the host resizes the crops
   if augment_on_device:
-    crops = [
-      augment.crop_view(
-        ex["image"],
-        seeds[v],
-        image_size,
-        image_size,
-        color_jitter_strength,
-        min_scale=min_scale,
-        flip=horizontal_flip,
-        interpolation=crop_interpolation,
-      )
-      for v in range(num_views)
-    ]
-    return {
-      "views": tf.stack([c for c, _ in crops]),
-      "distort": {k: tf.stack([p[k] for _, p in crops]) for k in crops[0][1]},
-      "label": ex["label"],
-      "id": ex["id"],
-    }
+    crops = [augment.crop_view(ex["image"], s, **view) for s in tf.unstack(seeds)]
+    return dict(out, views=tf.stack([c for c, _ in crops]), distort=stacked([p for _, p in crops]))
   views = [
-    augment.simclr_augment(
-      ex["image"],
-      seeds[v],
-      image_size,
-      image_size,
-      color_jitter_strength=color_jitter_strength,
-      use_blur=use_blur,
-      min_scale=min_scale,
-      flip=horizontal_flip,
-      interpolation=crop_interpolation,
-    )
-    for v in range(num_views)
+    augment.simclr_augment(ex["image"], s, use_blur=use_blur, **view) for s in tf.unstack(seeds)
   ]
-  return {"views": tf.stack(views), "label": ex["label"], "id": ex["id"]}
+  return dict(out, views=tf.stack(views))
 
 
 def train_dataset(
