@@ -23,11 +23,11 @@ from runs import model_variables
 pytestmark = pytest.mark.slow
 
 ARGS = COMMON + ["--train_steps=12", "--checkpoint_steps=4", "--mode=train", "--cpu_replicas=1"]
-# The interrupted run keeps width 1 (not runs.COMMON's 0.125): its 94 MB checkpoints take ~1 s
-# to write, the window in which it is killed mid-write, and exceed the full disk's 16 MB. Its
-# steps cost little beside start-up and tracing either way.
-WIDE = [a for a in ARGS if not a.startswith("--width_multiplier=")] + ["--width_multiplier=1"]
-# A file-size limit stands in for a full disk: a checkpoint (94 MB at width 1) fails to write
+# The interrupted run is wider than runs.COMMON's 0.125: at width 0.5 its 23 MB checkpoints
+# take a while to write, the window in which it is killed mid-write, and exceed the full disk's
+# 16 MB. (Width 1's 90 MB cost each process 3-8 CPU s more in writes and start-up.)
+WIDE = [a for a in ARGS if not a.startswith("--width_multiplier=")] + ["--width_multiplier=0.5"]
+# A file-size limit stands in for a full disk: a checkpoint (23 MB at width 0.5) fails to write
 # with EFBIG ("File too large"), the logs and events (kilobytes) do not.
 FULL_DISK = [
   sys.executable,

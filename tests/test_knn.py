@@ -112,14 +112,7 @@ def test_well_separated_clusters_are_classified_perfectly():
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  sources.load_source("shapes10", "train", data_dir=data_dir)
-  return data_dir
-
-
-@pytest.fixture(scope="module")
-def setup(shapes_dir):
+def setup(data_dir):
   tf.keras.utils.set_random_seed(0)
   config = ModelConfig(resnet_depth=18, image_size=IMAGE_SIZE)
   model = model_lib.build_model(config)
@@ -130,8 +123,8 @@ def setup(shapes_dir):
   for v in model.trainable_variables:
     if v.path.endswith(("gamma", "beta")):
       v.assign(v + rng.normal(0.0, 0.3, v.shape).astype(np.float32))
-  train = sources.load_source("shapes10", "train[:300]", data_dir=shapes_dir)
-  test = sources.load_source("shapes10", "test[:60]", data_dir=shapes_dir)
+  train = sources.load_source("shapes10", "train[:300]", data_dir=data_dir)
+  test = sources.load_source("shapes10", "test[:60]", data_dir=data_dir)
   return config, model, train, test
 
 
@@ -269,12 +262,12 @@ def test_knn_accuracy_validates(setup, strategies, tmp_path):
     knn.knn_accuracy(model, strategy, unlabelled, test, 8, IMAGE_SIZE)
 
 
-def test_knn_accuracy_retrieves_each_example_itself(setup, shapes_dir, strategies):
+def test_knn_accuracy_retrieves_each_example_itself(setup, data_dir, strategies):
   # Closed form: with the eval split as the bank and k = 1, each example's nearest neighbour is
   # itself (cosine 1), so top-1 is exactly 1 if features and labels stay aligned through the
   # padding, the replicas' shards and the merge of their candidates.
   config, model, _, _ = setup
-  source = sources.load_source("shapes10", "train[:52]", data_dir=shapes_dir)
+  source = sources.load_source("shapes10", "train[:52]", data_dir=data_dir)
   strategy = strategies[2]
   with strategy.scope():
     replicated = model_lib.build_model(config)

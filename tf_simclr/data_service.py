@@ -98,6 +98,7 @@ def step_examples(step, num_examples: int, block: int, seed: int, global_batch_s
 
   root = pipeline.root_key(seed, pipeline.SHUFFLE_STREAM)
 
+  @tf.autograph.experimental.do_not_convert
   def block_positions(c):
     epoch, index = c // per_epoch, c % per_epoch
     size = tf.cast(tf.minimum(tf.constant(block, tf.int64), num_examples - index * block), tf.int32)
@@ -140,10 +141,12 @@ def worker_dataset(
   table = source.records.batch(n).get_single_element()
   end = 2**62 if num_steps is None else start_step + num_steps
 
+  @tf.autograph.experimental.do_not_convert
   def record(ex):
     found = {k: tf.gather(v, ex["position"]) for k, v in table.items()}
     return dict(found, epoch=ex["epoch"])
 
+  @tf.autograph.experimental.do_not_convert
   def decode(ex):
     return dict(ex, image=pipeline.decode_image(tf.io.read_file(ex["image"])))
 
@@ -152,9 +155,13 @@ def worker_dataset(
   ds = ds.map(record)
   # A file that fails to read or decode is dropped, and logged by the worker that met it.
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
-  views = lambda ex: pipeline.example_to_views(  # noqa: E731
-    ex, seed=seed, image_size=image_size, num_views=num_views, **augmentation
-  )
+
+  @tf.autograph.experimental.do_not_convert
+  def views(ex):
+    return pipeline.example_to_views(
+      ex, seed=seed, image_size=image_size, num_views=num_views, **augmentation
+    )
+
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -141,6 +141,7 @@ def labels_only_for(source: sources.Source, ids) -> sources.Source:
   keep[np.asarray(ids, np.int64)] = True
   keep = tf.constant(keep)
 
+  @tf.autograph.experimental.do_not_convert
   def relabel(record):
     label = tf.where(
       tf.gather(keep, record["id"]), record["label"], tf.constant(-1, record["label"].dtype)

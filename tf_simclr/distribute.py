@@ -343,7 +343,7 @@ class ClusterSync:
     self._gather = None
     if num_workers(strategy) > 1:
       # One tf.function, traced once: every worker then runs the same collective each call.
-      @tf.function
+      @tf.function(autograph=False)
       def gather(values):
         per_replica = strategy.run(tf.identity, args=(values,))
         return strategy.gather(per_replica, axis=0)

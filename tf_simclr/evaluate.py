@@ -88,7 +88,7 @@ def evaluate(
       + [tf.reduce_sum(bad)]
     )
 
-  @tf.function
+  @tf.function(autograph=False)
   def eval_step(batch):
     return strategy.reduce(
       tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None

@@ -131,7 +131,7 @@ def _regularization_losses(twin, weight_decay, optimizer_name):
     return []
   variables = list(twin.trainable_variables)
 
-  @tf.function(input_signature=[])
+  @tf.function(input_signature=[], autograph=False)
   def l2_term():
     return optimizers.explicit_weight_decay(variables, weight_decay, optimizer_name)
 
@@ -195,7 +195,7 @@ def export_saved_model(
   root.variables = [v.value for v in twin.variables]
   root.trainable_variables = [v.value for v in twin.trainable_variables]
   root.regularization_losses = _regularization_losses(twin, weight_decay, optimizer_name)
-  root.__call__ = tf.function(call)
+  root.__call__ = tf.function(call, autograph=False)
   images = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
   # `training` is a Python bool, as Hub expects: one concrete function per value.
   serving = root.__call__.get_concrete_function(images, training=False)

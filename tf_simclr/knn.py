@@ -193,8 +193,8 @@ class KnnMonitor:
     self.k, self.temperature, self.feature_key = k, temperature, feature_key
     self.bank_chunk_size = bank_chunk_size
     self.num_classes = train_source.num_classes
-    self.embed_step = tf.function(self._embed_step)
-    self.query_step = tf.function(self._query_step)
+    self.embed_step = tf.function(self._embed_step, autograph=False)
+    self.query_step = tf.function(self._query_step, autograph=False)
     # The last (step, result) of `at`, so that a second call at one step need not redo it.
     self.last = None
 

@@ -61,6 +61,10 @@ SUBSET_STREAM = 2
 RNG_ALG = "philox"  # Pinned, rather than 'auto_select', so the keys cannot depend on the device.
 
 
+# The map functions here are traced as written (`do_not_convert`): their control flow is
+# explicit (tf.cond, Python values), and AutoGraph's source rewrite of them and of the
+# augmentation they call was start-up time in every process.
+@tf.autograph.experimental.do_not_convert
 def _read(record):
   return dict(record, image=tf.io.read_file(record["image"]))
 
@@ -120,6 +124,7 @@ def decode_records(
   """
   read = source.reads_files if read is None else read
 
+  @tf.autograph.experimental.do_not_convert
   def decode_record(record):
     data = record["image"]
     return dict(record, image=decode_image(tf.io.read_file(data) if read else data))
@@ -135,6 +140,7 @@ def decode_records(
     end = {k: tf.zeros([], spec.dtype) for k, spec in records.element_spec.items()}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(dict(end, id=tf.constant(-1, tf.int64))))
 
+  @tf.autograph.experimental.do_not_convert
   def decode_at(position, record):
     if not finite:
       return position, decode_record(record)
@@ -142,6 +148,7 @@ def decode_records(
     image = tf.cond(record["id"] < 0, lambda: empty, lambda: decode_record(record)["image"])
     return position, dict(record, image=image)
 
+  @tf.autograph.experimental.do_not_convert
   def check(last, element):
     position, record = element
     gap = position > last + 1
@@ -236,6 +243,7 @@ def global_stream(
     records = records.cache()
   root = root_key(seed, SHUFFLE_STREAM)
 
+  @tf.autograph.experimental.do_not_convert
   def shuffle_block(counter, blk):
     epoch, index = counter // blocks_per_epoch, counter % blocks_per_epoch
     size = tf.shape(blk["id"])[0]
@@ -394,6 +402,7 @@ def train_dataset(
     crop_on_device=crop_on_device,
     crop_interpolation=crop_interpolation,
   )
+  make_views = tf.autograph.experimental.do_not_convert(make_views)
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = batch_views(ds, per_replica_batch_size)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
@@ -458,6 +467,7 @@ def eval_dataset(
   locate = lambda position: next(iter(shard.skip(position).take(1)))["id"]
   ds = decode_records(source, ds, read=source.reads_files and not cache, locate=locate)
 
+  @tf.autograph.experimental.do_not_convert
   def preprocess(ex):
     return {
       "image": augment.preprocess_eval(ex["image"], image_size, image_size),

@@ -134,6 +134,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False),
   )
 
+  @tf.autograph.experimental.do_not_convert
   def to_record(i, ex):
     label = tf.cast(ex["label"], tf.int64) if num_classes else tf.constant(-1, tf.int64)
     return {"image": ex["image"], "label": label, "id": i}
