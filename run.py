@@ -35,8 +35,14 @@ def _setup_runtime(cfg):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from tf_simclr import distribute  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
 
   distribute.configure_cpu_replicas(cfg.runtime.cpu_replicas)
+  rt = cfg.runtime
+  if distribute.steps_on_accelerator(
+    rt.strategy, rt.cpu_replicas, rt.use_tpu, rt.tpu_name, rt.master
+  ):
+    pipeline.feed_only_threads()
   keras.utils.set_random_seed(cfg.train.seed)
   if cfg.train.deterministic:
     tf.config.experimental.enable_op_determinism()

@@ -24,7 +24,10 @@ the step crops and, on a TPU, where the host crops) and the reference's host
 pipeline (read, decode, its preprocessing twice, with its tf.data options) on
 the same files, in interleaved rounds (A, B, C, A, B, C, ...), one JSON line
 per configuration with images/s and the ratio to the reference.
-Bad flags: one `error: ...` line on stderr, exit 1.
+Every pipeline runs with an intra-op pool of `--intra_op_threads` threads: 1 (the default)
+as tf_simclr's processes that only feed accelerators (`pipeline.feed_only_threads`), 0 for
+TF's default (all cores: a run that trains on the CPU). Bad flags: one `error: ...` line on
+stderr, exit 1.
 """
 
 import json
@@ -341,6 +344,7 @@ def jpeg_main(args):
           "images_per_cpu_s_x_cores": round(images * os.cpu_count() / cpu, 1),
           "vs_reference": round(images / wall / baseline, 2),
           "cpus": os.cpu_count(),
+          "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         }
       ),
       flush=True,
@@ -359,6 +363,13 @@ def parse(argv):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--sizes", default="32,224", help="view sides, comma-separated")
   parser.add_argument("--skip_batched", action="store_true")
+  parser.add_argument(
+    "--intra_op_threads",
+    type=int,
+    default=1,
+    help="TF's intra-op pool: 1 as tf_simclr's processes that only feed accelerators or serve "
+    "tf.data (`pipeline.feed_only_threads`); 0 TF's default, as a run that trains on the CPU",
+  )
   jpeg = parser.add_argument_group("real JPEGs (instead of the synthetic configs)")
   jpeg.add_argument("--data_dir", help="an image folder of JPEGs: DATA_DIR/<split>/<class>/")
   jpeg.add_argument("--tfds", help="a prepared TFDS dataset of encoded JPEG images")
@@ -384,7 +395,7 @@ def parse(argv):
   args.sizes = sizes
   if args.batch_size is None:
     args.batch_size = 64 if args.data_dir or args.tfds else 256
-  for name, low in (("batch_size", 1), ("steps", 0), ("warmup", 0)):
+  for name, low in (("batch_size", 1), ("steps", 0), ("warmup", 0), ("intra_op_threads", 0)):
     if getattr(args, name) < low:
       parser.error(f"--{name}={getattr(args, name)} must be >= {low}")
   return args
@@ -392,6 +403,12 @@ def parse(argv):
 
 def main(argv=None):
   args = parse(argv)
+  if args.intra_op_threads:  # before any op, for every pipeline timed (the reference's too)
+    try:
+      tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    except RuntimeError:
+      sys.stderr.write("error: TensorFlow has started in this process: pass --intra_op_threads=0\n")
+      sys.exit(1)
   if args.data_dir or args.tfds:
     try:
       return jpeg_main(args)
@@ -446,6 +463,7 @@ def main(argv=None):
             "images_per_cpu_s_x_cores": round(cpu, 1),
             "vs_reference_like": round(wall / baseline, 2),
             "cpus": os.cpu_count(),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
           }
         ),
         flush=True,

@@ -154,6 +154,7 @@ def test_bad_flags_are_refused_in_one_line(module, flags, words):
     (train_step, ["--optimizer=sgd"], ["--optimizer", "invalid choice: 'sgd'"]),
     (train_step, ["--image_size=big"], ["--image_size", "invalid int value"]),
     (augment_pipeline, ["--sizes=32,x"], ["--sizes=32,x must be positive"]),
+    (augment_pipeline, ["--intra_op_threads=-1"], ["--intra_op_threads=-1 must be >= 0"]),
   ],
 )
 def test_bad_flags_are_refused_by_the_parsers(module, flags, words, capsys):
@@ -188,6 +189,7 @@ def test_augment_pipeline_times_every_form():
     )
     for key in ("images_per_s", "images_per_cpu_s_x_cores", "vs_reference_like"):
       assert np.isfinite(r[key]) and r[key] > 0, (r["form"], key, r[key])
+    assert r["intra_op_threads"] == 1  # the default: a host that only feeds accelerators
   # Each ratio is its row's images/s over the reference-like row's (both printed rounded to
   # 0.1 image/s, the ratio to 0.01).
   base = rows[0]["images_per_s"]
@@ -208,7 +210,7 @@ def test_augment_pipeline_on_jpegs_times_every_configuration_interleaved(tmp_pat
   batch, steps, rounds = 2, 1, 2
   augment_pipeline.main(
     [f"--data_dir={tmp_path / 'jpegs'}", "--image_size=16", f"--batch_size={batch}"]
-    + [f"--steps={steps}", "--warmup=1", f"--rounds={rounds}"]
+    + [f"--steps={steps}", "--warmup=1", f"--rounds={rounds}", "--intra_op_threads=0"]
   )
   rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
   assert [r["form"] for r in rows] == [

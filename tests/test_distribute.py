@@ -10,6 +10,7 @@ import signal
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_simclr import distribute
 
@@ -48,6 +49,22 @@ def test_multi_worker_needs_tf_config_and_no_cpu_replicas(monkeypatch):
   )
   with pytest.raises(ValueError, match="cpu_replicas"):
     distribute.make_strategy("multi_worker", cpu_replicas=2)
+
+
+def test_the_step_is_on_an_accelerator_where_make_strategy_puts_it():
+  # Named TPUs are decided from the arguments alone, before any connection.
+  assert distribute.steps_on_accelerator("tpu")
+  assert distribute.steps_on_accelerator("auto", use_tpu=True, tpu_name="t", cpu_replicas=2)
+  assert distribute.steps_on_accelerator("auto", use_tpu=True, master="grpc://10.0.0.2:8470")
+  assert not distribute.steps_on_accelerator("auto", use_tpu=False, tpu_name="t")
+  # Otherwise the GPUs decide; logical CPU replicas always train on the CPU.
+  gpus = bool(tf.config.list_physical_devices("GPU"))
+  for name in ("auto", "mirrored", "one_device", "multi_worker"):
+    assert distribute.steps_on_accelerator(name) == gpus, name
+  assert not distribute.steps_on_accelerator("mirrored", cpu_replicas=2)
+  for name in ("auto", "one_device"):  # what they build here agrees
+    devices = distribute.make_strategy(name).extended.worker_devices
+    assert any("GPU" in d for d in devices) == distribute.steps_on_accelerator(name), devices
 
 
 def test_one_process_is_its_own_chief(strategies):

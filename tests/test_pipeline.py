@@ -4,6 +4,8 @@ On shapes10 (conftest.py's `data_dir`) and shapes100 image folders written here.
 """
 
 import functools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -340,3 +342,36 @@ def test_dropped_files_are_named_from_their_stream_positions(tmp_path, caplog):
     eval_batches = runs.take(pipeline.eval_dataset(source, 2, 1, 0, image_size=8, cache=cache), 10)
     assert sum(b["mask"].sum() for b in eval_batches) == 4
     assert sorted(named()) == sorted(cut)
+
+
+# A process that only feeds accelerators computes its 224 px views (one XLA launch each) with
+# one intra-op thread; the test process has TF's default pool, over which XLA splits its loops.
+_FEED_ONLY_VIEWS = """
+import sys
+import numpy as np
+import tensorflow as tf
+from tf_simclr import augment
+from tf_simclr.data import pipeline
+pipeline.feed_only_threads()
+image = np.load(sys.argv[1])
+np.save(sys.argv[2], np.stack([augment.simclr_augment(image, [i, 5], 224, 224) for i in range(6)]))
+print(tf.config.threading.get_intra_op_parallelism_threads())
+"""
+
+
+def test_feed_only_threads_leave_the_views_bit_for_bit(tmp_path):
+  image = np.random.default_rng(4).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+  np.save(tmp_path / "image.npy", image)
+  env = {k: v for k, v in runs.env().items() if k != "TF_NUM_INTRAOP_THREADS"}
+  res = subprocess.run(
+    [sys.executable, "-c", _FEED_ONLY_VIEWS, str(tmp_path / "image.npy"), str(tmp_path / "v.npy")],
+    cwd=runs.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert res.stdout.split()[-1] == "1"
+  here = np.stack([augment.simclr_augment(image, [i, 5], 224, 224) for i in range(6)])
+  np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), here)

@@ -199,11 +199,13 @@ def draw(seed, image_size, height, width, strength, min_scale=_AREA_RANGE[0], fl
 # Per-image form.
 
 
-def _jitter_one(x, factors, order):
-  """Colour jitter of one planar image x [3, H, W] in the given op order.
+def _jitter_one(x, factors, order, steps):
+  """Colour jitter of one planar image x [3, H, W]: the first `steps` (4, or 0 for none) ops of
+  `order`.
 
-  A loop over the 4 steps, each a `switch_case` of the 4 ops: under XLA the loop body is
-  compiled once (0.3 s at 224 px; unrolled, the 16 branches took XLA 2-7 s to compile).
+  A loop over the steps, each a `switch_case` of the 4 ops: under XLA the loop body is
+  compiled once (0.3 s at 224 px; unrolled, the 16 branches took XLA 2-7 s to compile). A
+  loop count of 0 rather than a `tf.cond` around the loop: XLA copies a conditional's result.
   """
   factors = tf.unstack(factors)
 
@@ -215,7 +217,7 @@ def _jitter_one(x, factors, order):
     ]
     return i + 1, tf.switch_case(order[i], branches)
 
-  return tf.while_loop(lambda i, x: i < 4, step, (tf.constant(0), x))[1]
+  return tf.while_loop(lambda i, x: i < steps, step, (tf.constant(0), x))[1]
 
 
 # Views up to this many pixels skip XLA: TF's fused interleaved kernels, one graph node per op,
@@ -340,17 +342,20 @@ def _compiled_distort(height, width, strength, use_blur):
   """The flip, jitter, grayscale and blur of one view: (float32 [height, width, 3], params) -> view.
 
   Compiled with XLA, which fuses the element-wise ops of each colour op (the hue's ~30) into a
-  loop or two over the planes: one launch per view instead of ~100 graph nodes. `tf.cond`s
-  become XLA conditionals (skipped branches cost nothing); XLA's CPU code is deterministic. The
-  blur uses shifted sums, which XLA fuses (its depthwise convolution is ~20x slower).
+  loop or two over the planes: one launch per view instead of ~100 graph nodes. The blur's
+  `tf.cond` becomes an XLA conditional (a skipped blur costs nothing); XLA's CPU code is
+  deterministic. The blur uses shifted sums, which XLA fuses (its depthwise convolution is ~20x
+  slower).
   """
 
   def distort(view, p):
+    # Selects, not `tf.cond`s, for the flip and the grayscale: XLA fuses a select into the
+    # pass that reads or writes the view, while a conditional's result is one more pass.
     x = tf.transpose(view, [2, 0, 1])
-    x = tf.cond(p["flip"], lambda: tf.reverse(x, axis=[2]), lambda: x)
+    x = tf.where(p["flip"], tf.reverse(x, axis=[2]), x)
     if strength > 0:
-      x = tf.cond(p["jitter"], lambda: _jitter_one(x, p["factors"], p["order"]), lambda: x)
-      x = tf.cond(p["gray"], lambda: image_ops.grayscale(x), lambda: x)
+      x = _jitter_one(x, p["factors"], p["order"], tf.where(p["jitter"], 4, 0))
+      x = tf.where(p["gray"], image_ops.grayscale(x), x)
     radius = image_ops.blur_radius(height)
     if use_blur and radius > 0:
       sigma = p["sigma"][None]

@@ -261,6 +261,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if not 0 <= args.port < 65536:
       raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.role == "worker":  # its CPU only runs input pipelines
+      pipeline.feed_only_threads()
     server = start_server(args)
   except (ValueError, tf.errors.OpError) as err:
     print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)

@@ -94,6 +94,26 @@ def _tpu_available() -> bool:
   return os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
 
 
+def steps_on_accelerator(
+  strategy: str = "auto",
+  cpu_replicas: int = 0,
+  use_tpu: bool | None = None,
+  tpu_name: str | None = None,
+  master: str | None = None,
+) -> bool:
+  """Whether `make_strategy` with these arguments runs the step on a TPU or GPUs.
+
+  Answered before TensorFlow starts (physical devices only), for settings that must precede it.
+  """
+  if strategy == "tpu" or (strategy == "auto" and use_tpu and (tpu_name or master)):
+    return True
+  if cpu_replicas > 1:
+    return False
+  if strategy == "auto" and use_tpu and _tpu_available():
+    return True
+  return bool(tf.config.list_physical_devices("GPU"))
+
+
 def make_strategy(
   strategy: str = "auto",
   cpu_replicas: int = 0,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 from absl import logging
 import tensorflow as tf
@@ -159,6 +160,24 @@ def decode_records(
   ds = ds.enumerate().map(decode_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors().scan(tf.constant(-1, tf.int64), check)
   return ds.filter(lambda record: record["id"] >= 0) if finite else ds
+
+
+def feed_only_threads() -> None:
+  """One intra-op thread per op, for a process whose CPU only feeds accelerators (or serves
+  tf.data); unless TF_NUM_INTRAOP_THREADS says otherwise. Must run before TensorFlow starts.
+
+  The maps below run their ops single-threaded (`max_intra_op_parallelism`), but an XLA
+  launch (a 224 px view's colour ops, `augment`) splits each of its loops over the whole
+  intra-op pool regardless, while the map's other calls keep every core busy: on 2 cores that
+  cost the host path 12-32% of its throughput (docs/benchmarks.md). A training step on the CPU
+  needs the pool: `run.py` calls this only when the step runs elsewhere.
+  """
+  if "TF_NUM_INTRAOP_THREADS" in os.environ:
+    return
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+  except RuntimeError:  # TensorFlow started already (a program that imported this one)
+    logging.warning("TensorFlow has started: its intra-op thread pool stays as it is")
 
 
 def _options() -> tf.data.Options:
