@@ -94,6 +94,18 @@ def _tpu_available() -> bool:
   return os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
 
 
+def _tpu_choice(strategy, cpu_replicas, use_tpu, tpu_name, master) -> str | None:
+  """The TPU that `make_strategy` uses: 'asked' (`strategy=tpu`, or `auto` with `use_tpu` and a
+  name or master), 'attached' (`auto` with `use_tpu` on a TPU VM, at most one CPU replica), or
+  None. Decided from the arguments and the host's device files: no connection, TF not started.
+  """
+  if strategy == "tpu" or (strategy == "auto" and use_tpu and (tpu_name or master)):
+    return "asked"
+  if strategy == "auto" and use_tpu and cpu_replicas <= 1 and _tpu_available():
+    return "attached"
+  return None
+
+
 def steps_on_accelerator(
   strategy: str = "auto",
   cpu_replicas: int = 0,
@@ -105,13 +117,9 @@ def steps_on_accelerator(
 
   Answered before TensorFlow starts (physical devices only), for settings that must precede it.
   """
-  if strategy == "tpu" or (strategy == "auto" and use_tpu and (tpu_name or master)):
+  if _tpu_choice(strategy, cpu_replicas, use_tpu, tpu_name, master):
     return True
-  if cpu_replicas > 1:
-    return False
-  if strategy == "auto" and use_tpu and _tpu_available():
-    return True
-  return bool(tf.config.list_physical_devices("GPU"))
+  return cpu_replicas <= 1 and bool(tf.config.list_physical_devices("GPU"))
 
 
 def make_strategy(
@@ -144,9 +152,8 @@ def make_strategy(
       f"strategy=one_device runs on one device, but cpu_replicas={cpu_replicas} asks for "
       "several: use strategy=mirrored (or auto) with cpu_replicas"
     )
-  if strategy == "auto" and (use_tpu and (tpu_name or master)):
-    strategy = "tpu"
-  if strategy == "tpu":
+  tpu = _tpu_choice(strategy, cpu_replicas, use_tpu, tpu_name, master)
+  if tpu == "asked":
     return _tpu_strategy(tpu_name, tpu_zone, gcp_project, master)
   if strategy == "multi_worker":
     if "TF_CONFIG" not in os.environ:
@@ -178,7 +185,7 @@ def make_strategy(
     )
   if strategy == "one_device":
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-  if strategy == "auto" and use_tpu and _tpu_available():
+  if tpu == "attached":
     return _tpu_strategy(None, None, None, "local")
   if gpus or strategy == "mirrored":
     return tf.distribute.MirroredStrategy()
