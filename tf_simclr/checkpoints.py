@@ -30,11 +30,11 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tf_simclr import errors
 
-# Reading errors that mean "this file is damaged", as opposed to "this is another model" or
-# "the storage cannot be reached now" (UNAVAILABLE, PERMISSION_DENIED: raised, not skipped).
-# A truncated index file fails with a bare OpError of code UNKNOWN ("file is too short to be
-# an sstable").
-_CORRUPT_ERRORS = (tf.errors.OpError, IndexError)
+# What reading a checkpoint raises when its files are missing or damaged: a truncated index file
+# fails with a bare OpError of code UNKNOWN ("file is too short to be an sstable"), a data file
+# cut short with IndexError ("Read less bytes than requested"). `_is_corrupt` tells damage from
+# storage that cannot be reached now (UNAVAILABLE, PERMISSION_DENIED: raised, not skipped).
+READ_ERRORS = (tf.errors.OpError, IndexError)
 _CORRUPT_CODES = frozenset(
   {
     tf.errors.DATA_LOSS,
@@ -92,9 +92,13 @@ def restore_all(checkpoint, path):
   Raises:
     CheckpointMismatchError: a variable of `checkpoint` is missing from `path` or has another
       shape (TF reports the latter as a ValueError during restore).
-    _CORRUPT_ERRORS: the files cannot be read.
+    READ_ERRORS: the files cannot be read.
   """
   _check_shapes(checkpoint, path)
+  # The save counter exists before the restore, so it is read with the other values. TF would
+  # create it after them and read it from `path` again: a file pruned in between (a training
+  # job's keep_checkpoint_max) left that read pending, and it failed every later restore.
+  _ = checkpoint.save_counter
   try:
     status = checkpoint.restore(path)
     status.expect_partial()
@@ -113,7 +117,7 @@ def _check_shapes(checkpoint, path):
   try:
     reader = tf.train.load_checkpoint(path)
     graph = object_graph(reader)
-  except (tf.errors.OpError, ValueError):
+  except (*READ_ERRORS, ValueError):
     return
   shapes, view = reader.get_variable_to_shape_map(), tf.train.TrackableView(checkpoint)
   stack, seen = [(checkpoint, graph.nodes[0], "")], set()
@@ -172,7 +176,7 @@ def restore_latest(
   for i, path in enumerate(candidates):
     try:
       restore_all(checkpoint, path)
-    except _CORRUPT_ERRORS as err:
+    except READ_ERRORS as err:
       if not _is_corrupt(err):
         raise
       logging.warning(
@@ -209,7 +213,7 @@ def restore_weights(model, path: str) -> None:
   """
   try:
     restore_all(tf.train.Checkpoint(model=model), path)
-  except _CORRUPT_ERRORS as err:
+  except READ_ERRORS as err:
     if not _is_corrupt(err):
       raise
     raise ValueError(f"--checkpoint={path} is unreadable ({type(err).__name__})") from None

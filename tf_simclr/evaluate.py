@@ -201,7 +201,7 @@ def restored_checkpoints(
         check()
       try:
         checkpoints.restore_all(checkpoint, path)
-      except tf.errors.OpError as err:
+      except checkpoints.READ_ERRORS as err:
         # Still the newest listed: being written or replaced (look again), unless it keeps
         # failing. Older ones are skipped: the training job's keep_checkpoint_max prunes them.
         newest = number == max(n for n, _ in _listed(model_dir) or [(number, path)])
