@@ -188,13 +188,20 @@ def test_distill_step_learns_the_teacher(exported, strategies, tmp_path):
     np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
 
 
-def test_restored_checkpoints_skips_pruned_and_yields_each_once(tmp_path):
+def _saved(directory, steps, **others):
+  """Checkpoints of a scalar `value` (10 * step) at `steps`, listed in the `checkpoint` index;
+  `others` are checkpointed beside it. Returns (value, the tf.train.Checkpoint, its manager)."""
   value = tf.Variable(0.0)
-  ckpt = tf.train.Checkpoint(value=value)
-  manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=10)
-  for step in (1, 2, 3):
+  ckpt = tf.train.Checkpoint(value=value, **others)
+  manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=10)
+  for step in steps:
     value.assign(step * 10.0)
     manager.save(checkpoint_number=step)
+  return value, ckpt, manager
+
+
+def test_restored_checkpoints_skips_pruned_and_yields_each_once(tmp_path):
+  value, ckpt, manager = _saved(tmp_path, (1, 2, 3))
   for name in tf.io.gfile.glob(str(tmp_path / "ckpt-2.*")):  # pruned after being listed
     tf.io.gfile.remove(name)
   walk = evaluate.restored_checkpoints(ckpt, str(tmp_path), last_step=4, poll_secs=0.01)
@@ -229,15 +236,10 @@ def test_a_checkpoint_pruned_during_the_first_restore_does_not_spoil_the_next(tm
   # Seen in CI beside a run with --keep_checkpoint_max=1: the evaluator's first restore lost
   # its files after the model's values were read, before its save counter (created then) was;
   # every later checkpoint failed, the last with "does not match" (save counter unbound).
-  a = tf.Variable(0.0)
-  ckpt = tf.train.Checkpoint(a=a, job=_PrunesWhileRestored())
-  manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=10)
-  for step in (1, 2):
-    a.assign(step * 10.0)
-    manager.save(checkpoint_number=step)
+  _saved(tmp_path, (1, 2), job=_PrunesWhileRestored())
   value = tf.Variable(0.0)
   job = _PrunesWhileRestored(victim=str(tmp_path / "ckpt-1"))
-  evaluator = tf.train.Checkpoint(a=value, job=job)  # fresh, as the evaluator's: no counter
+  evaluator = tf.train.Checkpoint(value=value, job=job)  # fresh, as the evaluator's: no counter
   walk = evaluate.restored_checkpoints(evaluator, str(tmp_path), last_step=2, poll_secs=0.01)
   assert [(step, float(value.numpy())) for step, _ in walk] == [(1, 10.0), (2, 20.0)]
   assert job.victim is None and not tf.io.gfile.glob(str(tmp_path / "ckpt-1.*"))  # it did prune
@@ -247,12 +249,7 @@ def test_a_checkpoint_pruned_during_the_first_restore_does_not_spoil_the_next(tm
 def test_restored_checkpoints_skips_a_checkpoint_cut_short(tmp_path):
   # A data file cut short makes TF's reader raise IndexError, not an OpError: skipped with a
   # log line like any unreadable checkpoint, instead of ending the evaluation in a traceback.
-  value = tf.Variable(0.0)
-  ckpt = tf.train.Checkpoint(value=value)
-  manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=10)
-  for step in (1, 2):
-    value.assign(step * 10.0)
-    manager.save(checkpoint_number=step)
+  value, ckpt, _ = _saved(tmp_path, (1, 2))
   (data1,) = tf.io.gfile.glob(str(tmp_path / "ckpt-1.data*"))
   os.truncate(data1, os.path.getsize(data1) - 8)
   with pytest.raises(IndexError):
@@ -266,12 +263,7 @@ def test_restored_checkpoints_looks_again_at_the_newest_and_never_waits_forever(
   # A listed checkpoint whose data file is missing for a moment (as while it is replaced) is
   # restored at the next look; when the run's last checkpoint stays unreadable the walk ends
   # with one line instead of waiting for a newer one that will never come.
-  value = tf.Variable(0.0)
-  ckpt = tf.train.Checkpoint(value=value)
-  manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=10)
-  for step in (1, 2):
-    value.assign(step * 10.0)
-    manager.save(checkpoint_number=step)
+  value, ckpt, _ = _saved(tmp_path, (1, 2))
   (data2,) = tf.io.gfile.glob(str(tmp_path / "ckpt-2.data*"))
   tf.io.gfile.rename(data2, data2 + ".away")
   looks = []
